@@ -1,0 +1,129 @@
+"""The room socket: parses frames and calls chat.services; the protocol is chat.protocol."""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+from urllib.parse import parse_qs
+
+from channels.db import database_sync_to_async
+from channels.generic.websocket import AsyncWebsocketConsumer
+from django.conf import settings
+
+from chat import protocol, selectors, services
+from chat.models import Room
+from chat.ratelimit import take_message_token
+
+logger = logging.getLogger(__name__)
+
+
+@database_sync_to_async
+def _room_for_user(slug: str, user: Any) -> Room:
+    return selectors.room_for_user(slug=slug, user=user)
+
+
+# Writes run off the single thread-sensitive executor so that one slow commit does not
+# queue every other socket of the process behind it.
+_message_create = database_sync_to_async(services.message_create, thread_sensitive=False)
+
+
+@database_sync_to_async
+def _missed_frames(room: Room, since: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
+    messages, has_more = selectors.messages_page(room=room, after=since, limit=limit)
+    return [dict(protocol.message_frame(m)) for m in messages], has_more
+
+
+class RoomConsumer(AsyncWebsocketConsumer):
+    room: Room | None = None
+
+    async def connect(self) -> None:
+        user = self.scope["user"]
+        # Accept first so that the close code reaches the client: a refused handshake
+        # would only tell it "403", and it could not tell a bad room from a lost session.
+        if not user.is_authenticated:
+            await self._refuse(protocol.CLOSE_UNAUTHENTICATED)
+            return
+        slug = self.scope["url_route"]["kwargs"]["slug"]
+        try:
+            self.room = await _room_for_user(slug, user)
+        except selectors.RoomNotFound:
+            await self._refuse(protocol.CLOSE_ROOM_NOT_FOUND)
+            return
+        except selectors.RoomAccessDenied:
+            await self._refuse(protocol.CLOSE_FORBIDDEN)
+            return
+        self.group = protocol.room_group(self.room.pk)
+        # Ids acknowledged straight to this socket, so their group copy is not sent twice.
+        self.acknowledged_ids: set[int] = set()
+        # Join before reading the backlog: a message stored in between arrives live
+        # rather than falling between the replay and the subscription.
+        await self.channel_layer.group_add(self.group, self.channel_name)
+        await self.accept()
+        since = self._since_param()
+        if since is not None:
+            await self._replay_since(since)
+
+    async def _refuse(self, code: int) -> None:
+        await self.accept()
+        await self.close(code=code)
+
+    def _since_param(self) -> int | None:
+        values = parse_qs(self.scope.get("query_string", b"").decode()).get("since")
+        try:
+            return int(values[0]) if values else None
+        except ValueError:
+            return None
+
+    async def _replay_since(self, since: int) -> None:
+        frames, more = await _missed_frames(self.room, since, settings.CHAT_REPLAY_LIMIT)
+        if more:
+            await self._send_json(protocol.resync_frame())
+            return
+        for frame in frames:
+            await self._send_json(frame)
+        last_id = frames[-1]["id"] if frames else since
+        await self._send_json(protocol.synced_frame(last_id))
+
+    async def disconnect(self, code: int) -> None:
+        if self.room is not None:
+            await self.channel_layer.group_discard(self.group, self.channel_name)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if self.room is None:
+            return
+        try:
+            request = protocol.parse_client_frame(text_data if text_data is not None else bytes_data)
+        except protocol.ProtocolError as error:
+            await self._send_json(error.frame())
+            return
+        user = self.scope["user"]
+        if not await take_message_token(user.pk):
+            await self._send_json(
+                protocol.error_frame(
+                    protocol.ERROR_RATE_LIMITED,
+                    "You are sending messages too fast; wait a moment.",
+                    str(request.client_id),
+                )
+            )
+            return
+        result = await _message_create(
+            room=self.room, author=user, text=request.text, client_id=request.client_id
+        )
+        frame = protocol.message_frame(result.message)
+        if result.created:
+            if len(self.acknowledged_ids) > 1000:  # copies the layer dropped never come
+                self.acknowledged_ids.clear()
+            self.acknowledged_ids.add(frame["id"])
+        await self._send_json(frame)
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        """Group event: a message stored by any process, forwarded to this socket."""
+        frame = event["message"]
+        if frame["id"] in self.acknowledged_ids:
+            self.acknowledged_ids.discard(frame["id"])
+            return
+        await self._send_json(frame)
+
+    async def _send_json(self, frame: Any) -> None:
+        await self.send(text_data=json.dumps(frame))

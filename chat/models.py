@@ -1,0 +1,68 @@
+from django.conf import settings
+from django.db import models
+
+
+class Room(models.Model):
+    slug = models.SlugField(max_length=64, unique=True)
+    name = models.CharField(max_length=100)
+    is_private = models.BooleanField(default=False)
+    members = models.ManyToManyField(settings.AUTH_USER_MODEL, related_name="rooms", blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    # The seq of the room's newest message; incremented in the message's own transaction,
+    # so the row lock serialises writers of one room and seq has no gaps.
+    last_seq = models.BigIntegerField(default=0)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Message(models.Model):
+    room = models.ForeignKey(Room, on_delete=models.CASCADE, related_name="messages")
+    author = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    text = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    client_id = models.UUIDField()
+    seq = models.BigIntegerField()
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.UniqueConstraint(fields=["room", "seq"], name="message_room_seq_unique"),
+            # Makes a client's resend idempotent: the same client_id from the same author
+            # can only ever be stored once.
+            models.UniqueConstraint(fields=["author", "client_id"], name="message_author_client_id_unique"),
+        ]
+        indexes = [models.Index(fields=["room", "id"], name="message_room_id_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.room.slug}#{self.seq}"
+
+
+class OutboxEvent(models.Model):
+    """An event to publish to RabbitMQ, written in the same transaction as its cause.
+
+    The relay (chat/relay.py) publishes pending rows and sets `sent_at` only after the
+    broker confirmed them, so a crash anywhere means a resend, never a loss.
+    """
+
+    event_id = models.UUIDField(unique=True)
+    routing_key = models.CharField(max_length=100)
+    payload = models.JSONField()
+    priority = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [
+            models.Index(fields=["id"], name="outbox_pending_idx", condition=models.Q(sent_at__isnull=True)),
+            models.Index(fields=["sent_at"], name="outbox_sent_at_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.routing_key} {self.event_id}"

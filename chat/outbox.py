@@ -1,0 +1,32 @@
+"""Writing events to the transactional outbox; chat/relay.py moves them to RabbitMQ."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from django.db import connection
+
+from chat.models import OutboxEvent
+
+# The relay LISTENs on this channel; PostgreSQL delivers a NOTIFY only when (and if) the
+# transaction that issued it commits, and folds duplicates within one transaction.
+OUTBOX_NOTIFY_CHANNEL = "chat_outbox"
+
+ROUTING_MESSAGE_CREATED = "chat.message.created"
+
+
+def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int = 0) -> OutboxEvent:
+    """Queue an event for publication; must run inside the transaction of its cause."""
+    if not connection.in_atomic_block:
+        raise RuntimeError("outbox events must be written inside the transaction of their cause")
+    event_id = uuid.uuid4()
+    event = OutboxEvent.objects.create(
+        event_id=event_id,
+        routing_key=routing_key,
+        payload={**payload, "event_id": str(event_id), "type": routing_key},
+        priority=priority,
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
+    return event

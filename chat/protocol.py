@@ -1,0 +1,138 @@
+"""The room WebSocket protocol: every frame type, error code and close code (docs/protocol.md)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+from django.conf import settings
+
+from chat.models import Message
+
+# Client -> server
+TYPE_MESSAGE = "message"
+
+# Server -> client
+TYPE_SYNCED = "synced"
+TYPE_RESYNC = "resync"
+TYPE_ERROR = "error"
+TYPE_NOTIFICATION = "notification"
+
+# Error codes of {"type": "error"} frames; the socket stays open after each.
+ERROR_INVALID_JSON = "invalid_json"
+ERROR_INVALID_MESSAGE = "invalid_message"
+ERROR_TOO_LONG = "too_long"
+ERROR_FRAME_TOO_LARGE = "frame_too_large"
+ERROR_RATE_LIMITED = "rate_limited"
+
+# Close codes for a socket that is refused after the handshake.
+CLOSE_UNAUTHENTICATED = 4401
+CLOSE_FORBIDDEN = 4403
+CLOSE_ROOM_NOT_FOUND = 4404
+
+
+class MessageFrame(TypedDict):
+    type: str
+    id: int
+    seq: int
+    room: str
+    user: str
+    text: str
+    created_at: str
+    client_id: str
+
+
+class ErrorFrame(TypedDict):
+    type: str
+    code: str
+    detail: str
+    client_id: str | None
+
+
+@dataclass(frozen=True)
+class SendMessage:
+    """A validated client request to post a message."""
+
+    text: str
+    client_id: uuid.UUID
+
+
+class ProtocolError(Exception):
+    """A client frame that cannot be acted on; becomes an error frame, never a closed socket."""
+
+    def __init__(self, code: str, detail: str, client_id: str | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.client_id = client_id
+
+    def frame(self) -> ErrorFrame:
+        return error_frame(self.code, self.detail, self.client_id)
+
+
+def parse_client_frame(raw: str | bytes | None) -> SendMessage:
+    """Turn one raw client frame into a request, or raise ProtocolError saying what is wrong."""
+    if raw is None:
+        raise ProtocolError(ERROR_INVALID_JSON, "Frames must be JSON text.")
+    size = len(raw.encode() if isinstance(raw, str) else raw)
+    if size > settings.CHAT_MAX_FRAME_BYTES:
+        raise ProtocolError(
+            ERROR_FRAME_TOO_LARGE, f"Frames may be at most {settings.CHAT_MAX_FRAME_BYTES} bytes."
+        )
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError(ERROR_INVALID_JSON, "The frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "A frame must be a JSON object.")
+    client_id = data.get("client_id")
+    echo_id = client_id if isinstance(client_id, str) else None
+    if data.get("type") != TYPE_MESSAGE:
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "Unknown frame type.", echo_id)
+    try:
+        parsed_id = uuid.UUID(client_id)
+    except (TypeError, ValueError, AttributeError):
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "client_id must be a UUID.", echo_id) from None
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "text must be a non-blank string.", echo_id)
+    if len(text) > settings.CHAT_MAX_MESSAGE_CHARS:
+        raise ProtocolError(
+            ERROR_TOO_LONG,
+            f"Messages may be at most {settings.CHAT_MAX_MESSAGE_CHARS} characters.",
+            echo_id,
+        )
+    return SendMessage(text=text, client_id=parsed_id)
+
+
+def message_frame(message: Message) -> MessageFrame:
+    """The one shape of a message, for the socket and for the history API alike."""
+    return {
+        "type": TYPE_MESSAGE,
+        "id": message.id,
+        "seq": message.seq,
+        "room": message.room.slug,
+        "user": message.author.get_username(),
+        "text": message.text,
+        "created_at": message.created_at.isoformat(),
+        "client_id": str(message.client_id),
+    }
+
+
+def error_frame(code: str, detail: str, client_id: str | None = None) -> ErrorFrame:
+    return {"type": TYPE_ERROR, "code": code, "detail": detail, "client_id": client_id}
+
+
+def synced_frame(last_id: int) -> dict[str, Any]:
+    return {"type": TYPE_SYNCED, "last_id": last_id}
+
+
+def resync_frame() -> dict[str, Any]:
+    return {"type": TYPE_RESYNC}
+
+
+def room_group(room_id: int) -> str:
+    """Group names come from ids, never from user-supplied text."""
+    return f"room.{room_id}"

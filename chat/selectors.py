@@ -1,0 +1,70 @@
+"""Reads: who may see which room, and pages of its history."""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import Q, QuerySet
+
+from chat.models import Message, Room
+
+
+class RoomNotFound(Exception):
+    pass
+
+
+class RoomAccessDenied(Exception):
+    pass
+
+
+def rooms_for_user(*, user: AbstractBaseUser) -> QuerySet[Room]:
+    """Public rooms plus the private rooms the user is a member of."""
+    return Room.objects.filter(Q(is_private=False) | Q(members=user)).distinct()
+
+
+def room_for_user(*, slug: str, user: AbstractBaseUser | AnonymousUser) -> Room:
+    """The room a logged-in user may read; raises RoomNotFound or RoomAccessDenied."""
+    try:
+        room = Room.objects.get(slug=slug)
+    except Room.DoesNotExist:
+        raise RoomNotFound(slug) from None
+    if not user_can_read_room(user=user, room=room):
+        raise RoomAccessDenied(slug)
+    return room
+
+
+def user_can_read_room(*, user: AbstractBaseUser | AnonymousUser, room: Room) -> bool:
+    if not user.is_authenticated:
+        return False
+    if not room.is_private:
+        return True
+    return room.members.filter(pk=user.pk).exists()
+
+
+def _room_messages(room: Room) -> QuerySet[Message]:
+    return Message.objects.filter(room=room).select_related("room", "author")
+
+
+def messages_page(
+    *, room: Room, before: int | None = None, after: int | None = None, limit: int
+) -> tuple[list[Message], bool]:
+    """Up to `limit` messages oldest first, and whether more exist in the direction paged.
+
+    With `after` the page starts right after that id (catching up forwards); otherwise it
+    is the newest messages, older than `before` when given (scrolling back).
+    """
+    messages = _room_messages(room)
+    if after is not None:
+        page = list(messages.filter(id__gt=after).order_by("id")[: limit + 1])
+        return page[:limit], len(page) > limit
+    if before is not None:
+        messages = messages.filter(id__lt=before)
+    page = list(messages.order_by("-id")[: limit + 1])
+    return list(reversed(page[:limit])), len(page) > limit
+
+
+def message_by_client_id(*, author_id: int, client_id: object) -> Message | None:
+    return (
+        Message.objects.select_related("room", "author")
+        .filter(author_id=author_id, client_id=client_id)
+        .first()
+    )

@@ -1,0 +1,101 @@
+"""Writes: creating rooms and messages. Each runs in one transaction; effects leave on commit."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import IntegrityError, connection, transaction
+from django.utils.text import slugify
+
+from chat import protocol
+from chat.models import Message, Room
+from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
+from chat.selectors import message_by_client_id
+
+
+class InvalidRoom(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class MessageResult:
+    message: Message
+    created: bool
+
+
+def room_create(*, creator: AbstractBaseUser, name: str, is_private: bool = False) -> Room:
+    """Create a room named `name`; the creator is its first member. Raises InvalidRoom."""
+    name = name.strip()
+    slug = slugify(name)[:64]
+    if not name or not slug:
+        raise InvalidRoom("A room needs a name with at least one letter or digit.")
+    try:
+        with transaction.atomic():
+            room = Room.objects.create(slug=slug, name=name, is_private=is_private, created_by=creator)
+            room.members.add(creator)
+    except IntegrityError:
+        raise InvalidRoom(f"A room with the address “{slug}” exists already.") from None
+    return room
+
+
+def message_create(*, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID) -> MessageResult:
+    """Store a message, then (on commit) broadcast it to the room.
+
+    Idempotent per (author, client_id): a resend returns the stored message and creates
+    nothing. The caller has validated `text` (chat.protocol).
+    """
+    existing = message_by_client_id(author_id=author.pk, client_id=client_id)
+    if existing is not None:
+        return MessageResult(existing, created=False)
+    try:
+        with transaction.atomic():
+            message = _insert_message(room=room, author=author, text=text, client_id=client_id)
+            # Side effects, each only once the message is committed:
+            # - live delivery to the room's sockets (at-most-once; clients repair gaps by seq);
+            # - the outbox row written above is published to RabbitMQ by the relay.
+            transaction.on_commit(lambda: broadcast_message(message))
+    except IntegrityError:
+        # A concurrent resend of the same client_id won the race; it is the stored one.
+        existing = message_by_client_id(author_id=author.pk, client_id=client_id)
+        if existing is None:
+            raise
+        return MessageResult(existing, created=False)
+    return MessageResult(message, created=True)
+
+
+def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID) -> Message:
+    # UPDATE ... RETURNING takes the room's row lock until commit: concurrent writers of
+    # one room queue here, and a rollback gives the number back, so seq has no gaps.
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Room._meta.db_table} SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq",
+            [room.pk],
+        )
+        (room.last_seq,) = cursor.fetchone()
+    message = Message.objects.create(
+        room=room, author=author, text=text, client_id=client_id, seq=room.last_seq
+    )
+    outbox_event_add(
+        routing_key=ROUTING_MESSAGE_CREATED,
+        payload={
+            "message_id": message.id,
+            "room_id": room.pk,
+            "room": room.slug,
+            "author_id": author.pk,
+            "seq": message.seq,
+            "created_at": message.created_at.isoformat(),
+        },
+    )
+    return message
+
+
+def broadcast_message(message: Message) -> None:
+    """Send a stored message to every socket in its room's group."""
+    async_to_sync(get_channel_layer().group_send)(
+        protocol.room_group(message.room_id),
+        {"type": "chat.message", "message": protocol.message_frame(message)},
+    )

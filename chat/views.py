@@ -1,0 +1,105 @@
+"""HTTP edges of the chat: pages, the history API and the health check."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib.auth import login
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import UserCreationForm
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_GET
+
+from chat import protocol, selectors, services
+from chat.forms import RoomForm
+from chatproject import health
+
+HISTORY_MAX_LIMIT = 100
+
+
+def signup(request: HttpRequest) -> HttpResponse:
+    form = UserCreationForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        user = form.save()
+        login(request, user)
+        return redirect("rooms")
+    return render(request, "registration/signup.html", {"form": form})
+
+
+@login_required
+def rooms(request: HttpRequest) -> HttpResponse:
+    form = RoomForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        try:
+            room = services.room_create(
+                creator=request.user,
+                name=form.cleaned_data["name"],
+                is_private=form.cleaned_data["is_private"],
+            )
+        except services.InvalidRoom as error:
+            form.add_error("name", str(error))
+        else:
+            return redirect("room", slug=room.slug)
+    visible = selectors.rooms_for_user(user=request.user)
+    return render(request, "chat/rooms.html", {"rooms": visible, "form": form})
+
+
+def _readable_room(request: HttpRequest, slug: str):
+    try:
+        return selectors.room_for_user(slug=slug, user=request.user)
+    except (selectors.RoomNotFound, selectors.RoomAccessDenied):
+        # A private room the user is not in is answered like a missing one: its
+        # existence is not the user's to know.
+        raise Http404("No such room.") from None
+
+
+@login_required
+def room(request: HttpRequest, slug: str) -> HttpResponse:
+    chat_room = _readable_room(request, slug)
+    config = {
+        "room": chat_room.slug,
+        "user": request.user.get_username(),
+        "maxChars": settings.CHAT_MAX_MESSAGE_CHARS,
+        "pageSize": settings.CHAT_HISTORY_PAGE,
+    }
+    return render(request, "chat/room.html", {"room": chat_room, "config": config})
+
+
+def _int_param(request: HttpRequest, name: str) -> int | None:
+    value = request.GET.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer") from None
+    if number < 0:
+        raise ValueError(f"{name} must not be negative")
+    return number
+
+
+@require_GET
+def room_messages(request: HttpRequest, slug: str) -> JsonResponse:
+    if not request.user.is_authenticated:
+        return JsonResponse({"error": "authentication required"}, status=401)
+    chat_room = _readable_room(request, slug)
+    try:
+        before = _int_param(request, "before")
+        after = _int_param(request, "after")
+        limit = _int_param(request, "limit") or settings.CHAT_HISTORY_PAGE
+    except ValueError as error:
+        return JsonResponse({"error": str(error)}, status=400)
+    if before is not None and after is not None:
+        return JsonResponse({"error": "give before or after, not both"}, status=400)
+    limit = min(limit, HISTORY_MAX_LIMIT)
+    messages, has_more = selectors.messages_page(room=chat_room, before=before, after=after, limit=limit)
+    return JsonResponse({"messages": [protocol.message_frame(m) for m in messages], "has_more": has_more})
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    states = health.check_all()
+    body = {s.name: ("ok" if s.ok else f"down: {s.error}") for s in states}
+    down = [s.name for s in states if not s.ok]
+    body["status"] = "ok" if not down else "down: " + ", ".join(down)
+    return JsonResponse(body, status=200 if not down else 503)

@@ -1,0 +1,89 @@
+import threading
+import uuid
+
+import pytest
+from django.db import connection
+
+from chat import services
+from chat.models import Message, OutboxEvent
+
+
+@pytest.mark.django_db(transaction=True)
+def test_message_gets_next_seq_per_room(make_user, make_room):
+    alice = make_user("alice")
+    general, random = make_room("general"), make_room("random")
+    seqs = [
+        services.message_create(room=room, author=alice, text="hi", client_id=uuid.uuid4()).message.seq
+        for room in (general, general, random, general)
+    ]
+    assert seqs == [1, 2, 1, 3]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_resend_with_same_client_id_returns_original(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("general")
+    client_id = uuid.uuid4()
+    first = services.message_create(room=room, author=alice, text="once", client_id=client_id)
+    again = services.message_create(room=room, author=alice, text="once", client_id=client_id)
+    assert first.created and not again.created
+    assert again.message.id == first.message.id
+    assert Message.objects.count() == 1
+    assert OutboxEvent.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_writers_leave_no_seq_gaps(make_user, make_room):
+    users = [make_user(f"u{i}") for i in range(4)]
+    room = make_room("busy")
+
+    def send(user):
+        for _ in range(10):
+            services.message_create(room=room, author=user, text="x", client_id=uuid.uuid4())
+        connection.close()
+
+    threads = [threading.Thread(target=send, args=(u,)) for u in users]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(Message.objects.filter(room=room).values_list("seq", flat=True)) == list(range(1, 41))
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rolled_back_message_gives_its_seq_back_and_writes_no_event(make_user, make_room):
+    from django.db import transaction
+
+    alice = make_user("alice")
+    room = make_room("general")
+    with pytest.raises(RuntimeError), transaction.atomic():
+        services.message_create(room=room, author=alice, text="lost", client_id=uuid.uuid4())
+        raise RuntimeError("the caller's transaction fails")
+    kept = services.message_create(room=room, author=alice, text="kept", client_id=uuid.uuid4())
+    assert kept.message.seq == 1
+    assert OutboxEvent.objects.count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_message_writes_outbox_event_in_same_transaction(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("general")
+    message = services.message_create(room=room, author=alice, text="hi", client_id=uuid.uuid4()).message
+    event = OutboxEvent.objects.get()
+    assert event.sent_at is None
+    assert event.payload["message_id"] == message.id
+    assert event.payload["room"] == "general"
+    assert event.payload["event_id"] == str(event.event_id)
+    assert "text" not in event.payload  # message text stays in the database, not in the broker
+
+
+@pytest.mark.django_db
+def test_room_create_makes_creator_member_and_rejects_duplicates(make_user):
+    alice = make_user("alice")
+    room = services.room_create(creator=alice, name="Team Leads", is_private=True)
+    assert room.slug == "team-leads"
+    assert list(room.members.all()) == [alice]
+    with pytest.raises(services.InvalidRoom):
+        services.room_create(creator=alice, name="team leads")
+    with pytest.raises(services.InvalidRoom):
+        services.room_create(creator=alice, name="!!!")
