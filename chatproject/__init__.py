@@ -1,0 +1,4 @@
+# Loaded with Django so that `shared_task` and `app.autodiscover_tasks` bind to the project's app.
+from chatproject.celery import app as celery_app
+
+__all__ = ("celery_app",)

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import environ
 
+from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
@@ -81,6 +83,35 @@ CHANNEL_LAYERS = {
 }
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="amqp://guest:guest@localhost:5672//")
+# Celery (chatproject/celery.py); queues and routes come from chatproject/broker.py.
+# JSON only: a message is data other processes (the relay, the DLQ archiver) build and read; no pickle.
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+# Nobody waits on task results; storing them would only add a result queue per task.
+CELERY_TASK_IGNORE_RESULT = True
+# Ack after the task's effects are committed, so a killed worker's message is redelivered.
+CELERY_TASK_ACKS_LATE = True
+# A worker process killed mid-task (SIGKILL, OOM) leaves its message to be redelivered, not acked.
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# A task that fails for good is rejected without requeue, so RabbitMQ dead-letters it.
+CELERY_TASK_ACKS_ON_FAILURE_OR_TIMEOUT = False
+# One unacked message per process: ordered consumption, and a crash redelivers at most one.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Publisher confirms: apply_async returns only once RabbitMQ has taken the message.
+CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
+# A worker started before RabbitMQ waits for it instead of exiting.
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# On a lost connection unacked (acks_late) messages are redelivered anyway; stop running copies.
+CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# One module owns the topology; Celery declares and consumes exactly those queues.
+CELERY_TASK_QUEUES = WORK_QUEUES
+CELERY_TASK_ROUTES = {"analytics.*": {"queue": ANALYTICS_QUEUE.name}}
+# The relay (chat/relay.py): events per published task message, the fallback poll when no
+# NOTIFY arrives, and how long sent outbox rows are kept for inspection before pruning.
+OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", default=200)
+OUTBOX_POLL_SECONDS = env.float("OUTBOX_POLL_SECONDS", default=5.0)
+OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -1,0 +1,151 @@
+"""The RabbitMQ topology: every exchange and queue the project uses, declared in one place.
+
+Everything else imports names from here. `declare_topology` is run by `manage.py setup_broker`,
+by `make run` and by every Celery worker on start-up; `topology_differences` backs
+`manage.py setup_broker --check`.
+
+The dead-letter exchange is a topic exchange that keeps each message's original routing key,
+so a later consumer can bind to a subset; the `dead_letters` queue binds `#` to keep everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from amqp.exceptions import NotFound, PreconditionFailed
+from kombu import Connection, Exchange, Queue
+
+CHAT_EVENTS_EXCHANGE = Exchange("chat_events", type="topic", durable=True)
+DEAD_LETTER_EXCHANGE = Exchange("dead_letter", type="topic", durable=True)
+
+# Every work queue names the DLX: a task that fails for good is rejected without requeue and
+# lands here instead of looping or vanishing.
+WORK_QUEUE_ARGUMENTS = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
+
+DEAD_LETTER_QUEUE = Queue(
+    "dead_letters",
+    exchange=DEAD_LETTER_EXCHANGE,
+    routing_key="#",
+    durable=True,
+)
+
+ANALYTICS_QUEUE = Queue(
+    "analytics",
+    exchange=CHAT_EVENTS_EXCHANGE,
+    routing_key="chat.message.*",
+    durable=True,
+    queue_arguments=WORK_QUEUE_ARGUMENTS,
+)
+
+WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE,)
+EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
+QUEUES: tuple[Queue, ...] = (*WORK_QUEUES, DEAD_LETTER_QUEUE)
+
+# Which Celery task consumes an outbox event, by the event's routing key; the relay publishes
+# each batch of events as one task message for this task.
+EVENT_TASKS: dict[str, str] = {
+    "chat.message.created": "analytics.record_chat_events",
+}
+
+
+def declare_topology(connection: Connection) -> None:
+    """Declare every exchange, queue and binding; idempotent, safe to run on every start-up.
+
+    Raises amqp's PreconditionFailed when an entity exists with other arguments (see
+    `topology_differences` for a readable report).
+    """
+    channel = connection.channel()
+    try:
+        for exchange in EXCHANGES:
+            exchange.bind(channel).declare()
+        for queue in QUEUES:
+            # Declares the queue's exchange, the queue and the binding.
+            queue.bind(channel).declare()
+    finally:
+        channel.close()
+
+
+@dataclass(frozen=True)
+class TopologyDifference:
+    kind: str  # "exchange" or "queue"
+    name: str
+    problem: str
+    migration: str
+
+    def explain(self) -> str:
+        return f"{self.kind} {self.name} {self.problem}: {self.migration}"
+
+
+def topology_differences(connection: Connection) -> list[TopologyDifference]:
+    """Compare the broker's entities with this module's; an empty list means they match.
+
+    Never creates anything that is missing: each entity is first declared passively, and only
+    an existing one is redeclared with the expected arguments, which RabbitMQ answers with
+    PRECONDITION_FAILED when they differ. Either error closes the channel, so each entity
+    gets a fresh one. Bindings cannot be listed over AMQP; setup_broker re-creates them.
+    """
+    vhost = connection.virtual_host or "/"
+    vhost_flag = "" if vhost == "/" else f" -p {vhost}"
+    differences: list[TopologyDifference] = []
+
+    for exchange in EXCHANGES:
+        try:
+            _on_fresh_channel(
+                connection, lambda ch, e=exchange: ch.exchange_declare(e.name, e.type, passive=True)
+            )
+        except NotFound:
+            differences.append(
+                TopologyDifference("exchange", exchange.name, "is missing", "run `manage.py setup_broker`")
+            )
+            continue
+        try:
+            _on_fresh_channel(connection, lambda ch, e=exchange: e.bind(ch).declare())
+        except PreconditionFailed as error:
+            differences.append(
+                TopologyDifference(
+                    "exchange",
+                    exchange.name,
+                    f"exists with other arguments ({_reply_text(error)})",
+                    f"delete it (`rabbitmqadmin{vhost_flag and ' -V ' + vhost} delete exchange "
+                    f"name={exchange.name}` or the management UI), then run `manage.py setup_broker`",
+                )
+            )
+
+    for queue in QUEUES:
+        try:
+            _on_fresh_channel(connection, lambda ch, q=queue: ch.queue_declare(q.name, passive=True))
+        except NotFound:
+            differences.append(
+                TopologyDifference("queue", queue.name, "is missing", "run `manage.py setup_broker`")
+            )
+            continue
+        try:
+            _on_fresh_channel(connection, lambda ch, q=queue: q.bind(ch).queue_declare())
+        except PreconditionFailed as error:
+            differences.append(
+                TopologyDifference(
+                    "queue",
+                    queue.name,
+                    f"exists with other arguments ({_reply_text(error)})",
+                    f"drain it, delete it with `rabbitmqctl delete_queue{vhost_flag} {queue.name}`, "
+                    "then run `manage.py setup_broker`",
+                )
+            )
+    return differences
+
+
+def _on_fresh_channel(connection: Connection, declare) -> None:
+    channel = connection.channel()
+    try:
+        declare(channel)
+    finally:
+        # A channel error has already closed it on the broker's side; closing again is harmless.
+        try:
+            channel.close()
+        except Exception:  # the channel is unusable either way
+            pass
+
+
+def _reply_text(error: Exception) -> str:
+    text = getattr(error, "reply_text", "") or str(error)
+    return text.removeprefix("PRECONDITION_FAILED - ")

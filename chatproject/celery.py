@@ -1,0 +1,32 @@
+"""The Celery app. Its settings are the CELERY_* names in chatproject/settings.py.
+
+The queues and routes come from chatproject/broker.py, which owns the topology; every worker
+declares that topology when it connects, so a worker started before `setup_broker` still finds
+the dead-letter exchange its queues name.
+"""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery, bootsteps
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
+
+app = Celery("chatproject")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+class DeclareTopology(bootsteps.StartStopStep):
+    """Runs after the worker's broker connection is up, and again after each reconnect."""
+
+    requires = {"celery.worker.consumer.connection:Connection"}
+
+    def start(self, c) -> None:
+        from chatproject.broker import declare_topology
+
+        declare_topology(c.connection)
+
+
+app.steps["consumer"].add(DeclareTopology)
