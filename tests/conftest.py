@@ -6,23 +6,43 @@ Everything runs against the real PostgreSQL (pytest-django's test database) and 
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import redis
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
 
 from chat.models import Room
-from chatproject.database import database_url
+from chatproject.procfile import (  # noqa: F401  (re-exported for tests that import them from here)
+    DaphneServer,
+    child_process_env,
+    free_port,
+    procfile_command,
+    wait_for_port,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def django_db_modify_db_settings() -> None:
+    """A test database of this run's own, so that concurrent runs on one server do not collide."""
+    test_settings = connection.settings_dict.setdefault("TEST", {})
+    test_settings["NAME"] = f"test_{connection.settings_dict['NAME']}_{os.getpid()}"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_rate_limits() -> None:
+    """Rate-limit buckets live in Redis, keyed by user id; ids repeat across test databases."""
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    keys = list(client.scan_iter("chat:ratelimit:*"))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 @pytest.fixture
@@ -50,81 +70,9 @@ def session_cookie(user) -> str:
     return client.cookies["sessionid"].value
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"nothing listened on port {port} within {timeout}s")
-
-
 def test_database_env() -> dict[str, str]:
     """Environment for a child process that must see the test database."""
-    return {
-        **os.environ,
-        "DATABASE_URL": database_url(connection.settings_dict),
-        "DJANGO_SETTINGS_MODULE": "chatproject.settings",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
-def procfile_command(name: str) -> str:
-    for line in (ROOT / "Procfile").read_text().splitlines():
-        process, _, command = line.partition(":")
-        if process.strip() == name:
-            return command.strip()
-    raise KeyError(f"no {name!r} process in the Procfile")
-
-
-@dataclass
-class DaphneServer:
-    port: int
-    process: subprocess.Popen | None = None
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        """Run the Procfile's own web command, so the tests exercise its flags (frame limits)."""
-        env = test_database_env()
-        env.update(HOST="127.0.0.1", PORT=str(self.port))
-        env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-        self.process = subprocess.Popen(
-            ["bash", "-c", f"exec {procfile_command('web')}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        wait_for_port(self.port)
-
-    def stop(self) -> None:
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self.process = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    return child_process_env()
 
 
 @pytest.fixture
@@ -136,3 +84,18 @@ def live_daphne(transactional_db) -> Iterator[DaphneServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_stray_test_database_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:
+    """Let the test database be dropped at the end.
+
+    Consumers write from executor threads whose persistent connections (CONN_MAX_AGE) outlive
+    the test's event loop; they would keep the database "being accessed by other users".
+    """
+    yield
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
