@@ -1,0 +1,190 @@
+"""Writes: counting chat events into the aggregates, effectively-once.
+
+RabbitMQ delivers at least once: a message may come again after a worker died before its ack,
+after a connection was cut, or when the relay published an event twice. Counting is made
+idempotent instead: the ledger row of each event (analytics.ProcessedEvent) and the aggregate
+updates commit in ONE transaction, and events already in the ledger are skipped. That is
+exactly-once processing, not exactly-once delivery.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.utils import timezone
+
+from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
+from chat.outbox import ROUTING_MESSAGE_CREATED
+
+
+class InvalidEvent(ValueError):
+    """An event that can never be counted (wrong shape or type); retrying it cannot help."""
+
+
+@dataclass(frozen=True)
+class ChatMessageCreated:
+    event_id: uuid.UUID
+    message_id: int
+    room_id: int
+    author_id: int
+    created_at: datetime
+
+    @property
+    def minute(self) -> datetime:
+        return self.created_at.astimezone(UTC).replace(second=0, microsecond=0)
+
+    @property
+    def day(self) -> date:
+        return self.created_at.astimezone(UTC).date()
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    counted: int
+    duplicates: int
+
+
+def _positive_int(event: Mapping[str, Any], key: str) -> int:
+    value = event.get(key)
+    # bool is an int in Python; True must not pass for a room id.
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidEvent(f"{key} must be a positive integer, got {value!r}")
+    return value
+
+
+def chat_event_parse(event: object) -> ChatMessageCreated:
+    """Validate one outbox payload of type chat.message.created; raises InvalidEvent."""
+    if not isinstance(event, Mapping):
+        raise InvalidEvent(f"an event must be an object, got {type(event).__name__}")
+    if event.get("type") != ROUTING_MESSAGE_CREATED:
+        raise InvalidEvent(f"unexpected event type {event.get('type')!r}")
+    try:
+        event_id = uuid.UUID(str(event["event_id"]))
+    except (KeyError, ValueError):
+        raise InvalidEvent(f"event_id must be a UUID, got {event.get('event_id')!r}") from None
+    created_at_text = event.get("created_at")
+    try:
+        created_at = datetime.fromisoformat(created_at_text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidEvent(f"created_at must be an ISO 8601 time, got {created_at_text!r}") from None
+    if created_at.tzinfo is None:
+        raise InvalidEvent(f"created_at must carry a time zone, got {created_at_text!r}")
+    return ChatMessageCreated(
+        event_id=event_id,
+        message_id=_positive_int(event, "message_id"),
+        room_id=_positive_int(event, "room_id"),
+        author_id=_positive_int(event, "author_id"),
+        created_at=created_at,
+    )
+
+
+def chat_events_record(*, events: Sequence[object]) -> RecordResult:
+    """Count a batch of chat.message.created events, each exactly once, in one transaction.
+
+    Called by the analytics task for every task message. Every event is validated before
+    anything is written: one invalid event raises InvalidEvent and the batch changes nothing.
+    Events already in the ledger (or repeated within the batch) are skipped.
+    """
+    if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
+        raise InvalidEvent(f"events must be a list, got {type(events).__name__}")
+    parsed = [chat_event_parse(event) for event in events]
+    unique = list({event.event_id: event for event in parsed}.values())
+    if not unique:
+        return RecordResult(counted=0, duplicates=0)
+    with transaction.atomic():
+        new_ids = _ledger_insert(unique)
+        fresh = [event for event in unique if event.event_id in new_ids]
+        if fresh:
+            _room_minutes_add(fresh)
+            _room_day_users_add(fresh)
+            _user_counts_add(fresh)
+        _fault_pause("in_transaction")
+    _fault_pause("after_commit")
+    return RecordResult(counted=len(fresh), duplicates=len(parsed) - len(fresh))
+
+
+def _fault_pause(point: str) -> None:
+    # Lets tests/analytics SIGKILL a worker at a known point; ANALYTICS_FAULT_PAUSE_SECONDS is 0
+    # outside those tests.
+    if settings.ANALYTICS_FAULT_PAUSE_SECONDS and settings.ANALYTICS_FAULT_PAUSE_AT == point:
+        time.sleep(settings.ANALYTICS_FAULT_PAUSE_SECONDS)
+
+
+def _values_sql(rows: int, columns: int) -> str:
+    row = "(" + ", ".join(["%s"] * columns) + ")"
+    return ", ".join([row] * rows)
+
+
+def _execute_values(sql: str, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, ...]]:
+    with connection.cursor() as cursor:
+        cursor.execute(sql.format(values=_values_sql(len(rows), len(rows[0]))), [v for r in rows for v in r])
+        return cursor.fetchall() if cursor.description else []
+
+
+def _ledger_insert(events: Iterable[ChatMessageCreated]) -> set[uuid.UUID]:
+    """Insert ledger rows; returns the ids that were not there yet (the ones to count).
+
+    A concurrent worker inserting the same id waits for the other transaction: if that one
+    commits, ON CONFLICT skips the id here; if it rolls back, this one counts it.
+    """
+    # Sorted keys make concurrent batches lock rows in the same order, so they cannot deadlock.
+    rows = sorted((str(e.event_id), e.message_id, e.room_id, e.created_at) for e in events)
+    returned = _execute_values(
+        f"INSERT INTO {ProcessedEvent._meta.db_table} "
+        "(event_id, message_id, room_id, created_at, processed_at) "
+        "SELECT v.event_id::uuid, v.message_id, v.room_id, v.created_at::timestamptz, clock_timestamp() "
+        "FROM (VALUES {values}) AS v(event_id, message_id, room_id, created_at) "
+        "ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+        rows,
+    )
+    return {value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)) for (value,) in returned}
+
+
+def _room_minutes_add(events: Sequence[ChatMessageCreated]) -> None:
+    counts = Counter((e.room_id, e.minute) for e in events)
+    _execute_values(
+        f"INSERT INTO {RoomMinuteCount._meta.db_table} AS t (room_id, minute, count) VALUES {{values}} "
+        "ON CONFLICT (room_id, minute) DO UPDATE SET count = t.count + EXCLUDED.count",
+        [(room_id, minute, n) for (room_id, minute), n in sorted(counts.items())],
+    )
+
+
+def _room_day_users_add(events: Sequence[ChatMessageCreated]) -> None:
+    counts = Counter((e.room_id, e.day, e.author_id) for e in events)
+    _execute_values(
+        f"INSERT INTO {RoomDayUserCount._meta.db_table} AS t (room_id, day, user_id, count) "
+        "VALUES {values} ON CONFLICT (room_id, day, user_id) DO UPDATE SET count = t.count + EXCLUDED.count",
+        [(room_id, day, user_id, n) for (room_id, day, user_id), n in sorted(counts.items())],
+    )
+
+
+def _user_counts_add(events: Sequence[ChatMessageCreated]) -> None:
+    counts: Counter[int] = Counter(e.author_id for e in events)
+    last: dict[int, datetime] = {}
+    for e in events:
+        last[e.author_id] = max(last.get(e.author_id, e.created_at), e.created_at)
+    _execute_values(
+        f"INSERT INTO {UserMessageCount._meta.db_table} AS t (user_id, count, last_message_at) "
+        "VALUES {values} ON CONFLICT (user_id) DO UPDATE SET count = t.count + EXCLUDED.count, "
+        "last_message_at = GREATEST(t.last_message_at, EXCLUDED.last_message_at)",
+        [(user_id, n, last[user_id]) for user_id, n in sorted(counts.items())],
+    )
+
+
+def processed_events_prune(*, older_than: timedelta) -> int:
+    """Delete ledger rows older than `older_than`; returns how many.
+
+    Safe only beyond the longest time a message can wait in RabbitMQ or the outbox before
+    being (re)delivered: a redelivery after its ledger row is gone would be counted again.
+    """
+    cutoff = timezone.now() - older_than
+    deleted, _ = ProcessedEvent.objects.filter(processed_at__lt=cutoff).delete()
+    return deleted
