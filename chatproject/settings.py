@@ -112,6 +112,19 @@ CELERY_TASK_ROUTES = {"analytics.*": {"queue": ANALYTICS_QUEUE.name}}
 OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", default=200)
 OUTBOX_POLL_SECONDS = env.float("OUTBOX_POLL_SECONDS", default=5.0)
 OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
+# Analytics (analytics/tasks.py): a database outage is retried with exponential backoff and
+# jitter, from BASE up to MAX_DELAY seconds, RETRY_MAX times (about 5 minutes in all), before
+# the batch is dead-lettered for a person to replay.
+ANALYTICS_RETRY_MAX = env.int("ANALYTICS_RETRY_MAX", default=12)
+ANALYTICS_RETRY_BASE_DELAY = env.float("ANALYTICS_RETRY_BASE_DELAY", default=1.0)
+ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
+# Ledger rows are kept this long; a redelivery older than that would be counted twice.
+ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", default=30)
+# Fault injection for tests/analytics only (0 in production): the worker pauses this long
+# "in_transaction" (counts written, not committed) or "after_commit" (committed, not acked),
+# so a test can SIGKILL it at that exact point.
+ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", default=0.0)
+ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
