@@ -22,6 +22,7 @@ browser:
 run: install
 	$(PY) manage.py preflight
 	$(PY) manage.py migrate --noinput
+	$(PY) manage.py setup_broker
 	$(PY) manage.py seed_demo
 	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start --port $(PORT)

@@ -6,6 +6,9 @@ Everything runs against the real PostgreSQL (pytest-django's test database) and 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -99,3 +102,73 @@ def _close_stray_test_database_sessions(django_db_setup, django_db_blocker) -> I
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE datname = current_database() AND pid <> pg_backend_pid()"
         )
+
+
+# --- RabbitMQ (broker engineer): a vhost per test session, child processes against it -------------
+
+
+@pytest.fixture(scope="session")
+def broker_url() -> Iterator[str]:
+    """The URL of a RabbitMQ vhost of this test session's own, with the topology declared.
+
+    Concurrent test runs on the shared broker each get their vhost, so their queues never mix.
+    The Django setting and the Celery app point at it for the whole session.
+    """
+    from celery import current_app
+    from kombu import Connection
+
+    from chatproject.broker import declare_topology
+
+    vhost = f"test_{os.getpid()}"
+    _rabbitmqctl("add_vhost", vhost)
+    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    url = f"amqp://guest:guest@localhost:5672/{vhost}"
+    with Connection(url) as conn:
+        declare_topology(conn)
+    previous = settings.CELERY_BROKER_URL
+    settings.CELERY_BROKER_URL = url
+    current_app.conf.broker_url = url
+    try:
+        yield url
+    finally:
+        settings.CELERY_BROKER_URL = previous
+        current_app.conf.broker_url = previous
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def start_process(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start child processes (relay, celery worker) on the test database and this session's vhost.
+
+    `start_process(["python", "manage.py", "run_relay"], env={...})`; each runs in its own
+    process group, logs to `tmp_path/<pid>.log`, and is SIGKILLed at teardown if still alive.
+    """
+    children: list[subprocess.Popen] = []
+
+    def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        child_env = {**test_database_env(), "CELERY_BROKER_URL": broker_url, **(env or {})}
+        child_env["PATH"] = f"{Path(sys.executable).parent}:{child_env['PATH']}"
+        log = (tmp_path / f"child-{len(children)}.log").open("wb")
+        process = subprocess.Popen(
+            args, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        process.log_path = log.name  # type: ignore[attr-defined]
+        log.close()  # the child holds its own descriptor
+        children.append(process)
+        return process
+
+    yield start
+    for process in children:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def relay_process(start_process) -> subprocess.Popen:
+    """The Procfile's `relay` command, polling every second as a fallback to NOTIFY."""
+    return start_process(["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"])

@@ -1,0 +1,425 @@
+"""The outbox relay: moves committed outbox rows to RabbitMQ without losing any.
+
+Rows are locked with `FOR UPDATE SKIP LOCKED` (several relays may run), published as persistent
+Celery task messages with pipelined publisher confirms, and marked sent in the transaction that
+holds their locks only after RabbitMQ confirmed every one of them. A crash anywhere before that
+commit leaves the rows pending, so they are published again: delivery is at-least-once, and the
+consumers are idempotent on `event_id`.
+
+`manage.py run_relay` runs `relay_run`; `publish_pending_events` and `prune_sent_events` are the
+services it calls, usable directly from tests and `manage.py bench_publish`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import amqp
+import psycopg2
+import psycopg2.extensions
+from amqp.exceptions import AMQPError, PreconditionFailed, RecoverableConnectionError
+from amqp.exceptions import ConnectionError as AMQPConnectionError
+from django.conf import settings
+from django.db import DatabaseError, transaction
+from django.db import connection as django_connection
+from django.utils import timezone
+from kombu import Connection
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from chat.models import OutboxEvent
+from chat.outbox import OUTBOX_NOTIFY_CHANNEL
+from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
+
+logger = logging.getLogger(__name__)
+
+# Exit status of a relay stopped by the crash test hook, distinct from any real failure.
+CRASH_HOOK_EXIT_CODE = 75
+CONFIRM_TIMEOUT_SECONDS = 10.0
+CONNECT_TIMEOUT_SECONDS = 3.0
+# How many rows one transaction locks: several task messages, published before one confirm wait.
+BATCHES_PER_ROUND = 10
+MAX_BACKOFF_SECONDS = 30.0
+
+# Everything that means "the broker connection is unusable": reconnect and try again later.
+BROKER_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,  # includes socket.timeout and ConnectionRefusedError
+    AMQPConnectionError,
+    RecoverableConnectionError,
+)
+
+
+class BrokerUnavailable(Exception):
+    """The broker cannot be reached or stopped answering; the events stay pending."""
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    selected: int  # pending rows this round locked
+    sent: int  # rows confirmed by the broker and marked sent
+    messages: int  # task messages published
+
+    @property
+    def failed(self) -> int:
+        return self.selected - self.sent
+
+
+@dataclass(frozen=True)
+class TaskMessage:
+    event_ids: list[int]  # outbox row ids carried by this message
+    routing_key: str
+    task_id: str
+    message: amqp.Message
+
+
+class EventPublisher:
+    """One broker connection in confirm mode, publishing batches with pipelined confirms."""
+
+    def __init__(self, broker_url: str | None = None, *, declare: bool = True) -> None:
+        self.broker_url = broker_url or settings.CELERY_BROKER_URL
+        self.declare = declare
+        self._connection: Connection | None = None
+        self._channel: amqp.Channel | None = None
+        self._published = 0  # delivery tags number a channel's publishes from 1
+        self._unconfirmed: set[int] = set()
+        self._nacked: set[int] = set()
+        self._returned: set[str] = set()  # task ids of unroutable messages
+
+    @property
+    def connected(self) -> bool:
+        return self._channel is not None
+
+    def connect(self) -> None:
+        """Open the connection and a confirm-mode channel; raises BrokerUnavailable."""
+        if self._channel is not None:
+            return
+        connection = Connection(self.broker_url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
+        try:
+            connection.ensure_connection(max_retries=0)
+            if self.declare:
+                self._declare_topology(connection)
+            channel: amqp.Channel = connection.default_channel
+            channel.confirm_select()
+        except (*BROKER_ERRORS, AMQPError, KombuOperationalError) as error:
+            connection.release()
+            raise BrokerUnavailable(_first_line(error)) from error
+        channel.events["basic_ack"].add(self._on_ack)
+        channel.events["basic_nack"].add(self._on_nack)
+        channel.events["basic_return"].add(self._on_return)
+        self._connection = connection
+        self._channel = channel
+        self._published = 0
+
+    @staticmethod
+    def _declare_topology(connection: Connection) -> None:
+        # Publishing into a missing exchange would close the channel, so a relay started before
+        # setup_broker declares it. A mismatch is setup_broker's to report; publishing goes on.
+        try:
+            declare_topology(connection)
+        except PreconditionFailed as error:
+            logger.error(
+                "the broker's topology differs from chatproject/broker.py (%s); "
+                "run `manage.py setup_broker --check`",
+                _first_line(error),
+            )
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:  # closing a dead connection may fail in many ways; it is gone either way
+                pass
+        self._connection = None
+        self._channel = None
+
+    def publish(self, messages: list[TaskMessage]) -> list[TaskMessage]:
+        """Publish every message, then wait for all confirms; returns the confirmed-and-routed ones.
+
+        A nacked or unroutable message is left out (its rows stay pending). A timeout or a lost
+        connection raises BrokerUnavailable and closes the connection, since late confirms could
+        not be told apart from the next batch's.
+        """
+        self.connect()
+        assert self._channel is not None and self._connection is not None
+        channel = self._channel
+        self._unconfirmed.clear()
+        self._nacked.clear()
+        self._returned.clear()
+        tags: dict[int, TaskMessage] = {}
+        try:
+            for task_message in messages:
+                channel.basic_publish(
+                    task_message.message,
+                    exchange=CHAT_EVENTS_EXCHANGE.name,
+                    routing_key=task_message.routing_key,
+                    mandatory=True,
+                )
+                self._published += 1
+                tags[self._published] = task_message
+                self._unconfirmed.add(self._published)
+            # Pipelined: one wait for the whole batch, not a round trip per message.
+            deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
+            while self._unconfirmed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("publisher confirms did not arrive in time")
+                self._connection.connection.drain_events(timeout=remaining)
+        except (*BROKER_ERRORS, AMQPError) as error:
+            self.close()
+            raise BrokerUnavailable(_first_line(error)) from error
+        return [
+            message
+            for tag, message in tags.items()
+            if tag not in self._nacked and message.task_id not in self._returned
+        ]
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacked.update(self._settle(delivery_tag, multiple))
+
+    def _settle(self, delivery_tag: int, multiple: bool) -> set[int]:
+        # `multiple` confirms every outstanding tag up to and including this one.
+        settled = {tag for tag in self._unconfirmed if tag <= delivery_tag} if multiple else {delivery_tag}
+        self._unconfirmed -= settled
+        return settled
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
+        # RabbitMQ sends basic.return before the ack of an unroutable mandatory message.
+        self._returned.add(message.properties.get("correlation_id", ""))
+
+
+def task_message_build(*, routing_key: str, rows: list[tuple[int, dict[str, Any], int]]) -> TaskMessage:
+    """One Celery protocol-2 message for EVENT_TASKS[routing_key] with args `[events]`.
+
+    Built with Celery's own `as_task_v2`, so a stock worker consumes it; `rows` are
+    (outbox id, payload, priority) in id order.
+    """
+    from chatproject.celery import app
+
+    task_id = str(uuid.uuid4())
+    events = [payload for _, payload, _ in rows]
+    headers, properties, body, _ = app.amqp.as_task_v2(
+        task_id,
+        EVENT_TASKS[routing_key],
+        args=[events],
+        # Celery's default repr of hundreds of events costs more than the publish itself.
+        argsrepr=f"[<{len(events)} {routing_key} events>]",
+        kwargsrepr="{}",
+        ignore_result=True,
+    )
+    message = amqp.Message(
+        json.dumps(body, separators=(",", ":")),
+        content_type="application/json",
+        content_encoding="utf-8",
+        delivery_mode=2,  # persistent: survives a broker restart once confirmed
+        priority=max(priority for _, _, priority in rows),
+        application_headers=headers,
+        **properties,
+    )
+    return TaskMessage([row_id for row_id, _, _ in rows], routing_key, task_id, message)
+
+
+def publish_pending_events(
+    *,
+    publisher: EventPublisher,
+    batch_size: int | None = None,
+    batches_per_round: int = BATCHES_PER_ROUND,
+    before_commit: Callable[[], None] | None = None,
+) -> PublishResult:
+    """Publish one round of pending outbox events and mark the confirmed ones sent.
+
+    Locks up to batch_size * batches_per_round pending rows (skipping rows another relay holds),
+    publishes them as task messages of up to batch_size events sharing a routing key, waits for
+    all confirms, then marks the confirmed rows sent in the same transaction. Raises
+    BrokerUnavailable (nothing marked) when the broker is unreachable. `before_commit` runs after
+    the confirms and before the commit (the crash test hook).
+    """
+    batch_size = batch_size or settings.OUTBOX_BATCH_SIZE
+    with transaction.atomic():
+        rows = list(
+            OutboxEvent.objects.select_for_update(skip_locked=True)
+            # Rows no task consumes are left pending for someone to look at, not published.
+            .filter(sent_at__isnull=True, routing_key__in=list(EVENT_TASKS))
+            .order_by("id")
+            .values_list("id", "routing_key", "payload", "priority")[: batch_size * batches_per_round]
+        )
+        if not rows:
+            return PublishResult(selected=0, sent=0, messages=0)
+        by_key: dict[str, list[tuple[int, dict[str, Any], int]]] = {}
+        for row_id, routing_key, payload, priority in rows:
+            by_key.setdefault(routing_key, []).append((row_id, payload, priority))
+        messages = [
+            task_message_build(routing_key=routing_key, rows=key_rows[start : start + batch_size])
+            for routing_key, key_rows in by_key.items()
+            for start in range(0, len(key_rows), batch_size)
+        ]
+        confirmed = publisher.publish(messages)
+        if before_commit is not None:
+            before_commit()
+        sent_ids = [row_id for message in confirmed for row_id in message.event_ids]
+        if sent_ids:
+            OutboxEvent.objects.filter(id__in=sent_ids).update(sent_at=timezone.now())
+    return PublishResult(selected=len(rows), sent=len(sent_ids), messages=len(messages))
+
+
+def crash_before_commit() -> None:
+    """Test hook: die like a SIGKILL right after the broker confirmed and before the commit."""
+    logging.shutdown()
+    os._exit(CRASH_HOOK_EXIT_CODE)
+
+
+def prune_sent_events(*, older_than: timedelta | None = None) -> int:
+    """Delete events sent longer ago than the retention period; pending events are never touched."""
+    if older_than is None:
+        older_than = timedelta(days=settings.OUTBOX_RETENTION_DAYS)
+    deleted, _ = OutboxEvent.objects.filter(sent_at__lt=timezone.now() - older_than).delete()
+    return deleted
+
+
+class OutboxListener:
+    """A LISTEN on the outbox channel, on its own autocommit psycopg2 connection."""
+
+    def __init__(self) -> None:
+        self._connection: psycopg2.extensions.connection | None = None
+
+    def connect(self) -> None:
+        if self._connection is not None and not self._connection.closed:
+            return
+        db = settings.DATABASES["default"]
+        conn = psycopg2.connect(
+            dbname=db["NAME"],
+            user=db.get("USER") or None,
+            password=db.get("PASSWORD") or None,
+            host=db.get("HOST") or None,
+            port=db.get("PORT") or None,
+            connect_timeout=3,
+        )
+        conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        with conn.cursor() as cursor:
+            cursor.execute(f"LISTEN {OUTBOX_NOTIFY_CHANNEL}")
+        self._connection = conn
+
+    def wait(self, timeout: float) -> bool:
+        """Block until a NOTIFY arrives or `timeout` passes; True when notified."""
+        self.connect()
+        assert self._connection is not None
+        readable, _, _ = select.select([self._connection], [], [], timeout)
+        if not readable:
+            return False
+        self._connection.poll()
+        notified = bool(self._connection.notifies)
+        self._connection.notifies.clear()
+        return notified
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+        self._connection = None
+
+
+class RelayLog:
+    """Logs the relay's state changes only (connected, broker unreachable, reconnected), not events."""
+
+    def __init__(self, broker_url: str) -> None:
+        from chatproject.health import _redacted
+
+        self.url = _redacted(broker_url)
+        self.broker = "starting"
+        self.database = "up"
+
+    def broker_up(self) -> None:
+        if self.broker == "starting":
+            logger.info("relay connected to RabbitMQ at %s", self.url)
+        elif self.broker == "down":
+            logger.info("relay reconnected to RabbitMQ at %s; pending events flow again", self.url)
+        self.broker = "up"
+
+    def broker_down(self, error: str) -> None:
+        if self.broker != "down":
+            logger.warning(
+                "broker unreachable at %s (%s); events wait in the outbox, the relay keeps retrying",
+                self.url,
+                error,
+            )
+        self.broker = "down"
+
+    def database_up(self) -> None:
+        if self.database == "down":
+            logger.info("relay reconnected to the database")
+        self.database = "up"
+
+    def database_down(self, error: str) -> None:
+        if self.database != "down":
+            logger.warning("database unreachable (%s); the relay keeps retrying", error)
+        self.database = "down"
+
+
+def relay_run(
+    *,
+    broker_url: str | None = None,
+    poll_seconds: float | None = None,
+    crash_after_confirm: bool = False,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """The relay loop: publish everything pending, then sleep until NOTIFY or the poll timeout.
+
+    Survives broker and database outages (backoff, state-change logging); returns when
+    `should_stop()` is true.
+    """
+    poll_seconds = poll_seconds if poll_seconds is not None else settings.OUTBOX_POLL_SECONDS
+    publisher = EventPublisher(broker_url)
+    listener = OutboxListener()
+    log = RelayLog(publisher.broker_url)
+    before_commit = crash_before_commit if crash_after_confirm else None
+    backoff = 0.5
+    prune_every = 3600.0
+    next_prune = time.monotonic()
+    try:
+        while not should_stop():
+            try:
+                # LISTEN before reading, so an event committed in between still wakes us.
+                listener.connect()
+                publisher.connect()
+                log.broker_up()
+                result = PublishResult(selected=0, sent=0, messages=0)
+                while not should_stop():
+                    result = publish_pending_events(publisher=publisher, before_commit=before_commit)
+                    log.database_up()
+                    if result.failed or result.selected < settings.OUTBOX_BATCH_SIZE * BATCHES_PER_ROUND:
+                        break
+                if time.monotonic() >= next_prune:
+                    pruned = prune_sent_events()
+                    if pruned:
+                        logger.info("pruned %d sent outbox events", pruned)
+                    next_prune = time.monotonic() + prune_every
+                backoff = 0.5
+                # Nacked or unroutable events are retried on the next poll, not in a hot loop.
+                listener.wait(poll_seconds if not result.failed else min(poll_seconds, 1.0))
+            except BrokerUnavailable as error:
+                log.broker_down(str(error))
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+            except (DatabaseError, psycopg2.Error) as error:
+                log.database_down(_first_line(error))
+                listener.close()
+                django_connection.close()
+                time.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+    finally:
+        publisher.close()
+        listener.close()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

@@ -1,0 +1,102 @@
+"""The topology module and `manage.py setup_broker` against the real RabbitMQ."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from kombu import Connection, Queue
+
+from chatproject.broker import (
+    ANALYTICS_QUEUE,
+    CHAT_EVENTS_EXCHANGE,
+    DEAD_LETTER_EXCHANGE,
+    declare_topology,
+    topology_differences,
+)
+from chatproject.procfile import ROOT, child_process_env, free_port
+
+pytestmark = pytest.mark.broker
+
+
+def setup_broker(broker_url: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", "setup_broker", *args],
+        cwd=ROOT,
+        env={**child_process_env(), "CELERY_BROKER_URL": broker_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_declare_topology_is_idempotent(scratch_broker_url):
+    with Connection(scratch_broker_url) as conn:
+        declare_topology(conn)
+        declare_topology(conn)
+        assert topology_differences(conn) == []
+
+
+def test_every_work_queue_names_the_dead_letter_exchange(scratch_broker_url):
+    with Connection(scratch_broker_url) as conn:
+        declare_topology(conn)
+        # Redeclaring with the DLX argument succeeds only if the broker's queue has exactly it.
+        Queue(
+            ANALYTICS_QUEUE.name,
+            exchange=CHAT_EVENTS_EXCHANGE,
+            durable=True,
+            queue_arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name},
+        ).bind(conn.default_channel).queue_declare()
+
+
+def test_setup_broker_then_check_reports_no_difference(scratch_broker_url):
+    assert setup_broker(scratch_broker_url).returncode == 0
+    check = setup_broker(scratch_broker_url, "--check")
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_check_reports_missing_entities_without_creating_them(scratch_broker_url):
+    check = setup_broker(scratch_broker_url, "--check")
+    assert check.returncode == 1
+    assert "analytics" in check.stderr and "is missing" in check.stderr
+    with Connection(scratch_broker_url) as conn:
+        assert len(topology_differences(conn)) == 4
+
+
+def test_check_reports_queue_declared_with_other_arguments(scratch_broker_url):
+    with Connection(scratch_broker_url) as conn:
+        declare_topology(conn)
+        ANALYTICS_QUEUE.bind(conn.default_channel).delete()
+        Queue(ANALYTICS_QUEUE.name, durable=True).bind(conn.default_channel).queue_declare()
+
+    check = setup_broker(scratch_broker_url, "--check")
+
+    assert check.returncode == 1
+    assert "Traceback" not in check.stdout + check.stderr
+    output = " ".join(check.stderr.split())  # the rich table wraps long cells
+    assert "exists with other arguments" in output
+    assert "x-dead-letter-exchange" in output
+    assert "rabbitmqctl delete_queue -p" in output
+
+
+def test_setup_broker_reports_a_mismatched_queue_and_leaves_it_alone(scratch_broker_url):
+    with Connection(scratch_broker_url) as conn:
+        Queue(ANALYTICS_QUEUE.name, durable=True).bind(conn.default_channel).queue_declare()
+
+    result = setup_broker(scratch_broker_url)
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stdout + result.stderr
+    with Connection(scratch_broker_url) as conn:
+        mismatched = [d.name for d in topology_differences(conn) if d.problem != "is missing"]
+    assert mismatched == [ANALYTICS_QUEUE.name]
+
+
+def test_setup_broker_with_rabbitmq_down_says_so_in_one_line():
+    result = setup_broker(f"amqp://guest:guest@127.0.0.1:{free_port()}//", "--check")
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("CommandError: RabbitMQ is not reachable at")
+    assert "rabbitmq-server -detached" in result.stderr
