@@ -104,6 +104,8 @@ CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost connection unacked (acks_late) messages are redelivered anyway; stop running copies.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
+# Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
+CELERY_WORKER_CONSUMER = "chatproject.worker_consumer:DeadLetteringConsumer"
 # One module owns the topology; Celery declares and consumes exactly those queues.
 CELERY_TASK_QUEUES = WORK_QUEUES
 CELERY_TASK_ROUTES = {"analytics.*": {"queue": ANALYTICS_QUEUE.name}}
