@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from typing import Any
@@ -11,7 +12,7 @@ from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
-from chat import protocol, selectors, services
+from chat import presence, protocol, selectors, services
 from chat.models import Room
 from chat.ratelimit import take_message_token
 
@@ -36,6 +37,7 @@ def _missed_frames(room: Room, since: int, limit: int) -> tuple[list[dict[str, A
 
 class RoomConsumer(AsyncWebsocketConsumer):
     room: Room | None = None
+    heartbeat: asyncio.Task | None = None
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -59,7 +61,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # Join before reading the backlog: a message stored in between arrives live
         # rather than falling between the replay and the subscription.
         await self.channel_layer.group_add(self.group, self.channel_name)
+        # Every socket of the user, whatever its room, gets the user's notifications; presence
+        # tells the notifier (another process) whether anyone would see a push or needs an email.
+        self.user_group = protocol.user_group(user.pk)
+        await self.channel_layer.group_add(self.user_group, self.channel_name)
         await self.accept()
+        await presence.presence_socket_open(user_id=user.pk, channel_name=self.channel_name)
+        self.heartbeat = asyncio.create_task(
+            presence.presence_heartbeat(user_id=user.pk, channel_name=self.channel_name)
+        )
         since = self._since_param()
         if since is not None:
             await self._replay_since(since)
@@ -88,6 +98,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def disconnect(self, code: int) -> None:
         if self.room is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
+            await self.channel_layer.group_discard(self.user_group, self.channel_name)
+        if self.heartbeat is not None:
+            self.heartbeat.cancel()
+            await presence.presence_socket_close(
+                user_id=self.scope["user"].pk, channel_name=self.channel_name
+            )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.room is None:
@@ -124,6 +140,10 @@ class RoomConsumer(AsyncWebsocketConsumer):
             self.acknowledged_ids.discard(frame["id"])
             return
         await self._send_json(frame)
+
+    async def chat_notification(self, event: dict[str, Any]) -> None:
+        """Group event: a notification for this socket's user (chat/notifications.py)."""
+        await self._send_json(event["notification"])
 
     async def _send_json(self, frame: Any) -> None:
         await self.send(text_data=json.dumps(frame))

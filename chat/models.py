@@ -66,3 +66,32 @@ class OutboxEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.routing_key} {self.event_id}"
+
+
+class NotificationDelivery(models.Model):
+    """The ledger of delivered notifications: one row per notification id, ever.
+
+    chat/notifications.py writes the row in the transaction that performs the delivery, so a
+    redelivered task finds it and does nothing.
+    """
+
+    CHANNEL_SOCKET = "socket"
+    CHANNEL_EMAIL = "email"
+    CHANNEL_NONE = "none"  # offline and no email address: nothing could be sent
+    CHANNEL_CHOICES = [(CHANNEL_SOCKET, "socket"), (CHANNEL_EMAIL, "email"), (CHANNEL_NONE, "none")]
+
+    notification_id = models.UUIDField(unique=True)
+    user = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="+")
+    message = models.ForeignKey(Message, on_delete=models.CASCADE, related_name="+")
+    kind = models.CharField(max_length=20)
+    priority = models.PositiveSmallIntegerField()
+    channel = models.CharField(max_length=10, choices=CHANNEL_CHOICES)
+    # When the notification was queued (the event's time); delivered_at - queued_at is its latency.
+    queued_at = models.DateTimeField()
+    delivered_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.notification_id} -> {self.user_id} ({self.channel})"

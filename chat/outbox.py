@@ -14,6 +14,8 @@ from chat.models import OutboxEvent
 OUTBOX_NOTIFY_CHANNEL = "chat_outbox"
 
 ROUTING_MESSAGE_CREATED = "chat.message.created"
+# One event per mentioned user (chat/notifications.py); not matched by the analytics binding.
+ROUTING_MENTION = "chat.mention"
 
 
 def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int = 0) -> OutboxEvent:

@@ -10,6 +10,7 @@ from typing import Any, TypedDict
 from django.conf import settings
 
 from chat.models import Message
+from chat.selectors import user_is_vip
 
 # Client -> server
 TYPE_MESSAGE = "message"
@@ -42,6 +43,14 @@ class MessageFrame(TypedDict):
     text: str
     created_at: str
     client_id: str
+    vip: bool
+
+
+# The field is named "from" on the wire, a keyword in Python.
+NotificationFrame = TypedDict(
+    "NotificationFrame",
+    {"type": str, "kind": str, "message_id": int, "room": str, "from": str, "text": str},
+)
 
 
 class ErrorFrame(TypedDict):
@@ -118,6 +127,29 @@ def message_frame(message: Message) -> MessageFrame:
         "text": message.text,
         "created_at": message.created_at.isoformat(),
         "client_id": str(message.client_id),
+        "vip": _author_is_vip(message),
+    }
+
+
+def _author_is_vip(message: Message) -> bool:
+    # The selectors annotate `author_is_vip` and message_create sets it, so a page of frames
+    # costs no query per message; anything else pays one query.
+    is_vip = getattr(message, "author_is_vip", None)
+    if is_vip is None:
+        is_vip = message.author_is_vip = user_is_vip(user=message.author)
+    return bool(is_vip)
+
+
+def mention_notification_frame(message: Message, *, text_chars: int) -> NotificationFrame:
+    """What a mentioned user's sockets receive; `text` is the start of the message."""
+    text = message.text if len(message.text) <= text_chars else message.text[: text_chars - 1] + "…"
+    return {
+        "type": TYPE_NOTIFICATION,
+        "kind": "mention",
+        "message_id": message.id,
+        "room": message.room.slug,
+        "from": message.author.get_username(),
+        "text": text,
     }
 
 
@@ -136,3 +168,8 @@ def resync_frame() -> dict[str, Any]:
 def room_group(room_id: int) -> str:
     """Group names come from ids, never from user-supplied text."""
     return f"room.{room_id}"
+
+
+def user_group(user_id: int) -> str:
+    """Every open socket of one user, whatever its room: notifications go here."""
+    return f"user.{user_id}"

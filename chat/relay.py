@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import amqp
@@ -217,16 +217,34 @@ def task_message_build(*, routing_key: str, rows: list[tuple[int, dict[str, Any]
         kwargsrepr="{}",
         ignore_result=True,
     )
+    expiration = _expiration_ms(events)
+    if expiration is not None:
+        # Per-message TTL: RabbitMQ dead-letters it (reason "expired") rather than deliver it late.
+        properties["expiration"] = expiration
     message = amqp.Message(
         json.dumps(body, separators=(",", ":")),
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=2,  # persistent: survives a broker restart once confirmed
+        # publish_pending_events never mixes priorities in one message: one priority per message.
         priority=max(priority for _, _, priority in rows),
         application_headers=headers,
         **properties,
     )
     return TaskMessage([row_id for row_id, _, _ in rows], routing_key, task_id, message)
+
+
+def _expiration_ms(events: list[dict[str, Any]]) -> str | None:
+    """The AMQP `expiration` (milliseconds from now, as text) of events carrying `expires_at`.
+
+    Events sharing a message share one `expires_at` (see publish_pending_events); one already
+    past gets "0", which RabbitMQ dead-letters at once unless a consumer is waiting.
+    """
+    expiries = [event["expires_at"] for event in events if event.get("expires_at")]
+    if not expiries:
+        return None
+    earliest = min(datetime.fromisoformat(expiry) for expiry in expiries)
+    return str(max(0, int((earliest - timezone.now()).total_seconds() * 1000)))
 
 
 def publish_pending_events(
@@ -255,12 +273,15 @@ def publish_pending_events(
         )
         if not rows:
             return PublishResult(selected=0, sent=0, messages=0)
-        by_key: dict[str, list[tuple[int, dict[str, Any], int]]] = {}
+        # Events share a message only with the same routing key, priority and expiry: a message
+        # has one AMQP priority and one TTL, and a VIP's event must not ride in a normal batch.
+        by_key: dict[tuple[str, int, str | None], list[tuple[int, dict[str, Any], int]]] = {}
         for row_id, routing_key, payload, priority in rows:
-            by_key.setdefault(routing_key, []).append((row_id, payload, priority))
+            group = (routing_key, priority, payload.get("expires_at"))
+            by_key.setdefault(group, []).append((row_id, payload, priority))
         messages = [
             task_message_build(routing_key=routing_key, rows=key_rows[start : start + batch_size])
-            for routing_key, key_rows in by_key.items()
+            for (routing_key, _, _), key_rows in by_key.items()
             for start in range(0, len(key_rows), batch_size)
         ]
         confirmed = publisher.publish(messages)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.db.models import Q, QuerySet
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group
+from django.db.models import Exists, OuterRef, Q, QuerySet
 
 from chat.models import Message, Room
+
+# Members of this Django group (managed in the admin) are VIP: a badge in chat, and the
+# notifications their messages cause jump the queue (chat/notifications.py).
+VIP_GROUP = "VIP"
 
 
 class RoomNotFound(Exception):
@@ -40,8 +44,21 @@ def user_can_read_room(*, user: AbstractBaseUser | AnonymousUser, room: Room) ->
     return room.members.filter(pk=user.pk).exists()
 
 
+def _vip_member(user_ref: OuterRef) -> Exists:
+    return Exists(Group.objects.filter(name=VIP_GROUP, user=user_ref))
+
+
+def user_is_vip(*, user: AbstractBaseUser) -> bool:
+    return user.is_authenticated and Group.objects.filter(name=VIP_GROUP, user=user).exists()
+
+
+def _with_author_vip(messages: QuerySet[Message]) -> QuerySet[Message]:
+    # One EXISTS per row in the same query, so a page of frames costs no query per message.
+    return messages.annotate(author_is_vip=_vip_member(OuterRef("author_id")))
+
+
 def _room_messages(room: Room) -> QuerySet[Message]:
-    return Message.objects.filter(room=room).select_related("room", "author")
+    return _with_author_vip(Message.objects.filter(room=room).select_related("room", "author"))
 
 
 def messages_page(
@@ -64,7 +81,7 @@ def messages_page(
 
 def message_by_client_id(*, author_id: int, client_id: object) -> Message | None:
     return (
-        Message.objects.select_related("room", "author")
+        _with_author_vip(Message.objects.select_related("room", "author"))
         .filter(author_id=author_id, client_id=client_id)
         .first()
     )

@@ -12,9 +12,11 @@ from django.db import IntegrityError, connection, transaction
 from django.utils.text import slugify
 
 from chat import protocol
+from chat.mentions import mention_recipients
 from chat.models import Message, Room
+from chat.notifications import mention_notifications_enqueue
 from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
-from chat.selectors import message_by_client_id
+from chat.selectors import message_by_client_id, user_is_vip
 
 
 class InvalidRoom(Exception):
@@ -54,9 +56,17 @@ def message_create(*, room: Room, author: AbstractBaseUser, text: str, client_id
     try:
         with transaction.atomic():
             message = _insert_message(room=room, author=author, text=text, client_id=client_id)
+            message.author_is_vip = user_is_vip(user=author)  # the frame's badge, and the priority
+            mention_notifications_enqueue(
+                message=message,
+                recipients=mention_recipients(text=text, room=room, author=author),
+                author_is_vip=message.author_is_vip,
+            )
             # Side effects, each only once the message is committed:
             # - live delivery to the room's sockets (at-most-once; clients repair gaps by seq);
-            # - the outbox row written above is published to RabbitMQ by the relay.
+            # - the outbox row written above is published to RabbitMQ by the relay;
+            # - one outbox row per mentioned user becomes a notification task (chat/notifications.py),
+            #   high priority when the author is VIP.
             transaction.on_commit(lambda: broadcast_message(message))
     except IntegrityError:
         # A concurrent resend of the same client_id won the race; it is the stored one.

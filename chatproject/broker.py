@@ -41,10 +41,54 @@ WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE,)
 EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
 QUEUES: tuple[Queue, ...] = (*WORK_QUEUES, DEAD_LETTER_QUEUE)
 
+# Mention notifications (chat/notifications.py) caused by a VIP's message jump the queue. Two
+# levels in use; 9 rather than 1 because RabbitMQ 4 quorum queues know only "normal" (0-4) and
+# "high" (5 and up), so the same values keep working there.
+PRIORITY_LOW = 0
+PRIORITY_HIGH = 9
+# Small on purpose: a classic queue keeps one internal queue per level. Changing it later means
+# deleting the queue (PRECONDITION_FAILED otherwise), hence some room above the two levels used.
+NOTIFICATIONS_MAX_PRIORITY = 10
+NOTIFICATIONS_QUEUE_TYPES = ("classic", "quorum")
+
+
+def notifications_queue(*, queue_type: str) -> Queue:
+    """The notifications queue as the setting NOTIFICATIONS_QUEUE_TYPE wants it.
+
+    classic (default, RabbitMQ 3.x): strict priorities via `x-max-priority`; the consumer always
+    gets the highest-priority ready message. quorum: replicated, but RabbitMQ before 4.0 ignores
+    priorities on it (plain FIFO: VIP work waits behind the backlog), and from 4.0 it has two
+    levels (5 and up is high) served about 2:1 high:normal, not strictly; no `x-max-priority`.
+    """
+    if queue_type == "classic":
+        arguments = {**WORK_QUEUE_ARGUMENTS, "x-max-priority": NOTIFICATIONS_MAX_PRIORITY}
+    elif queue_type == "quorum":
+        arguments = {**WORK_QUEUE_ARGUMENTS, "x-queue-type": "quorum"}
+    else:
+        raise ValueError(
+            f"NOTIFICATIONS_QUEUE_TYPE must be one of {NOTIFICATIONS_QUEUE_TYPES}, not {queue_type!r}"
+        )
+    return Queue(
+        "notifications",
+        exchange=CHAT_EVENTS_EXCHANGE,
+        routing_key="chat.mention",
+        durable=True,
+        queue_arguments=arguments,
+    )
+
+
+def declared_queues() -> tuple[Queue, ...]:
+    """QUEUES plus the notifications queue of the configured type (a setting, so read late)."""
+    from django.conf import settings
+
+    return (*QUEUES, notifications_queue(queue_type=settings.NOTIFICATIONS_QUEUE_TYPE))
+
+
 # Which Celery task consumes an outbox event, by the event's routing key; the relay publishes
 # each batch of events as one task message for this task.
 EVENT_TASKS: dict[str, str] = {
     "chat.message.created": "analytics.record_chat_events",
+    "chat.mention": "chat.deliver_mention_notifications",
 }
 
 
@@ -58,7 +102,7 @@ def declare_topology(connection: Connection) -> None:
     try:
         for exchange in EXCHANGES:
             exchange.bind(channel).declare()
-        for queue in QUEUES:
+        for queue in declared_queues():
             # Declares the queue's exchange, the queue and the binding.
             queue.bind(channel).declare()
     finally:
@@ -111,7 +155,7 @@ def topology_differences(connection: Connection) -> list[TopologyDifference]:
                 )
             )
 
-    for queue in QUEUES:
+    for queue in declared_queues():
         try:
             _on_fresh_channel(connection, lambda ch, q=queue: ch.queue_declare(q.name, passive=True))
         except NotFound:

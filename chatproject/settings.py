@@ -4,7 +4,7 @@ from pathlib import Path
 
 import environ
 
-from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES
+from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -107,8 +107,21 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
 CELERY_WORKER_CONSUMER = "chatproject.worker_consumer:DeadLetteringConsumer"
 # One module owns the topology; Celery declares and consumes exactly those queues.
-CELERY_TASK_QUEUES = WORK_QUEUES
-CELERY_TASK_ROUTES = {"analytics.*": {"queue": ANALYTICS_QUEUE.name}}
+# The notifications priority queue: classic, since priorities need classic queues before RabbitMQ
+# 4.0 (chatproject/broker.py `notifications_queue` says what changes with "quorum").
+NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
+CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE))
+CELERY_TASK_ROUTES = {
+    "analytics.*": {"queue": ANALYTICS_QUEUE.name},
+    "chat.deliver_mention_notifications": {"queue": "notifications"},
+}
+# A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
+# dead-letters it (reason "expired") instead of delivering it late.
+NOTIFICATION_TTL_SECONDS = env.int("NOTIFICATION_TTL_SECONDS", default=600)
+# Presence (chat/presence.py): each open socket refreshes its entry every HEARTBEAT seconds; an
+# entry older than TTL (a crashed web process) no longer counts as online.
+PRESENCE_HEARTBEAT_SECONDS = env.float("PRESENCE_HEARTBEAT_SECONDS", default=30.0)
+PRESENCE_TTL_SECONDS = env.float("PRESENCE_TTL_SECONDS", default=75.0)
 # The relay (chat/relay.py): events per published task message, the fallback poll when no
 # NOTIFY arrives, and how long sent outbox rows are kept for inspection before pruning.
 OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", default=200)

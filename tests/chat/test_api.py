@@ -56,7 +56,7 @@ def test_history_after_pages_forwards(history):
 def test_history_message_has_the_socket_frame_shape(history):
     client, messages = history
     frame = client.get("/api/rooms/general/messages", {"limit": 1}).json()["messages"][0]
-    assert set(frame) == {"type", "id", "seq", "room", "user", "text", "created_at", "client_id"}
+    assert set(frame) == {"type", "id", "seq", "room", "user", "text", "created_at", "client_id", "vip"}
     assert frame["id"] == messages[-1].id and frame["seq"] == 7
 
 

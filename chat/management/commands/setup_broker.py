@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from chatproject import health
-from chatproject.broker import EXCHANGES, QUEUES, declare_topology, topology_differences
+from chatproject.broker import EXCHANGES, declare_topology, declared_queues, topology_differences
 
 
 class Command(BaseCommand):
@@ -59,4 +59,6 @@ class Command(BaseCommand):
             )
         if not options["json"]:
             verb = "match" if options["check"] else "are declared"
-            self.stdout.write(f"{len(EXCHANGES)} exchanges and {len(QUEUES)} queues {verb} ({state.url}).")
+            self.stdout.write(
+                f"{len(EXCHANGES)} exchanges and {len(declared_queues())} queues {verb} ({state.url})."
+            )

@@ -1,0 +1,199 @@
+"""Mention notifications: queued in the message's transaction, delivered once by the notifier.
+
+Flow: `message_create` calls `mention_notifications_enqueue`, which writes one outbox event per
+mentioned user (priority high when the author is VIP, with an expiry time). The relay publishes
+each as a task message on the `notifications` priority queue with a per-message TTL, and the
+notifier worker (chat/tasks.py) calls `mention_notifications_deliver`.
+
+What "once" means here. RabbitMQ delivers at least once, so every notification id goes into a
+ledger (NotificationDelivery) in the same transaction that performs the delivery, and the effect
+runs inside that transaction, after the ledger row is written and before the commit:
+- a redelivery after the commit finds the row and does nothing;
+- a concurrent redelivery blocks on the row's unique index until the first one commits, then
+  finds it;
+- a failure before the commit (Redis down, SMTP refused) rolls the row back and the task retries.
+The one window left is a crash between the effect and the commit. For a socket push that means
+a second push after the redelivery, which the page ignores (it de-duplicates by message id), so
+a push is effectively once. For an email it means a second email: SMTP cannot take part in the
+transaction, and the alternative order (commit, then send) would lose the email in the same
+window instead. We choose a rare duplicate email over a lost one.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
+from django.core.mail import send_mail
+from django.db import transaction
+from django.utils import timezone
+
+from chat import protocol
+from chat.models import Message, NotificationDelivery
+from chat.outbox import ROUTING_MENTION, outbox_event_add
+from chat.presence import user_open_sockets
+from chat.selectors import user_can_read_room
+from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW
+
+logger = logging.getLogger(__name__)
+
+KIND_MENTION = "mention"
+# The frame and the email carry the start of the message; the room has the rest.
+NOTIFICATION_TEXT_CHARS = 300
+REQUIRED_FIELDS = ("event_id", "user_id", "message_id", "expires_at", "queued_at")
+
+
+class InvalidNotification(Exception):
+    """An event that can never be delivered (malformed); the task dead-letters it."""
+
+
+@dataclass(frozen=True)
+class DeliveryResult:
+    delivered: int = 0  # newly delivered (socket or email)
+    duplicates: int = 0  # already in the ledger: a redelivery
+    expired: int = 0  # past their expiry on arrival: dropped, not delivered late
+    skipped: int = 0  # message, user or access gone since the mention
+
+
+def notification_priority(*, author_is_vip: bool) -> int:
+    return PRIORITY_HIGH if author_is_vip else PRIORITY_LOW
+
+
+def mention_notifications_enqueue(
+    *, message: Message, recipients: list[AbstractBaseUser], author_is_vip: bool
+) -> None:
+    """Inside the message's transaction: one outbox event per mentioned user."""
+    if not recipients:
+        return
+    queued_at = timezone.now()
+    expires_at = queued_at + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS)
+    priority = notification_priority(author_is_vip=author_is_vip)
+    for user in recipients:
+        outbox_event_add(
+            routing_key=ROUTING_MENTION,
+            payload={
+                "kind": KIND_MENTION,
+                "user_id": user.pk,
+                "message_id": message.pk,
+                "room_id": message.room_id,
+                "author_id": message.author_id,
+                "priority": priority,
+                "queued_at": queued_at.isoformat(),
+                # The relay turns this into the AMQP per-message TTL.
+                "expires_at": expires_at.isoformat(),
+            },
+            priority=priority,
+        )
+
+
+def mention_notifications_deliver(*, events: Any) -> DeliveryResult:
+    """Deliver one task message's mention events; safe to call again with the same events.
+
+    Raises InvalidNotification (nothing delivered) when any event is malformed; lets database,
+    Redis and SMTP errors propagate after rolling back that event's ledger row (retry).
+    """
+    parsed = [_parse_event(event) for event in _as_list(events)]
+    counts = {"delivered": 0, "duplicates": 0, "expired": 0, "skipped": 0}
+    for event in parsed:
+        counts[_deliver_one(event)] += 1
+    return DeliveryResult(**counts)
+
+
+@dataclass(frozen=True)
+class _MentionEvent:
+    notification_id: uuid.UUID
+    user_id: int
+    message_id: int
+    priority: int
+    queued_at: datetime
+    expires_at: datetime
+
+
+def _as_list(events: Any) -> list[Any]:
+    if not isinstance(events, list):
+        raise InvalidNotification("a task's argument must be a list of events")
+    return events
+
+
+def _parse_event(event: Any) -> _MentionEvent:
+    if not isinstance(event, dict) or any(field not in event for field in REQUIRED_FIELDS):
+        raise InvalidNotification(f"a mention event needs {', '.join(REQUIRED_FIELDS)}: {event!r:.200}")
+    try:
+        return _MentionEvent(
+            notification_id=uuid.UUID(str(event["event_id"])),
+            user_id=int(event["user_id"]),
+            message_id=int(event["message_id"]),
+            priority=int(event.get("priority", PRIORITY_LOW)),
+            queued_at=datetime.fromisoformat(event["queued_at"]),
+            expires_at=datetime.fromisoformat(event["expires_at"]),
+        )
+    except (TypeError, ValueError) as error:
+        raise InvalidNotification(f"malformed mention event: {error}") from error
+
+
+def _deliver_one(event: _MentionEvent) -> str:
+    now = timezone.now()
+    if event.expires_at <= now:
+        # RabbitMQ dead-letters what expires in the queue; this catches the rest (a retry, or a
+        # message that expired on its way to the worker).
+        logger.info("dropping expired notification %s", event.notification_id)
+        return "expired"
+    message = Message.objects.select_related("room", "author").filter(pk=event.message_id).first()
+    user = get_user_model().objects.filter(pk=event.user_id, is_active=True).first()
+    if message is None or user is None or not user_can_read_room(user=user, room=message.room):
+        return "skipped"
+    online = user_open_sockets(user_id=user.pk) > 0
+    if online:
+        channel = NotificationDelivery.CHANNEL_SOCKET
+    elif user.email:
+        channel = NotificationDelivery.CHANNEL_EMAIL
+    else:
+        channel = NotificationDelivery.CHANNEL_NONE
+    with transaction.atomic():
+        _, created = NotificationDelivery.objects.get_or_create(
+            notification_id=event.notification_id,
+            defaults={
+                "user": user,
+                "message": message,
+                "kind": KIND_MENTION,
+                "priority": event.priority,
+                "channel": channel,
+                "queued_at": event.queued_at,
+                "delivered_at": now,
+            },
+        )
+        if not created:
+            return "duplicates"
+        # The effect runs before the commit, so a failure here rolls the ledger row back.
+        frame = protocol.mention_notification_frame(message, text_chars=NOTIFICATION_TEXT_CHARS)
+        if channel == NotificationDelivery.CHANNEL_SOCKET:
+            _push_to_sockets(user_id=user.pk, frame=frame)
+        elif channel == NotificationDelivery.CHANNEL_EMAIL:
+            _send_email(user=user, frame=frame)
+    return "delivered"
+
+
+def _push_to_sockets(*, user_id: int, frame: protocol.NotificationFrame) -> None:
+    async_to_sync(get_channel_layer().group_send)(
+        protocol.user_group(user_id), {"type": "chat.notification", "notification": frame}
+    )
+
+
+def _send_email(*, user: AbstractBaseUser, frame: protocol.NotificationFrame) -> None:
+    send_mail(
+        subject=f"{frame['from']} mentioned you in #{frame['room']}",
+        message=(
+            f"{frame['from']} mentioned you in #{frame['room']}:\n\n{frame['text']}\n\n"
+            f"Open the room: /rooms/{frame['room']}/\n"
+        ),
+        from_email=None,  # DEFAULT_FROM_EMAIL
+        recipient_list=[user.email],
+    )

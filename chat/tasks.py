@@ -1,0 +1,49 @@
+"""Celery tasks of the notifications queue: thin wrappers over chat.notifications.
+
+They run on the `notifier` worker (Procfile), which consumes only this priority queue with one
+process and a prefetch of one (see the Procfile's comment on why).
+"""
+
+from __future__ import annotations
+
+import logging
+import smtplib
+from typing import Any
+
+import redis
+from celery import Task
+from celery.exceptions import Reject
+from django.db import InterfaceError, OperationalError
+
+from chat.notifications import InvalidNotification, mention_notifications_deliver
+from chatproject.celery import app
+
+logger = logging.getLogger(__name__)
+
+# Errors that may pass: database, Redis (presence, channel layer) or mail server unavailable.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.ConnectionError, smtplib.SMTPException, OSError)
+RETRY_MAX = 5
+
+
+@app.task(name="chat.deliver_mention_notifications", bind=True, max_retries=RETRY_MAX)
+def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
+    """Deliver one relay message's mention events (usually one); safe under redelivery.
+
+    Outcomes: malformed events -> rejected without requeue (dead-lettered, retrying cannot help);
+    database, Redis or SMTP unavailable -> retried with backoff (2, 4, 8... s; the events'
+    expiry still applies, so a late retry drops them), then rejected, so dead-lettered; anything
+    else is a bug and raises (also rejected, never acked as done).
+    """
+    try:
+        result = mention_notifications_deliver(events=events)
+    except InvalidNotification as error:
+        logger.warning("dead-lettering an invalid notification task: %s", error)
+        raise Reject(str(error), requeue=False) from error
+    except TRANSIENT_ERRORS as error:
+        raise self.retry(exc=error, countdown=2 ** (self.request.retries + 1)) from error
+    return {
+        "delivered": result.delivered,
+        "duplicates": result.duplicates,
+        "expired": result.expired,
+        "skipped": result.skipped,
+    }
