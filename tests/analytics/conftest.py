@@ -130,26 +130,18 @@ def start_worker(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..
         worker.stop()
 
 
-# TEMPORARY until tests/conftest.py has the shared one (relay engineer).
-@pytest.fixture(scope="session")
-def broker_url() -> Iterator[str]:
-    vhost = f"test-analytics-{os.getpid()}"
-    subprocess.run(["rabbitmqctl", "-q", "add_vhost", vhost], check=True)
-    subprocess.run(
-        ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
-    )
-    yield f"amqp://guest:guest@localhost:5672/{vhost}"
-    subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
-
-
 @pytest.fixture
 def start_relay(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..., ChildProcess]]:
+    """Start the Procfile's relay and wait until it is connected; stopped (SIGTERM) at teardown.
+
+    Unlike tests/conftest.py's `relay_process` it waits for the connection and can crash on purpose.
+    """
     relays: list[ChildProcess] = []
 
     def start(*, crash_after_confirm: bool = False) -> ChildProcess:
         relay = ChildProcess(
             name="relay",
-            command=f"{sys.executable} manage.py run_relay --poll-seconds 0.5"
+            command=f"{procfile_command('relay')} --poll-seconds 0.5"
             + (" --crash-after-confirm" if crash_after_confirm else ""),
             env={**child_process_env(), "CELERY_BROKER_URL": broker_url},
             log_path=tmp_path / f"relay-{len(relays)}.log",
