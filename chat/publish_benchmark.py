@@ -1,0 +1,159 @@
+"""`manage.py bench_publish`: the seed lesson's publish loop against the outbox relay's path.
+
+Both run in a RabbitMQ vhost of the benchmark's own (deleted afterwards), so no real worker sees
+the benchmark's messages. The outbox rows are written and published inside one database
+transaction that is rolled back at the end, so no real relay sees them either; the rounds'
+savepoints stand in for their commits (one commit per round of 2,000 events is not measured).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
+
+import pika
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from kombu import Connection
+
+from chat.models import OutboxEvent
+from chat.outbox import ROUTING_MESSAGE_CREATED
+from chat.relay import EventPublisher, publish_pending_events
+from chatproject.broker import QUEUES, declare_topology
+
+SEED_QUEUE = "bench_publish"
+
+
+class BenchmarkError(Exception):
+    """The benchmark could not run (no rabbitmqctl, broker down); the message says why."""
+
+
+@dataclass(frozen=True)
+class PublishTimings:
+    count: int
+    repeat: int  # runs of each path; the times are their medians
+    seed_seconds: float  # pika, persistent, no confirms
+    outbox_seconds: float  # outbox -> broker, persistent, confirmed
+    outbox_messages: int  # task messages the events travelled in
+
+    @property
+    def ratio(self) -> float:
+        return self.outbox_seconds / self.seed_seconds
+
+
+def benchmark_publish(*, count: int, repeat: int = 3) -> PublishTimings:
+    """Time both paths for `count` events in a fresh vhost, then delete it.
+
+    The paths alternate `repeat` times and each reports its median, so that a burst of load
+    from other processes on the machine does not decide the ratio.
+    """
+    vhost = f"bench_publish_{uuid.uuid4().hex[:8]}"
+    url = _vhost_url(settings.CELERY_BROKER_URL, vhost)
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, urlsplit(url).username or "guest", ".*", ".*", ".*")
+        with Connection(url) as conn:
+            declare_topology(conn)
+        seed_runs, outbox_runs = [], []
+        for _ in range(repeat):
+            seed_runs.append(_time_seed_loop(url, count=count))
+            seconds, messages = _time_outbox_path(url, count=count)
+            outbox_runs.append(seconds)
+            _purge_all(url)  # every run starts from empty queues
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+    return PublishTimings(
+        count, repeat, statistics.median(seed_runs), statistics.median(outbox_runs), messages
+    )
+
+
+def _purge_all(url: str) -> None:
+    with Connection(url) as conn:
+        channel = conn.default_channel
+        for queue in (SEED_QUEUE, *(q.name for q in QUEUES)):
+            channel.queue_purge(queue)
+
+
+def _time_seed_loop(url: str, *, count: int) -> float:
+    """The seed lesson's loop: one persistent basic_publish per message, no confirms."""
+    connection = pika.BlockingConnection(pika.URLParameters(url))
+    try:
+        channel = connection.channel()
+        channel.queue_declare(queue=SEED_QUEUE, durable=True)
+        body = json.dumps(_payload(0)).encode()
+        properties = pika.BasicProperties(delivery_mode=2, content_type="application/json")
+        started = time.perf_counter()
+        for _ in range(count):
+            channel.basic_publish(exchange="", routing_key=SEED_QUEUE, body=body, properties=properties)
+        return time.perf_counter() - started
+    finally:
+        connection.close()
+
+
+def _time_outbox_path(url: str, *, count: int) -> tuple[float, int]:
+    """Insert `count` outbox rows (not timed), then time publish_pending_events until none pending."""
+    publisher = EventPublisher(url)
+    try:
+        publisher.connect()
+        with transaction.atomic():
+            now = timezone.now()
+            # Hide real pending events from this run (the rollback restores them), so exactly
+            # `count` events are timed.
+            OutboxEvent.objects.filter(sent_at__isnull=True).update(sent_at=now)
+            OutboxEvent.objects.bulk_create(
+                [
+                    OutboxEvent(
+                        event_id=(event_id := uuid.uuid4()),
+                        routing_key=ROUTING_MESSAGE_CREATED,
+                        payload={**_payload(i), "event_id": str(event_id), "type": ROUTING_MESSAGE_CREATED},
+                        created_at=now,
+                    )
+                    for i in range(count)
+                ],
+                batch_size=2000,
+            )
+            messages = 0
+            started = time.perf_counter()
+            while (result := publish_pending_events(publisher=publisher)).selected:
+                messages += result.messages
+            elapsed = time.perf_counter() - started
+            transaction.set_rollback(True)
+        return elapsed, messages
+    finally:
+        publisher.close()
+
+
+def _payload(i: int) -> dict[str, object]:
+    # The shape and size of a real chat.message.created event (chat.services).
+    return {
+        "message_id": 1_000_000 + i,
+        "room_id": 1,
+        "room": "general",
+        "author_id": 1,
+        "seq": i + 1,
+        "created_at": "2026-01-01T12:00:00.000000+00:00",
+        "event_id": str(uuid.uuid4()),
+        "type": ROUTING_MESSAGE_CREATED,
+    }
+
+
+def _vhost_url(broker_url: str, vhost: str) -> str:
+    return urlsplit(broker_url)._replace(path="/" + quote(vhost, safe="")).geturl()
+
+
+def _rabbitmqctl(*args: str) -> None:
+    try:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    except FileNotFoundError as error:
+        raise BenchmarkError(
+            "bench_publish needs rabbitmqctl on this machine (it creates a vhost)"
+        ) from error
+    except subprocess.CalledProcessError as error:
+        detail = error.stderr.decode(errors="replace").strip().splitlines()
+        raise BenchmarkError(f"rabbitmqctl {args[0]} failed: {detail[-1] if detail else error}") from error

@@ -1,0 +1,117 @@
+"""The relay as a process: woken by NOTIFY, killed mid-round, cut off from RabbitMQ, run twice."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+
+from chat.models import OutboxEvent
+from chat.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
+from chatproject.procfile import free_port
+from tests.broker.conftest import TcpProxy, wait_until
+
+pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
+
+RELAY = [sys.executable, "manage.py", "run_relay", "--poll-seconds", "1"]
+
+
+def pending_count() -> int:
+    return OutboxEvent.objects.filter(sent_at__isnull=True).count()
+
+
+def log_of(process) -> str:
+    return Path(process.log_path).read_text(errors="replace")
+
+
+def test_relay_process_publishes_events_committed_while_it_runs(relay_process, send_messages, probe_queue):
+    wait_until(
+        lambda: "relay connected" in log_of(relay_process), timeout=30, message="relay did not connect"
+    )
+
+    events = send_messages(3)
+
+    wait_until(lambda: pending_count() == 0, timeout=30, message="events stayed pending")
+    published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
+    assert sorted(published) == sorted(str(e.event_id) for e in events)
+
+
+def test_relay_stops_cleanly_on_sigterm(relay_process):
+    wait_until(
+        lambda: "relay connected" in log_of(relay_process), timeout=30, message="relay did not connect"
+    )
+
+    relay_process.send_signal(signal.SIGTERM)
+
+    assert relay_process.wait(timeout=30) == 0
+    assert "Traceback" not in log_of(relay_process)
+
+
+def test_relay_killed_between_publish_and_mark_republishes(
+    start_process, send_messages, probe_queue, broker_url
+):
+    [event] = send_messages(1)
+
+    relay = start_process([*RELAY, "--crash-after-confirm"])
+
+    assert relay.wait(timeout=60) == CRASH_HOOK_EXIT_CODE, log_of(relay)
+    assert pending_count() == 1
+    publisher = EventPublisher(broker_url)
+    try:
+        publish_pending_events(publisher=publisher)
+    finally:
+        publisher.close()
+    assert pending_count() == 0
+    published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
+    assert published == [str(event.event_id)] * 2
+
+
+def test_broker_outage_leaves_events_pending_and_chat_working_then_they_flow(
+    start_process, send_messages, probe_queue, broker_url
+):
+    proxy = TcpProxy(free_port())
+    relay_url = urlsplit(broker_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl()
+    relay = start_process([*RELAY, "--broker-url", relay_url])
+    try:
+        # Chat goes on while the relay cannot reach RabbitMQ.
+        events = send_messages(3)
+        wait_until(
+            lambda: log_of(relay).count("broker unreachable") == 1,
+            timeout=30,
+            message="relay did not report the outage",
+        )
+        wait_until(lambda: "retrying" in log_of(relay), timeout=10, message="no retry")
+        assert relay.poll() is None
+        assert pending_count() == 3
+
+        proxy.open()
+
+        wait_until(
+            lambda: pending_count() == 0, timeout=60, message=f"events stayed pending:\n{log_of(relay)}"
+        )
+    finally:
+        proxy.close()
+    log = log_of(relay)
+    assert log.count("broker unreachable") == 1  # state changes are logged, not every retry
+    assert "reconnected to RabbitMQ" in log
+    published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
+    assert sorted(published) == sorted(str(e.event_id) for e in events)
+
+
+def test_two_relays_do_not_publish_the_same_event_twice(start_process, send_messages, probe_queue):
+    relays = [start_process(RELAY) for _ in range(2)]
+    for relay in relays:
+        wait_until(
+            lambda r=relay: "relay connected" in log_of(r), timeout=30, message="relay did not connect"
+        )
+
+    # Each message commits on its own and NOTIFYs both relays, which then race for the same rows.
+    events = send_messages(300)
+
+    wait_until(lambda: pending_count() == 0, timeout=120, message="events stayed pending")
+    published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
+    assert sorted(published) == sorted(str(e.event_id) for e in events)
+    assert all(relay.poll() is None for relay in relays)
