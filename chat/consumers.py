@@ -15,6 +15,7 @@ from django.conf import settings
 from chat import presence, protocol, selectors, services
 from chat.models import Room
 from chat.ratelimit import take_message_token
+from chatproject.monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # tells the notifier (another process) whether anyone would see a push or needs an email.
         self.user_group = protocol.user_group(user.pk)
         await self.channel_layer.group_add(self.user_group, self.channel_name)
-        await self.accept()
         await presence.presence_socket_open(user_id=user.pk, channel_name=self.channel_name)
+        await self.accept()
         self.heartbeat = asyncio.create_task(
             presence.presence_heartbeat(user_id=user.pk, channel_name=self.channel_name)
         )
@@ -115,6 +116,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return
         user = self.scope["user"]
         if not await take_message_token(user.pk):
+            CHAT_RATE_LIMITED_FRAMES.inc()
             await self._send_json(
                 protocol.error_frame(
                     protocol.ERROR_RATE_LIMITED,
