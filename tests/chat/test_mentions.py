@@ -18,7 +18,7 @@ def test_email_addresses_and_trailing_punctuation_are_not_mentions():
 
 
 def test_only_users_who_may_read_a_private_room_are_mentioned(make_user, make_room):
-    alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
+    alice, bob, _carol = make_user("alice"), make_user("bob"), make_user("carol")
     room = make_room("secret", is_private=True, members=(alice, bob))
     recipients = mention_recipients(text="@bob @carol look", room=room, author=alice)
     assert recipients == [bob]

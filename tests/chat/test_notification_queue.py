@@ -81,7 +81,7 @@ def queue_depth(conn: Connection) -> int:
 
 
 def test_vip_notifications_overtake_a_backlog_of_normal_ones(notifications, users, broker_url, start_process):
-    alice, bob, vip, room = users
+    _alice, bob, vip, room = users
     for n in range(200):
         mention(bob, room, f"@alice normal {n}")
     for n in range(5):
@@ -106,7 +106,7 @@ def test_vip_notifications_overtake_a_backlog_of_normal_ones(notifications, user
 
 
 def test_expired_notification_is_dead_lettered_with_reason_expired(notifications, users, broker_url):
-    alice, bob, _, room = users
+    _alice, bob, _, room = users
     with override_settings(NOTIFICATION_TTL_SECONDS=1):
         mention(bob, room, "@alice this is only useful for a second")
     publish_all(broker_url)

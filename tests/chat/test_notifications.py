@@ -64,14 +64,14 @@ def test_each_mention_is_queued_in_the_message_transaction_with_an_expiry(make_u
 
 
 def test_mentions_by_a_vip_are_queued_with_high_priority(make_user, make_room):
-    alice, bob = make_user("alice"), make_user("bob")
+    _alice, bob = make_user("alice"), make_user("bob")
     make_vip(bob)
     message = send(bob, make_room("general"), "@alice now please")
     assert [event.priority for event in mention_events(message)] == [PRIORITY_HIGH]
 
 
 def test_mentions_by_others_are_queued_with_low_priority(make_user, make_room):
-    alice, bob = make_user("alice"), make_user("bob")
+    _alice, bob = make_user("alice"), make_user("bob")
     message = send(bob, make_room("general"), "@alice whenever")
     assert [event.priority for event in mention_events(message)] == [PRIORITY_LOW]
 
@@ -118,7 +118,7 @@ async def test_notification_reaches_every_open_socket_of_the_mentioned_user(make
 
 
 def test_mentioned_user_without_an_open_socket_gets_an_email(make_user, make_room):
-    alice = make_user("alice", email="alice@example.com")
+    make_user("alice", email="alice@example.com")
     bob = make_user("bob")
     message = send(bob, make_room("general"), "@alice you are offline")
 
@@ -132,7 +132,7 @@ def test_mentioned_user_without_an_open_socket_gets_an_email(make_user, make_roo
 
 
 def test_redelivered_notification_is_delivered_once(make_user, make_room):
-    alice = make_user("alice", email="alice@example.com")
+    make_user("alice", email="alice@example.com")
     bob = make_user("bob")
     events = [e.payload for e in mention_events(send(bob, make_room("general"), "@alice once"))]
 
@@ -145,7 +145,7 @@ def test_redelivered_notification_is_delivered_once(make_user, make_room):
 
 
 def test_notification_past_its_expiry_is_dropped_not_delivered(make_user, make_room):
-    alice = make_user("alice", email="alice@example.com")
+    make_user("alice", email="alice@example.com")
     bob = make_user("bob")
     events = [e.payload for e in mention_events(send(bob, make_room("general"), "@alice stale"))]
     events[0]["expires_at"] = (timezone.now() - timedelta(seconds=1)).isoformat()
