@@ -1,0 +1,100 @@
+"""The dead-letter archiver loop (`manage.py run_dlq_archiver`): `dead_letters` -> PostgreSQL.
+
+Manual acks: a delivery is acked only after `dead_letter_archive` committed its row, so a crash
+(SIGKILL included) at any point leaves the message unacked and RabbitMQ redelivers it; the row's
+fingerprint makes that redelivery a no-op. Survives broker and database outages by reconnecting
+with backoff; the unacked messages of a dropped connection come back by themselves.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+
+import amqp
+from amqp.exceptions import AMQPError
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections
+from kombu import Connection
+
+from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
+from chatproject.deadletters.services import dead_letter_archive, task_failures_prune
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 30.0
+PRUNE_EVERY_SECONDS = 3600.0
+
+
+def dead_letter_archiver_run(
+    *,
+    broker_url: str | None = None,
+    prefetch: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Consume `dead_letters` until `should_stop()`; every delivery is archived, then acked."""
+    broker_url = broker_url or settings.CELERY_BROKER_URL
+    prefetch = prefetch or settings.DLQ_ARCHIVER_PREFETCH
+    backoff = 0.5
+    next_prune = time.monotonic()
+    while not should_stop():
+        try:
+            with Connection(broker_url, connect_timeout=5, heartbeat=30) as conn:
+                conn.ensure_connection(max_retries=0)
+                declare_topology(conn)
+                channel: amqp.Channel = conn.default_channel
+                # Bounded prefetch: a crash redelivers at most this many, each archived once.
+                channel.basic_qos(0, prefetch, False)
+                channel.basic_consume(
+                    DEAD_LETTER_QUEUE.name,
+                    callback=functools.partial(_archive_and_ack, channel),
+                    no_ack=False,
+                )
+                logger.info(
+                    "dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, prefetch
+                )
+                backoff = 0.5
+                while not should_stop():
+                    if time.monotonic() >= next_prune:
+                        pruned = task_failures_prune()
+                        if pruned:
+                            logger.info("pruned %d task failures no dead letter claimed", pruned)
+                        next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+                    try:
+                        conn.drain_events(timeout=1.0)
+                    except TimeoutError:
+                        conn.heartbeat_check()
+        except (OSError, AMQPError) as error:
+            logger.warning("broker unreachable (%s); the archiver retries in %.1fs", error, backoff)
+        except DatabaseError as error:
+            # Closing the connection hands the unacked deliveries back to RabbitMQ.
+            logger.warning("database unavailable (%s); the archiver retries in %.1fs", error, backoff)
+            close_old_connections()
+        time.sleep(backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+
+def _archive_and_ack(channel: amqp.Channel, message: amqp.Message) -> None:
+    properties = dict(message.properties)
+    result = dead_letter_archive(
+        body=message.body,
+        headers=properties.pop("application_headers", None) or {},
+        properties=properties,
+        exchange=message.delivery_info.get("exchange", ""),
+        routing_key=message.delivery_info.get("routing_key", ""),
+    )
+    if settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS:
+        # tests/deadletters: committed, not yet acked -- the worst moment to be SIGKILLed.
+        time.sleep(settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS)
+    channel.basic_ack(message.delivery_tag)
+    if result.created:
+        dl = result.dead_letter
+        logger.info(
+            "archived dead letter #%d: %s from %s (%s)",
+            dl.pk,
+            dl.task_name or dl.routing_key,
+            dl.origin_queue,
+            dl.reason,
+        )

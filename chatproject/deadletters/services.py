@@ -1,0 +1,451 @@
+"""Writes: archiving dead letters, recording task failures, replaying and discarding.
+
+Design of "the reason travels with the message": RabbitMQ dead-letters the original message and
+only adds `x-death`; it cannot add the worker's error. Republishing a modified copy to the DLX
+from the worker would need confirms and would lose RabbitMQ's own `x-death` bookkeeping. So the
+worker commits a TaskFailure row keyed by the Celery task id before the message is rejected
+(worker_hooks.py), and the archiver joins it here by task id. Both sides take the same
+transaction-scoped advisory lock on the task id, and whichever comes second completes the join,
+so the order does not matter (Celery's consumer-level rejects, unknown tasks, signal after the
+reject). Expired and overflowed messages never reach a worker: they carry only `x-death`, and the
+archive describes them from it.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from typing import Any
+
+import amqp
+from amqp.exceptions import AMQPError
+from django.conf import settings
+from django.contrib.admin.models import CHANGE, LogEntry
+from django.db import IntegrityError, connection, transaction
+from django.db.models import F
+from django.utils import timezone
+from kombu import Connection
+
+from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
+
+logger = logging.getLogger(__name__)
+
+# Headers RabbitMQ writes when it dead-letters; a replay drops them so the next death is described
+# afresh instead of being folded into the old history.
+DEATH_HEADERS = ("x-death", "x-first-death-queue", "x-first-death-reason", "x-first-death-exchange")
+DEATH_HEADER_PREFIXES = ("x-last-death-",)
+# Properties a replay must not copy: RabbitMQ checks user_id against the publishing user, and an
+# expiration would let the replay expire again (RabbitMQ already strips it when dead-lettering).
+REPLAY_DROPPED_PROPERTIES = ("user_id", "expiration", "timestamp", "application_headers")
+REPLAY_HEADER = "x-replay-of"
+CONFIRM_TIMEOUT_SECONDS = 10.0
+
+
+class ReplayFailed(Exception):
+    """The broker did not take a replayed message (nacked, unroutable, unreachable)."""
+
+
+# --- archiving --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ArchiveResult:
+    dead_letter: DeadLetter
+    created: bool
+
+
+def json_safe(value: Any) -> Any:
+    """AMQP header and property values as JSON: times as ISO strings, bytes as text or base64."""
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(bytes(value)).decode("ascii")
+    return value
+
+
+def _as_bytes(body: bytes | str | None, encoding: str | None) -> bytes:
+    if body is None:
+        return b""
+    if isinstance(body, str):
+        return body.encode(encoding or "utf-8")
+    return bytes(body)
+
+
+def _death_time(entry: Mapping[str, Any]) -> datetime | None:
+    value = entry.get("time")
+    if isinstance(value, datetime):
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+    if isinstance(value, (int, float)):
+        return datetime.fromtimestamp(value, tz=UTC)
+    return None
+
+
+def _expiry_or_overflow_message(reason: str, queue: str, entry: Mapping[str, Any]) -> str:
+    if reason == "expired":
+        ttl = entry.get("original-expiration")
+        ttl_text = f"message TTL of {json_safe(ttl)} ms" if ttl is not None else "queue message TTL"
+        return f"{ttl_text} ran out in queue {queue!r} before any consumer took it"
+    if reason == "maxlen":
+        return f"queue {queue!r} was over its length limit (x-max-length / x-max-length-bytes)"
+    if reason == "delivery_limit":
+        return f"queue {queue!r} delivered it more times than its delivery limit"
+    return ""
+
+
+def dead_letter_archive(
+    *,
+    body: bytes | str | None,
+    headers: Mapping[str, Any] | None,
+    properties: Mapping[str, Any] | None,
+    exchange: str = "",
+    routing_key: str = "",
+) -> ArchiveResult:
+    """Store one message received from `dead_letters`; idempotent, so a redelivery changes nothing.
+
+    Called by the archiver for every delivery, which acks only after this returned (committed).
+    `exchange`/`routing_key` are the delivery's (the DLX's); the origin comes from x-death.
+    """
+    headers = dict(headers or {})
+    properties = {k: v for k, v in (properties or {}).items() if k != "application_headers"}
+    raw = _as_bytes(body, properties.get("content_encoding"))
+    try:
+        body_text, body_encoding = raw.decode("utf-8"), DeadLetter.BodyEncoding.UTF8
+    except UnicodeDecodeError:
+        body_text, body_encoding = base64.b64encode(raw).decode("ascii"), DeadLetter.BodyEncoding.BASE64
+    safe_headers = json_safe(headers)
+    safe_properties = json_safe(properties)
+    fingerprint = hashlib.sha256(
+        json.dumps([safe_properties, safe_headers, body_text], sort_keys=True, default=str).encode()
+    ).hexdigest()
+
+    x_death = [entry for entry in headers.get("x-death") or [] if isinstance(entry, Mapping)]
+    # x-death lists the most recent death first, one entry per (queue, reason).
+    latest = x_death[0] if x_death else {}
+    routing_keys = latest.get("routing-keys") or [routing_key]
+    times = [t for t in (_death_time(entry) for entry in x_death) if t is not None]
+    reason = str(latest.get("reason") or headers.get("x-first-death-reason") or "unknown")
+    origin_queue = str(latest.get("queue") or headers.get("x-first-death-queue") or "")
+    task_id = str(headers.get("id") or properties.get("correlation_id") or "")
+    retries = headers.get("retries")
+    fields: dict[str, Any] = {
+        "origin_queue": origin_queue,
+        "origin_exchange": str(latest.get("exchange", exchange) or ""),
+        "routing_key": str(json_safe(routing_keys[0]) if routing_keys else ""),
+        "reason": reason,
+        "task_name": str(headers.get("task") or ""),
+        "task_id": task_id,
+        "message_id": str(properties.get("message_id") or ""),
+        "error_message": _expiry_or_overflow_message(reason, origin_queue, latest),
+        "attempts": int(retries) + 1 if isinstance(retries, int) else None,
+        "death_count": sum(int(entry.get("count") or 1) for entry in x_death) or 1,
+        "first_death_at": min(times) if times else None,
+        "last_death_at": max(times) if times else timezone.now(),
+        "x_death": json_safe(x_death),
+        "headers": safe_headers,
+        "properties": safe_properties,
+        "body": body_text,
+        "body_encoding": body_encoding,
+    }
+
+    with transaction.atomic():
+        if task_id:
+            _lock_task(task_id)
+        existing = DeadLetter.objects.filter(fingerprint=fingerprint).first()
+        if existing is not None:
+            return ArchiveResult(existing, created=False)
+        dead_letter = DeadLetter(fingerprint=fingerprint, **fields)
+        failure = (
+            TaskFailure.objects.filter(task_id=task_id).first() if task_id and reason == "rejected" else None
+        )
+        if failure is not None:
+            _copy_failure(failure, dead_letter)
+            failure.delete()
+        try:
+            with transaction.atomic():
+                dead_letter.save()
+        except IntegrityError:
+            # Another archiver stored the same delivery between our read and our insert.
+            return ArchiveResult(DeadLetter.objects.get(fingerprint=fingerprint), created=False)
+    return ArchiveResult(dead_letter, created=True)
+
+
+def _lock_task(task_id: str) -> None:
+    # Serialises the archiver's and the worker's halves of the failure join for one task id.
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"deadletters:{task_id}"])
+
+
+def _copy_failure(failure: TaskFailure, dead_letter: DeadLetter) -> None:
+    dead_letter.task_name = dead_letter.task_name or failure.task_name
+    dead_letter.error_class = failure.error_class
+    dead_letter.error_message = failure.error_message
+    dead_letter.traceback = failure.traceback
+    if failure.attempts is not None:
+        dead_letter.attempts = failure.attempts
+
+
+def task_failure_record(
+    *,
+    task_id: str,
+    task_name: str,
+    error_class: str,
+    error_message: str,
+    traceback: str,
+    attempts: int | None,
+) -> None:
+    """Record why task `task_id` failed for good; called by worker_hooks in the worker.
+
+    Completes an already-archived dead letter of that task that still lacks its error, or leaves
+    a TaskFailure row for the archiver to join.
+    """
+    with transaction.atomic():
+        _lock_task(task_id)
+        waiting = (
+            DeadLetter.objects.filter(task_id=task_id, reason="rejected", error_class="", error_message="")
+            .order_by("-id")
+            .first()
+        )
+        failure = TaskFailure(
+            task_id=task_id,
+            task_name=task_name,
+            error_class=error_class,
+            error_message=error_message,
+            traceback=traceback,
+            attempts=attempts,
+        )
+        if waiting is not None:
+            _copy_failure(failure, waiting)
+            waiting.updated_at = timezone.now()
+            waiting.save()
+            return
+        TaskFailure.objects.update_or_create(
+            task_id=task_id,
+            defaults={
+                "task_name": task_name,
+                "error_class": error_class,
+                "error_message": error_message,
+                "traceback": traceback,
+                "attempts": attempts,
+                "failed_at": timezone.now(),
+            },
+        )
+
+
+def task_failures_prune(*, older_than: timedelta | None = None) -> int:
+    """Delete failure rows no dead letter claimed (the reject never happened); returns how many."""
+    older_than = older_than or timedelta(days=settings.DLQ_TASK_FAILURE_RETENTION_DAYS)
+    deleted, _ = TaskFailure.objects.filter(failed_at__lt=timezone.now() - older_than).delete()
+    return deleted
+
+
+# --- replay and discard -----------------------------------------------------------------------
+
+
+class ReplayPublisher:
+    """One confirm-mode channel: each replayed message is confirmed by RabbitMQ before it counts."""
+
+    def __init__(self, broker_url: str | None = None) -> None:
+        self.broker_url = broker_url or settings.CELERY_BROKER_URL
+        self._connection: Connection | None = None
+        self._channel: amqp.Channel | None = None
+        self._returned = False
+
+    def __enter__(self) -> ReplayPublisher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _open(self) -> amqp.Channel:
+        if self._channel is None:
+            conn = Connection(self.broker_url, connect_timeout=5)
+            try:
+                conn.ensure_connection(max_retries=0)
+                channel = conn.default_channel
+                channel.confirm_select()
+            except Exception as error:
+                conn.release()
+                raise ReplayFailed(f"broker unreachable: {error}") from error
+            channel.events["basic_return"].add(self._on_return)
+            self._connection, self._channel = conn, channel
+        return self._channel
+
+    def _on_return(self, *args: Any) -> None:
+        self._returned = True
+
+    def publish(self, *, exchange: str, routing_key: str, body: bytes, properties: dict[str, Any]) -> None:
+        """Publish and wait for the confirm; raises ReplayFailed when the broker did not take it."""
+        channel = self._open()
+        self._returned = False
+        message = amqp.Message(body, **properties)
+        try:
+            channel.basic_publish_confirm(
+                message,
+                exchange=exchange,
+                routing_key=routing_key,
+                mandatory=True,
+                confirm_timeout=CONFIRM_TIMEOUT_SECONDS,
+            )
+        except (AMQPError, OSError) as error:
+            self.close()
+            raise ReplayFailed(f"{type(error).__name__}: {error}") from error
+        if self._returned:
+            raise ReplayFailed(f"no queue is bound to exchange {exchange!r} with routing key {routing_key!r}")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:  # a dead connection fails to close in many ways; it is gone either way
+                pass
+        self._connection = self._channel = None
+
+
+def replay_message(dead_letter: DeadLetter) -> tuple[bytes, dict[str, Any]]:
+    """The body and properties a replay publishes: the original minus the death history."""
+    body = (
+        base64.b64decode(dead_letter.body)
+        if dead_letter.body_encoding == DeadLetter.BodyEncoding.BASE64
+        else dead_letter.body.encode("utf-8")
+    )
+    headers = {
+        key: value
+        for key, value in (dead_letter.headers or {}).items()
+        if key not in DEATH_HEADERS and not key.startswith(DEATH_HEADER_PREFIXES)
+    }
+    if "retries" in headers:
+        # A replay is a fresh start: with the old count the first transient error would exhaust
+        # the task's retries at once.
+        headers["retries"] = 0
+    headers[REPLAY_HEADER] = dead_letter.pk
+    properties = {
+        key: value
+        for key, value in (dead_letter.properties or {}).items()
+        if key not in REPLAY_DROPPED_PROPERTIES and value is not None
+    }
+    properties.setdefault("delivery_mode", 2)
+    properties["application_headers"] = headers
+    return body, properties
+
+
+@dataclass
+class BulkResult:
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+
+
+def _actor_label(actor: Any, actor_label: str | None) -> str:
+    if actor_label:
+        return actor_label
+    if actor is not None and getattr(actor, "is_authenticated", False):
+        return actor.get_username()
+    return f"cli:{getpass.getuser()}"
+
+
+def _audit(*, dead_letter: DeadLetter, kind: str, actor: Any, label: str, message: str) -> None:
+    DeadLetterAction.objects.create(
+        dead_letter=dead_letter,
+        kind=kind,
+        actor=actor if actor is not None and getattr(actor, "pk", None) else None,
+        actor_label=label,
+    )
+    if actor is not None and getattr(actor, "pk", None):
+        LogEntry.objects.log_actions(
+            user_id=actor.pk, queryset=[dead_letter], action_flag=CHANGE, change_message=message
+        )
+
+
+def dead_letter_replay(
+    *,
+    dead_letters: Iterable[DeadLetter],
+    actor: Any = None,
+    actor_label: str | None = None,
+    publisher: ReplayPublisher | None = None,
+) -> BulkResult:
+    """Republish each dead letter to its original exchange and routing key, confirmed, and mark it.
+
+    Each row is marked (status replayed, replay_count + 1, audit row and admin LogEntry) only after
+    RabbitMQ confirmed its message. A crash between the confirm and the commit leaves the row
+    `new`, and replaying it again is harmless: the consumers are idempotent, which is also what
+    makes replaying a letter whose effect already happened change nothing.
+    """
+    label = _actor_label(actor, actor_label)
+    result = BulkResult()
+    own_publisher = publisher is None
+    publisher = publisher or ReplayPublisher()
+    try:
+        for dead_letter in dead_letters:
+            body, properties = replay_message(dead_letter)
+            try:
+                publisher.publish(
+                    exchange=dead_letter.origin_exchange,
+                    routing_key=dead_letter.routing_key,
+                    body=body,
+                    properties=properties,
+                )
+            except ReplayFailed as error:
+                result.failed[dead_letter.pk] = str(error)
+                continue
+            with transaction.atomic():
+                DeadLetter.objects.filter(pk=dead_letter.pk).update(
+                    status=DeadLetter.Status.REPLAYED,
+                    replay_count=F("replay_count") + 1,
+                    last_replayed_at=timezone.now(),
+                    updated_at=timezone.now(),
+                )
+                _audit(
+                    dead_letter=dead_letter,
+                    kind=DeadLetterAction.Kind.REPLAYED,
+                    actor=actor,
+                    label=label,
+                    message=f"Replayed to {dead_letter.origin_exchange or '(default)'} "
+                    f"with routing key {dead_letter.routing_key}",
+                )
+            result.done.append(dead_letter.pk)
+    finally:
+        if own_publisher:
+            publisher.close()
+    # Side effects, in order: one confirmed publish per letter, then its row marked and audited.
+    if result.done or result.failed:
+        logger.info("%s replayed %d dead letters (%d failed)", label, len(result.done), len(result.failed))
+    return result
+
+
+def dead_letter_discard(
+    *, dead_letters: Iterable[DeadLetter], actor: Any = None, actor_label: str | None = None
+) -> BulkResult:
+    """Mark dead letters discarded (kept for the record, never replayed by `--all` of new ones)."""
+    label = _actor_label(actor, actor_label)
+    result = BulkResult()
+    with transaction.atomic():
+        for dead_letter in dead_letters:
+            DeadLetter.objects.filter(pk=dead_letter.pk).update(
+                status=DeadLetter.Status.DISCARDED, updated_at=timezone.now()
+            )
+            _audit(
+                dead_letter=dead_letter,
+                kind=DeadLetterAction.Kind.DISCARDED,
+                actor=actor,
+                label=label,
+                message="Discarded",
+            )
+            result.done.append(dead_letter.pk)
+    if result.done:
+        logger.info("%s discarded %d dead letters", label, len(result.done))
+    return result

@@ -1,0 +1,133 @@
+"""Dead-letter tests: real archiver and worker processes on this session's RabbitMQ vhost.
+
+Messages are built with the relay's own `task_message_build`, so they are the Celery protocol-2
+messages the pipeline really carries.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import amqp
+import pytest
+from kombu import Connection
+
+from chat.relay import task_message_build
+from chatproject.broker import CHAT_EVENTS_EXCHANGE
+from chatproject.procfile import procfile_command
+
+ROUTING_KEY = "chat.message.created"
+
+
+def wait_until(condition: Callable[[], object], *, timeout: float, message: str) -> object:
+    """Poll `condition` until truthy; fails the test with `message` after `timeout` (an upper bound)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{message} (waited {timeout:.0f}s)")
+        time.sleep(0.1)
+
+
+def log_text(process: subprocess.Popen) -> str:
+    path = Path(process.log_path)  # type: ignore[attr-defined]
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_for_log(process: subprocess.Popen, line: str, *, timeout: float = 60) -> None:
+    def seen() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"process exited with {process.returncode}; log:\n{log_text(process)[-3000:]}")
+        return line in log_text(process)
+
+    wait_until(seen, timeout=timeout, message=f"{line!r} not logged; log:\n{log_text(process)[-3000:]}")
+
+
+def chat_event(*, room_id: int, author_id: int, message_id: int = 1) -> dict[str, Any]:
+    """A valid chat.message.created outbox payload."""
+    return {
+        "type": ROUTING_KEY,
+        "event_id": str(uuid.uuid4()),
+        "message_id": message_id,
+        "room_id": room_id,
+        "author_id": author_id,
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
+def publish(
+    broker_url: str,
+    message: amqp.Message,
+    *,
+    exchange: str = CHAT_EVENTS_EXCHANGE.name,
+    routing_key: str = ROUTING_KEY,
+) -> None:
+    """Publish with a confirm, so the message is in its queue when this returns."""
+    with Connection(broker_url) as conn:
+        channel = conn.default_channel
+        channel.basic_publish_confirm(message, exchange=exchange, routing_key=routing_key, mandatory=True)
+
+
+def analytics_task_message(events: list[Any], *, expiration_ms: int | None = None) -> amqp.Message:
+    message = task_message_build(
+        routing_key=ROUTING_KEY, rows=[(1, e, 0) for e in events] or [(1, {}, 0)]
+    ).message
+    if expiration_ms is not None:
+        message.properties["expiration"] = str(expiration_ms)
+    return message
+
+
+def queue_depth(broker_url: str, queue: str) -> int:
+    with Connection(broker_url) as conn:
+        _, ready, _ = conn.default_channel.queue_declare(queue, passive=True)
+        return ready
+
+
+@pytest.fixture(autouse=True)
+def _empty_queues(request: pytest.FixtureRequest) -> None:
+    """Broker tests share the session's vhost: start each with every topology queue empty."""
+    if request.node.get_closest_marker("broker") is None:
+        return
+    from chatproject.broker import QUEUES
+
+    broker_url = request.getfixturevalue("broker_url")
+    with Connection(broker_url) as conn:
+        for queue in QUEUES:
+            conn.default_channel.queue_purge(queue.name)
+
+
+@pytest.fixture
+def start_archiver(start_process) -> Callable[..., subprocess.Popen]:
+    """The Procfile's `dlq_archiver` command, once it consumes `dead_letters`."""
+
+    def start(**extra_env: str) -> subprocess.Popen:
+        process = start_process(["bash", "-c", f"exec {procfile_command('dlq_archiver')}"], env=extra_env)
+        wait_for_log(process, "dead-letter archiver consuming")
+        return process
+
+    return start
+
+
+@pytest.fixture
+def start_worker(start_process) -> Callable[..., subprocess.Popen]:
+    """The Procfile's analytics `worker` command with one pool process, once it is ready."""
+
+    def start(**extra_env: str) -> subprocess.Popen:
+        name = f"dlq-test-{uuid.uuid4().hex[:8]}"
+        command = (
+            f"{procfile_command('worker')} --concurrency 1 --hostname {name}@%h "
+            "--without-mingle --without-gossip"
+        )
+        process = start_process(["bash", "-c", f"exec {command}"], env=extra_env)
+        wait_for_log(process, " ready.")
+        return process
+
+    return start

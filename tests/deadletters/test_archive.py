@@ -1,0 +1,137 @@
+"""Messages that fail for good end up archived with their reason, through real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+from kombu import Connection, Queue
+
+from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
+from chatproject.deadletters.models import DeadLetter
+from tests.deadletters.conftest import (
+    analytics_task_message,
+    chat_event,
+    publish,
+    queue_depth,
+    wait_until,
+)
+
+pytestmark = pytest.mark.broker
+
+
+def _archived(**filters) -> DeadLetter | None:
+    return DeadLetter.objects.filter(**filters).first()
+
+
+def test_invalid_analytics_payload_is_archived_with_its_error(broker_url, start_worker, start_archiver):
+    start_worker()
+    start_archiver()
+    message = analytics_task_message([{"type": "chat.message.created", "event_id": "not-a-uuid"}])
+    task_id = message.properties["correlation_id"]
+    publish(broker_url, message)
+
+    letter = wait_until(
+        lambda: _archived(task_id=task_id, error_class__endswith="InvalidEvent"),
+        timeout=60,
+        message="the invalid batch was not archived with its error",
+    )
+    assert letter.reason == "rejected"
+    assert letter.origin_queue == "analytics"
+    assert letter.task_name == "analytics.record_chat_events"
+    assert "event_id must be a UUID" in letter.error_message
+    assert "InvalidEvent" in letter.traceback
+    assert letter.attempts == 1
+
+
+def test_unknown_task_is_archived_with_not_registered_error(broker_url, start_worker, start_archiver):
+    start_worker()
+    start_archiver()
+    message = analytics_task_message([])
+    # Same message, but naming a task no worker has.
+    message.properties["application_headers"]["task"] = "analytics.no_such_task"
+    task_id = message.properties["correlation_id"]
+    publish(broker_url, message)
+
+    letter = wait_until(
+        lambda: _archived(task_id=task_id, error_class__endswith="NotRegistered"),
+        timeout=60,
+        message="the unknown task was not archived with its error",
+    )
+    assert letter.task_name == "analytics.no_such_task"
+    assert "no task named 'analytics.no_such_task'" in letter.error_message
+
+
+def test_expired_message_is_archived_with_reason_expired(broker_url, start_archiver):
+    # No worker consumes `analytics` here, so the message's own TTL runs out in the queue.
+    start_archiver()
+    message = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=50)
+    task_id = message.properties["correlation_id"]
+    publish(broker_url, message)
+
+    letter = wait_until(
+        lambda: _archived(task_id=task_id), timeout=60, message="the expired message was not archived"
+    )
+    assert letter.reason == "expired"
+    assert letter.origin_queue == "analytics"
+    assert letter.error_class == ""
+    assert "TTL of 50 ms ran out" in letter.error_message
+    assert letter.x_death[0]["original-expiration"] == "50"
+
+
+def test_overflowed_message_is_archived_with_reason_maxlen(broker_url, start_archiver):
+    bounded = Queue(
+        "dlq_test_bounded",
+        routing_key="dlq_test_bounded",
+        durable=True,
+        queue_arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name, "x-max-length": 1},
+    )
+    with Connection(broker_url) as conn:
+        bounded.bind(conn.default_channel).declare()
+    start_archiver()
+    first = analytics_task_message([chat_event(room_id=1, author_id=1)])
+    second = analytics_task_message([chat_event(room_id=1, author_id=1)])
+    # Default overflow (drop-head): the older message is dead-lettered to make room.
+    publish(broker_url, first, exchange="", routing_key=bounded.name)
+    publish(broker_url, second, exchange="", routing_key=bounded.name)
+
+    letter = wait_until(
+        lambda: _archived(task_id=first.properties["correlation_id"]),
+        timeout=60,
+        message="the overflowed message was not archived",
+    )
+    assert letter.reason == "maxlen"
+    assert letter.origin_queue == bounded.name
+    assert queue_depth(broker_url, bounded.name) == 1
+
+
+def test_archiver_killed_mid_way_loses_nothing_and_duplicates_nothing(broker_url, start_archiver):
+    total = 200
+    task_ids = set()
+    for _ in range(total):
+        message = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+        task_ids.add(message.properties["correlation_id"])
+        publish(broker_url, message)
+    wait_until(
+        lambda: queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == total,
+        timeout=60,
+        message="the expired messages did not all reach dead_letters",
+    )
+
+    # Paused between its commit and its ack: the kill lands on committed-but-unacked letters.
+    archiver = start_archiver(DLQ_ARCHIVER_FAULT_PAUSE_SECONDS="0.05", DLQ_ARCHIVER_PREFETCH="20")
+    wait_until(lambda: DeadLetter.objects.count() >= 30, timeout=60, message="the archiver archived nothing")
+    os.killpg(archiver.pid, signal.SIGKILL)
+    archiver.wait()
+    archived_at_kill = DeadLetter.objects.count()
+    assert archived_at_kill < total
+
+    start_archiver()
+    wait_until(
+        lambda: DeadLetter.objects.count() >= total and queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == 0,
+        timeout=90,
+        message="the restarted archiver did not archive the rest",
+    )
+    assert DeadLetter.objects.count() == total
+    assert set(DeadLetter.objects.values_list("task_id", flat=True)) == task_ids
