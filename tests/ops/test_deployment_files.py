@@ -1,0 +1,35 @@
+"""docker-compose.yml must run what the Procfile runs: same processes, same commands."""
+
+import re
+
+import yaml
+
+from chatproject.procfile import procfile_command
+from tests.conftest import ROOT
+
+
+def compose_services() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+
+
+def unwrap_shell(command: str) -> str:
+    """`sh -c 'exec X'` with compose's `$$` escapes, as the Procfile writes X."""
+    match = re.fullmatch(r"sh -c '(?:exec )?(.*)'", command)
+    return (match.group(1) if match else command).replace("$$", "$")
+
+
+def test_every_procfile_process_is_a_compose_service_with_the_same_command():
+    services = compose_services()
+    names = re.findall(r"^([A-Za-z0-9_]+):", (ROOT / "Procfile").read_text(), flags=re.M)
+    assert "web" in names and len(names) > 1
+    for name in names:
+        assert name in services, f"docker-compose.yml has no service for the Procfile's {name!r}"
+        assert unwrap_shell(services[name]["command"]) == procfile_command(name)
+
+
+def test_compose_has_the_backing_services_with_health_checks():
+    services = compose_services()
+    for name in ("postgres", "redis", "rabbitmq", "web"):
+        assert "healthcheck" in services[name]
+    plugins = (ROOT / "ops/rabbitmq/enabled_plugins").read_text()
+    assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
