@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from kombu import Connection, Queue
@@ -15,7 +16,8 @@ from chatproject.broker import (
     declare_topology,
     topology_differences,
 )
-from chatproject.procfile import ROOT, child_process_env, free_port
+from chatproject.procfile import ROOT, child_process_env, free_port, procfile_command
+from tests.broker.conftest import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -102,3 +104,21 @@ def test_setup_broker_with_rabbitmq_down_says_so_in_one_line():
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("CommandError: RabbitMQ is not reachable at")
     assert "rabbitmq-server -detached" in result.stderr
+
+
+def test_worker_start_declares_the_topology(start_process, scratch_broker_url):
+    worker = start_process(
+        [
+            "bash",
+            "-c",
+            f"exec {procfile_command('worker')} --concurrency 1 --without-mingle --without-gossip",
+        ],
+        env={"CELERY_BROKER_URL": scratch_broker_url},
+    )
+
+    def declared() -> bool:
+        assert worker.poll() is None, Path(worker.log_path).read_text()
+        with Connection(scratch_broker_url) as conn:
+            return topology_differences(conn) == []
+
+    wait_until(declared, timeout=60, message="the worker did not declare the topology")
