@@ -131,23 +131,21 @@ class LagStats:
     max_seconds: float | None
 
 
-def processing_lag(*, message_ids_from: int = 0, created_since: datetime | None = None) -> LagStats:
-    """Lag from message stored (created_at) to counted (processed_at) over the selected events."""
-    where, params = ["message_id >= %s"], [message_ids_from]
-    if created_since is not None:
-        where.append("created_at >= %s")
-        params.append(created_since)
+def processing_lag(*, message_ids: list[int]) -> LagStats:
+    """Lag from message stored (created_at) to counted (processed_at), over the given messages."""
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT count(*), "
             "percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - created_at)), "
             "percentile_cont(0.99) WITHIN GROUP (ORDER BY extract(epoch FROM processed_at - created_at)), "
             "max(extract(epoch FROM processed_at - created_at)) "
-            f"FROM {ProcessedEvent._meta.db_table} WHERE " + " AND ".join(where),
-            params,
+            f"FROM {ProcessedEvent._meta.db_table} WHERE message_id = ANY(%s)",
+            [list(message_ids)],
         )
         count, p50, p99, worst = cursor.fetchone()
-    as_float = lambda v: float(v) if v is not None else None  # noqa: E731
     return LagStats(
-        events=count, p50_seconds=as_float(p50), p99_seconds=as_float(p99), max_seconds=as_float(worst)
+        events=count,
+        p50_seconds=None if p50 is None else float(p50),
+        p99_seconds=None if p99 is None else float(p99),
+        max_seconds=None if worst is None else float(worst),
     )

@@ -1,0 +1,264 @@
+"""The analytics lag benchmark behind `manage.py bench_analytics_lag` (docs/performance.md).
+
+Stores chat messages through chat.services.message_create at a fixed rate from several threads,
+with the relay and analytics workers running, then measures for each message the time from
+stored (the message's created_at, carried in its event) to counted (the ledger's processed_at).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import connection, connections
+
+from analytics.models import ProcessedEvent
+from analytics.selectors import LagStats, processing_lag
+from chat.models import Room
+from chat.services import message_create
+from chatproject.procfile import ROOT, child_process_env, procfile_command
+
+BENCH_PREFIX = "bench-lag-"
+READY_TIMEOUT_SECONDS = 60.0
+
+
+class BenchError(Exception):
+    """The benchmark could not run or finish; the message says why, in one line."""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    message_ids: list[int]
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        return len(self.message_ids) / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen
+    log_path: Path
+    ready_line: str
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator[Path]:
+    """Run the Procfile's `relay` and `workers` x `worker` on this process's database and broker.
+
+    Waits until each is connected; stops them (SIGTERM) on exit. Yields the log directory.
+    """
+    log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-analytics-"))
+    env = child_process_env()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env["CELERY_BROKER_URL"] = settings.CELERY_BROKER_URL
+    children: list[_Child] = []
+    try:
+        for i in range(workers):
+            name = f"bench-worker-{i}-{uuid.uuid4().hex[:6]}"
+            children.append(
+                _start(
+                    name,
+                    f"{procfile_command('worker')} --hostname {name}@%h --without-mingle --without-gossip",
+                    env,
+                    log_dir,
+                    " ready.",
+                )
+            )
+        children.append(_start("relay", procfile_command("relay"), env, log_dir, "relay connected"))
+        for child in children:
+            _wait_ready(child)
+        yield log_dir
+    finally:
+        for child in children:
+            if child.process.poll() is None:
+                child.process.terminate()
+        for child in children:
+            try:
+                child.process.wait(20)
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+
+def _start(name: str, command: str, env: dict[str, str], log_dir: Path, ready_line: str) -> _Child:
+    log_path = log_dir / f"{name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            ["bash", "-c", f"exec {command}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    return _Child(name, process, log_path, ready_line)
+
+
+def _wait_ready(child: _Child) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while child.ready_line not in child.log_text():
+        if child.process.poll() is not None:
+            raise BenchError(f"{child.name} exited with {child.process.returncode}; see {child.log_path}")
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"{child.name} was not ready within {READY_TIMEOUT_SECONDS:.0f}s; see {child.log_path}"
+            )
+        time.sleep(0.1)
+
+
+def bench_rooms_and_users(*, rooms: int, users: int) -> tuple[list[Room], list]:
+    """The benchmark's public rooms and users, created on first use (names start with bench-lag-)."""
+    user_model = get_user_model()
+    bench_users = [
+        user_model.objects.get_or_create(username=f"{BENCH_PREFIX}user-{i}")[0] for i in range(users)
+    ]
+    bench_rooms = [
+        Room.objects.get_or_create(slug=f"{BENCH_PREFIX}room-{i}", defaults={"name": f"Bench lag {i}"})[0]
+        for i in range(rooms)
+    ]
+    return bench_rooms, bench_users
+
+
+def messages_send_at_rate(
+    *,
+    rate: float,
+    count: int,
+    threads: int,
+    rooms: list[Room],
+    users: list,
+    on_sent: Callable[[int], None] = lambda n: None,
+) -> SendResult:
+    """Store `count` messages, the n-th at n/rate seconds from the start (open loop: a late
+    thread does not slow the schedule down, it catches up)."""
+    total = count
+    ids: list[list[int]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+    start = time.monotonic() + 0.2
+
+    def run(index: int) -> None:
+        try:
+            for n in range(index, total, threads):
+                delay = start + n / rate - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                result = message_create(
+                    room=rooms[n % len(rooms)],
+                    author=users[n % len(users)],
+                    text=f"bench message {n}",
+                    client_id=uuid.uuid4(),
+                )
+                ids[index].append(result.message.id)
+                on_sent(1)
+        except BaseException as error:  # reported by the caller; a thread must not die silently
+            errors.append(error)
+        finally:
+            connection.close()
+
+    workers = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    elapsed = time.monotonic() - start
+    if errors:
+        raise BenchError(f"storing messages failed: {errors[0]!r}")
+    return SendResult(message_ids=[i for chunk in ids for i in chunk], seconds=elapsed)
+
+
+def messages_send_from_processes(
+    *,
+    rate: float,
+    seconds: float,
+    processes: int,
+    threads: int,
+    rooms: list[Room],
+    users: list,
+    on_progress: Callable[[int], None] = lambda n: None,
+) -> SendResult:
+    """Like messages_send_at_rate, split over `processes` forked processes of `threads` threads each.
+
+    One Python process cannot store more than about a hundred messages a second through
+    message_create (the GIL); the rate asked for is what all processes send together.
+    """
+    total = int(rate * seconds)
+    if processes == 1:
+        return messages_send_at_rate(
+            rate=rate, count=total, threads=threads, rooms=rooms, users=users, on_sent=on_progress
+        )
+    context = multiprocessing.get_context("fork")
+    sent = context.Value("i", 0)
+    results = context.Queue()
+    connections.close_all()  # a forked child must not share this process's database sockets
+
+    def child(index: int) -> None:
+        def count(n: int) -> None:
+            with sent.get_lock():
+                sent.value += n
+
+        try:
+            # Each process takes every processes-th room and user, so they do not contend on rows.
+            result = messages_send_at_rate(
+                rate=rate / processes,
+                count=total // processes + (index < total % processes),
+                threads=threads,
+                rooms=rooms[index::processes] or rooms,
+                users=users[index::processes] or users,
+                on_sent=count,
+            )
+            results.put(("ok", result.message_ids, result.seconds))
+        except BaseException as error:
+            results.put(("error", repr(error), 0.0))
+
+    children = [context.Process(target=child, args=(i,), daemon=True) for i in range(processes)]
+    for process in children:
+        process.start()
+    outcomes = []
+    while len(outcomes) < processes:
+        on_progress(sent.value)
+        try:
+            outcomes.append(results.get(timeout=0.25))
+        except Exception:  # queue.Empty: nothing finished yet
+            continue
+    on_progress(sent.value)
+    for process in children:
+        process.join()
+    failures = [detail for status, detail, _ in outcomes if status == "error"]
+    if failures:
+        raise BenchError(f"storing messages failed: {failures[0]}")
+    return SendResult(
+        message_ids=[i for _, ids, _ in outcomes for i in ids],
+        seconds=max(elapsed for _, _, elapsed in outcomes),
+    )
+
+
+def counted_of(message_ids: list[int]) -> int:
+    return ProcessedEvent.objects.filter(message_id__in=message_ids).count()
+
+
+def wait_until_counted(
+    *, message_ids: list[int], timeout: float, on_progress: Callable[[int], None] = lambda n: None
+) -> int:
+    """Wait until every message is counted or `timeout` passes; returns how many are counted."""
+    deadline = time.monotonic() + timeout
+    while True:
+        counted = counted_of(message_ids)
+        on_progress(counted)
+        if counted >= len(message_ids) or time.monotonic() > deadline:
+            return counted
+        time.sleep(0.25)
+
+
+def lag_of(message_ids: list[int]) -> LagStats:
+    return processing_lag(message_ids=message_ids)
