@@ -22,10 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import quote, urlsplit
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.db import InterfaceError, OperationalError
+from django.db import connection as db_connection
 from django.utils import timezone
 from kombu import Connection
 
@@ -35,6 +38,8 @@ from chat.outbox import ROUTING_MENTION
 from chat.relay import EventPublisher, task_message_build
 from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW, declare_topology, notifications_queue
 from chatproject.procfile import ROOT, child_process_env, procfile_command
+
+T = TypeVar("T")
 
 PUBLISH_CHUNK = 500  # task messages per confirm wait while building the backlog
 BENCH_PREFIX = "bench-priority"
@@ -120,8 +125,12 @@ def benchmark_priority(
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
         _rabbitmqctl("delete_vhost", vhost)
-        message.room.delete()  # cascades to the message and its ledger rows
-        get_user_model().objects.filter(username__startswith=BENCH_PREFIX).delete()
+        _with_db_retry(_delete_bench_data)
+
+
+def _delete_bench_data() -> None:
+    Room.objects.filter(slug__startswith=BENCH_PREFIX).delete()  # with its messages and their ledger rows
+    get_user_model().objects.filter(username__startswith=BENCH_PREFIX).delete()
 
 
 def _bench_message() -> tuple[Message, int]:
@@ -198,7 +207,18 @@ def _queue_depth(url: str) -> int:
 
 
 def _delivered(ids: list[uuid.UUID]) -> int:
-    return NotificationDelivery.objects.filter(notification_id__in=ids).count()
+    return _with_db_retry(lambda: NotificationDelivery.objects.filter(notification_id__in=ids).count())
+
+
+def _with_db_retry(query: Callable[[], T], attempts: int = 60) -> T:
+    """Run a read again after a lost database connection (a restart elsewhere on a shared machine)."""
+    for _ in range(attempts - 1):
+        try:
+            return query()
+        except (OperationalError, InterfaceError):
+            db_connection.close()
+            time.sleep(1.0)
+    return query()
 
 
 def _latencies(ids: list[uuid.UUID]) -> LatencySummary:

@@ -186,6 +186,8 @@
     li.querySelector(".status").textContent = "";
     var error = li.querySelector(".message-error");
     if (error) error.remove();
+    // VIP badge and highlighted @mentions (chat/static/chat/notifications.js).
+    if (window.chatNotifications) window.chatNotifications.decorateMessage(li, frame);
   }
 
   function markPending(li) {
@@ -482,7 +484,11 @@
         handleError(frame);
         break;
       case "notification":
-        showNotice(frame.text || frame.detail || "Notification");
+        if (window.chatNotifications) {
+          window.chatNotifications.receive(frame);
+        } else {
+          showNotice(frame.text || frame.detail || "Notification");
+        }
         break;
       default:
         break;
