@@ -14,12 +14,11 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.utils import timezone
 
 from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
 from chat.outbox import ROUTING_MESSAGE_CREATED
@@ -177,14 +176,3 @@ def _user_counts_add(events: Sequence[ChatMessageCreated]) -> None:
         "last_message_at = GREATEST(t.last_message_at, EXCLUDED.last_message_at)",
         [(user_id, n, last[user_id]) for user_id, n in sorted(counts.items())],
     )
-
-
-def processed_events_prune(*, older_than: timedelta) -> int:
-    """Delete ledger rows older than `older_than`; returns how many.
-
-    Safe only beyond the longest time a message can wait in RabbitMQ or the outbox before
-    being (re)delivered: a redelivery after its ledger row is gone would be counted again.
-    """
-    cutoff = timezone.now() - older_than
-    deleted, _ = ProcessedEvent.objects.filter(processed_at__lt=cutoff).delete()
-    return deleted
