@@ -39,7 +39,8 @@
     for (var t = 0; t < points; t += 10) {
       var label = new Date(start.getTime() + t * 60000);
       var text = label.toTimeString().slice(0, 5);
-      svg.appendChild(el("text", { x: x(t), y: height - 8, "text-anchor": "middle" }, text));
+      var anchor = t === 0 ? "start" : t + 10 >= points ? "end" : "middle";
+      svg.appendChild(el("text", { x: x(t), y: height - 8, "text-anchor": anchor }, text));
     }
     svg.appendChild(el("line", { class: "axis", x1: left, x2: width - right, y1: y(0), y2: y(0) }));
     var legend = document.createElement("div");
@@ -61,14 +62,16 @@
 
   function barChart(container, rows, labelOf) {
     if (!container || !rows.length) return;
-    var width = 420, barHeight = 22, gap = 6, left = 110, right = 50;
+    var width = 420, barHeight = 22, gap = 6, left = 150, right = 50;
     var height = rows.length * (barHeight + gap);
     var max = Math.max.apply(null, rows.map(function (r) { return r.count; })) || 1;
     var svg = el("svg", { viewBox: "0 0 " + width + " " + height });
     rows.forEach(function (row, i) {
       var yTop = i * (barHeight + gap);
       var w = ((width - left - right) * row.count) / max;
-      svg.appendChild(el("text", { x: left - 6, y: yTop + barHeight * 0.7, "text-anchor": "end" }, labelOf(row)));
+      var label = labelOf(row);
+      if (label.length > 22) label = label.slice(0, 21) + "\u2026";
+      svg.appendChild(el("text", { x: left - 6, y: yTop + barHeight * 0.7, "text-anchor": "end" }, label));
       svg.appendChild(el("rect", { class: "bar", x: left, y: yTop, width: Math.max(w, 1), height: barHeight, rx: 3 }));
       svg.appendChild(el("text", { x: left + w + 6, y: yTop + barHeight * 0.7 }, String(row.count)));
     });
