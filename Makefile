@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test install lint format browser
+.PHONY: run test install lint format browser promtool
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,12 @@ browser:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq chromium; \
 	  else echo "Chromium is missing: run 'sudo apt-get install -y chromium'" >&2; exit 1; fi; }
 
+# tests/monitoring checks ops/prometheus/alerts.yml with promtool, from Debian's prometheus package.
+promtool:
+	@command -v promtool >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; \
+	  else echo "promtool is missing: run 'sudo apt-get install -y prometheus'" >&2; exit 1; fi; }
+
 run: install
 	$(PY) manage.py preflight
 	$(PY) manage.py migrate --noinput
@@ -27,7 +33,7 @@ run: install
 	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start --port $(PORT)
 
-test: install browser
+test: install browser promtool
 	$(PY) manage.py preflight
 	$(VENV)/bin/pytest
 

@@ -38,6 +38,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from chat.models import OutboxEvent
 from chat.outbox import OUTBOX_NOTIFY_CHANNEL
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
+from chatproject.monitoring.metrics import RELAY_PUBLISH_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +285,8 @@ def publish_pending_events(
             for (routing_key, _, _), key_rows in by_key.items()
             for start in range(0, len(key_rows), batch_size)
         ]
-        confirmed = publisher.publish(messages)
+        with RELAY_PUBLISH_SECONDS.time():
+            confirmed = publisher.publish(messages)
         if before_commit is not None:
             before_commit()
         sent_ids = [row_id for message in confirmed for row_id in message.event_ids]

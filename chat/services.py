@@ -17,6 +17,7 @@ from chat.models import Message, Room
 from chat.notifications import mention_notifications_enqueue
 from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
 from chat.selectors import message_by_client_id, user_is_vip
+from chatproject.monitoring.metrics import CHAT_MESSAGES_STORED
 
 
 class InvalidRoom(Exception):
@@ -66,8 +67,10 @@ def message_create(*, room: Room, author: AbstractBaseUser, text: str, client_id
             # - live delivery to the room's sockets (at-most-once; clients repair gaps by seq);
             # - the outbox row written above is published to RabbitMQ by the relay;
             # - one outbox row per mentioned user becomes a notification task (chat/notifications.py),
-            #   high priority when the author is VIP.
+            #   high priority when the author is VIP;
+            # - the chat_messages_stored_total metric counts it.
             transaction.on_commit(lambda: broadcast_message(message))
+            transaction.on_commit(CHAT_MESSAGES_STORED.inc)
     except IntegrityError:
         # A concurrent resend of the same client_id won the race; it is the stored one.
         existing = message_by_client_id(author_id=author.pk, client_id=client_id)

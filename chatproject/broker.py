@@ -37,8 +37,19 @@ ANALYTICS_QUEUE = Queue(
     queue_arguments=WORK_QUEUE_ARGUMENTS,
 )
 
-WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE,)
-EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE)
+# The periodic alert check (chatproject/monitoring/tasks.py) has a queue and a worker of its own
+# (Procfile `monitor`), so it still runs, and reports, when the analytics workers are gone.
+MONITORING_EXCHANGE = Exchange("monitoring", type="direct", durable=True)
+MONITORING_QUEUE = Queue(
+    "monitoring",
+    exchange=MONITORING_EXCHANGE,
+    routing_key="monitoring",
+    durable=True,
+    queue_arguments=WORK_QUEUE_ARGUMENTS,
+)
+
+WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE, MONITORING_QUEUE)
+EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, MONITORING_EXCHANGE)
 QUEUES: tuple[Queue, ...] = (*WORK_QUEUES, DEAD_LETTER_QUEUE)
 
 # Mention notifications (chat/notifications.py) caused by a VIP's message jump the queue. Two

@@ -11,10 +11,14 @@ import os
 
 from celery import Celery, bootsteps
 
+from chatproject.monitoring.worker_metrics import install_worker_metrics
+
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 
 app = Celery("chatproject")
 app.config_from_object("django.conf:settings", namespace="CELERY")
+# Task metrics and the worker's /metrics endpoint; must be connected before the worker starts.
+install_worker_metrics(app)
 app.autodiscover_tasks()
 
 

@@ -18,6 +18,9 @@ CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
     "daphne",
+    # Before django.contrib.admin: its admin/base_site.html adds the staff alert banner.
+    "chatproject.monitoring",
+    "django_prometheus",
     "django.contrib.admin",
     "django.contrib.auth",
     "django.contrib.contenttypes",
@@ -27,10 +30,11 @@ INSTALLED_APPS = [
     "channels",
     "chat",
     "analytics",
-    "chatproject.deadletters",
 ]
 
 MIDDLEWARE = [
+    # First and last: request counts and latencies by view and status for /metrics.
+    "django_prometheus.middleware.PrometheusBeforeMiddleware",
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from the web process itself, so `make run` needs no separate web server.
     "whitenoise.middleware.WhiteNoiseMiddleware",
@@ -40,6 +44,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_prometheus.middleware.PrometheusAfterMiddleware",
 ]
 
 ROOT_URLCONF = "chatproject.urls"
@@ -55,6 +60,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "chatproject.monitoring.context_processors.staff_alerts",
             ],
         },
     },
@@ -115,6 +121,7 @@ CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS
 CELERY_TASK_ROUTES = {
     "analytics.*": {"queue": ANALYTICS_QUEUE.name},
     "chat.deliver_mention_notifications": {"queue": "notifications"},
+    "monitoring.*": {"queue": "monitoring"},
 }
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
 # dead-letters it (reason "expired") instead of delivering it late.
@@ -134,19 +141,13 @@ OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
 ANALYTICS_RETRY_MAX = env.int("ANALYTICS_RETRY_MAX", default=12)
 ANALYTICS_RETRY_BASE_DELAY = env.float("ANALYTICS_RETRY_BASE_DELAY", default=1.0)
 ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
+# Ledger rows are kept this long; a redelivery older than that would be counted twice.
+ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", default=30)
 # Fault injection for tests/analytics only (0 in production): the worker pauses this long
 # "in_transaction" (counts written, not committed) or "after_commit" (committed, not acked),
 # so a test can SIGKILL it at that exact point.
 ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", default=0.0)
 ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
-# Dead letters (chatproject/deadletters): deliveries the archiver holds unacked at once (a crash
-# redelivers at most these, each archived once); how long failure details no dead letter claimed
-# are kept; the RabbitMQ management API for queue rates (empty: passive declares only); and a
-# test-only pause between commit and ack so tests/deadletters can SIGKILL the archiver there.
-DLQ_ARCHIVER_PREFETCH = env.int("DLQ_ARCHIVER_PREFETCH", default=50)
-DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", default=7)
-RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
-DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS", default=0.0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
@@ -178,6 +179,43 @@ CHAT_RATE_BURST = env.int("CHAT_RATE_BURST", default=20)
 # How many missed messages a reconnecting socket gets replayed before it is told to resync.
 CHAT_REPLAY_LIMIT = env.int("CHAT_REPLAY_LIMIT", default=500)
 CHAT_HISTORY_PAGE = 50
+
+# Monitoring (chatproject/monitoring, docs/monitoring.md). Metrics ports of the processes that
+# serve no HTTP: Celery workers (`--metrics-port` overrides per worker; 0 disables) and the relay.
+WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
+RELAY_METRICS_PORT = env.int("RELAY_METRICS_PORT", default=9809)
+# Where a worker's pool processes write their metric files; empty: a fresh temp dir per worker.
+WORKER_METRICS_DIR = env.str("WORKER_METRICS_DIR", default="")
+# A scrape or a check waits at most this long for RabbitMQ or Redis, and /metrics probes
+# RabbitMQ at most once per QUEUE_CACHE seconds per process.
+METRICS_SOURCE_TIMEOUT_SECONDS = env.float("METRICS_SOURCE_TIMEOUT_SECONDS", default=1.0)
+METRICS_QUEUE_CACHE_SECONDS = env.float("METRICS_QUEUE_CACHE_SECONDS", default=10.0)
+# The periodic alert check (Celery beat): every 30 s, so trouble is noticed within a minute.
+ALERT_CHECK_SECONDS = env.float("ALERT_CHECK_SECONDS", default=30.0)
+# Unresolved (status "new") dead letters: any one is worth a look (WARNING); a pile or one left
+# for a day is CRITICAL. A count of 0 disables that threshold.
+DLQ_WARNING_COUNT = env.int("DLQ_WARNING_COUNT", default=1)
+DLQ_CRITICAL_COUNT = env.int("DLQ_CRITICAL_COUNT", default=50)
+DLQ_WARNING_AGE_SECONDS = env.float("DLQ_WARNING_AGE_SECONDS", default=3600.0)
+DLQ_CRITICAL_AGE_SECONDS = env.float("DLQ_CRITICAL_AGE_SECONDS", default=86400.0)
+# A queue backlog of at least MIN messages that would take longer than DRAIN seconds at the net
+# rate it fell over the last WINDOW seconds (or is not falling) raises a WARNING.
+QUEUE_BACKLOG_MIN_MESSAGES = env.int("QUEUE_BACKLOG_MIN_MESSAGES", default=100)
+QUEUE_DRAIN_WARNING_SECONDS = env.float("QUEUE_DRAIN_WARNING_SECONDS", default=600.0)
+QUEUE_RATE_WINDOW_SECONDS = env.float("QUEUE_RATE_WINDOW_SECONDS", default=300.0)
+# Slack-compatible incoming webhook for alerts (empty: none); mail goes to ADMINS ("a@x,b@y").
+ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
+ADMINS = [(address, address) for address in env.list("ADMINS", default=[])]
+SERVER_EMAIL = env.str("SERVER_EMAIL", default="chat-alerts@localhost")
+CELERY_BEAT_SCHEDULE = {
+    "monitoring-check-alerts": {
+        "task": "monitoring.check_alerts",
+        "schedule": ALERT_CHECK_SECONDS,
+        # A check older than its successor is useless: a stopped monitor worker does not
+        # come back to a burst of stale checks (expired tasks are acked, not dead-lettered).
+        "options": {"expires": ALERT_CHECK_SECONDS},
+    },
+}
 
 LOGGING = {
     "version": 1,

@@ -2,9 +2,11 @@
 
 import signal
 
+from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from chat.relay import relay_run
+from chatproject.monitoring.endpoints import metrics_server_start
 
 
 class Command(BaseCommand):
@@ -24,6 +26,7 @@ class Command(BaseCommand):
         # Stopping mid-round is safe (the transaction rolls back, the rows are published again),
         # so SIGTERM from honcho or docker simply ends the loop wherever it is.
         signal.signal(signal.SIGTERM, _raise_stop)
+        metrics_server_start(port=settings.RELAY_METRICS_PORT, name="relay")
         try:
             relay_run(
                 broker_url=options["broker_url"],
