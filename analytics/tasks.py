@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def retry_delay(retries: int) -> float:
-    """Exponential backoff, jittered between half and all of it: concurrent workers do not retry in lockstep."""
+    """Exponential backoff, jittered (half to all of it) so concurrent workers do not retry in lockstep."""
     ceiling = min(settings.ANALYTICS_RETRY_MAX_DELAY, settings.ANALYTICS_RETRY_BASE_DELAY * 2**retries)
     return random.uniform(ceiling / 2, ceiling)
 
