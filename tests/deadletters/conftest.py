@@ -131,3 +131,38 @@ def start_worker(start_process) -> Callable[..., subprocess.Popen]:
         return process
 
     return start
+
+
+def x_death(
+    *, queue: str = "analytics", reason: str = "rejected", count: int = 1, when: datetime | None = None
+) -> list[dict[str, Any]]:
+    """The x-death header RabbitMQ adds, as py-amqp decodes it."""
+    return [
+        {
+            "count": count,
+            "reason": reason,
+            "queue": queue,
+            "time": (when or datetime.now(UTC)).replace(microsecond=0),
+            "exchange": CHAT_EVENTS_EXCHANGE.name,
+            "routing-keys": [ROUTING_KEY],
+        }
+    ]
+
+
+def archive_letter(
+    *, task_id: str | None = None, reason: str = "rejected", queue: str = "analytics", **extra: Any
+):
+    """Archive a dead letter as the archiver would receive it (no broker involved)."""
+    from chatproject.deadletters.services import dead_letter_archive
+
+    message = analytics_task_message([chat_event(room_id=1, author_id=1)])
+    headers = dict(message.properties["application_headers"])
+    if task_id:
+        headers["id"] = task_id
+    headers["x-death"] = x_death(queue=queue, reason=reason)
+    headers["x-first-death-queue"] = queue
+    headers["x-first-death-reason"] = reason
+    properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
+    return dead_letter_archive(
+        body=message.body, headers=headers, properties={**properties, **extra}
+    ).dead_letter

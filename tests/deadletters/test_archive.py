@@ -6,6 +6,7 @@ import os
 import signal
 
 import pytest
+from django.urls import reverse
 from kombu import Connection, Queue
 
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
@@ -25,7 +26,9 @@ def _archived(**filters) -> DeadLetter | None:
     return DeadLetter.objects.filter(**filters).first()
 
 
-def test_invalid_analytics_payload_is_archived_with_its_error(broker_url, start_worker, start_archiver):
+def test_invalid_analytics_payload_is_archived_with_its_error(
+    broker_url, start_worker, start_archiver, admin_client
+):
     start_worker()
     start_archiver()
     message = analytics_task_message([{"type": "chat.message.created", "event_id": "not-a-uuid"}])
@@ -43,6 +46,8 @@ def test_invalid_analytics_payload_is_archived_with_its_error(broker_url, start_
     assert "event_id must be a UUID" in letter.error_message
     assert "InvalidEvent" in letter.traceback
     assert letter.attempts == 1
+    changelist = admin_client.get(reverse("admin:deadletters_deadletter_changelist"))
+    assert "InvalidEvent: event_id must be a UUID" in changelist.content.decode()
 
 
 def test_unknown_task_is_archived_with_not_registered_error(broker_url, start_worker, start_archiver):

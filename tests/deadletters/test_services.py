@@ -1,0 +1,161 @@
+"""Archive, failure join and replay message building, on the real database (no broker needed)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+from chatproject.deadletters import services
+from chatproject.deadletters.models import DeadLetter, TaskFailure
+from chatproject.deadletters.retrying import DeadLetteringTask
+from tests.deadletters.conftest import analytics_task_message, chat_event, x_death
+
+pytestmark = pytest.mark.django_db
+
+
+def _delivery() -> dict:
+    message = analytics_task_message([chat_event(room_id=1, author_id=1)])
+    headers = {**message.properties["application_headers"], "x-death": x_death()}
+    properties = {k: v for k, v in message.properties.items() if k != "application_headers"}
+    return {"body": message.body, "headers": headers, "properties": properties}
+
+
+def _record_failure(task_id: str) -> None:
+    services.task_failure_record(
+        task_id=task_id,
+        task_name="analytics.record_chat_events",
+        error_class="analytics.services.InvalidEvent",
+        error_message="bad event",
+        traceback="Traceback ...",
+        attempts=3,
+    )
+
+
+def test_archiving_the_same_delivery_twice_keeps_one_row():
+    delivery = _delivery()
+    first = services.dead_letter_archive(**delivery)
+    second = services.dead_letter_archive(**delivery)
+    assert first.created and not second.created
+    assert second.dead_letter.pk == first.dead_letter.pk
+    assert DeadLetter.objects.count() == 1
+
+
+def test_archive_reads_origin_reason_and_task_from_the_message():
+    delivery = _delivery()
+    letter = services.dead_letter_archive(**delivery).dead_letter
+    assert (letter.origin_queue, letter.origin_exchange, letter.routing_key) == (
+        "analytics",
+        "chat_events",
+        "chat.message.created",
+    )
+    assert letter.reason == "rejected"
+    assert letter.task_name == "analytics.record_chat_events"
+    assert letter.task_id == delivery["headers"]["id"]
+    assert letter.first_death_at == letter.last_death_at is not None
+    assert letter.status == DeadLetter.Status.NEW
+
+
+def test_failure_recorded_before_the_dead_letter_is_joined_to_it():
+    delivery = _delivery()
+    _record_failure(delivery["headers"]["id"])
+    letter = services.dead_letter_archive(**delivery).dead_letter
+    assert (letter.error_class, letter.error_message, letter.attempts) == (
+        "analytics.services.InvalidEvent",
+        "bad event",
+        3,
+    )
+    assert not TaskFailure.objects.exists()
+
+
+def test_failure_recorded_after_the_dead_letter_completes_it():
+    delivery = _delivery()
+    letter = services.dead_letter_archive(**delivery).dead_letter
+    _record_failure(delivery["headers"]["id"])
+    letter.refresh_from_db()
+    assert letter.error_class == "analytics.services.InvalidEvent"
+    assert letter.traceback == "Traceback ..."
+    assert not TaskFailure.objects.exists()
+
+
+def test_undecodable_body_is_kept_as_base64_and_replayed_byte_for_byte():
+    body = b"\xff\xfe not utf-8"
+    letter = services.dead_letter_archive(
+        body=body, headers={"x-death": x_death()}, properties={"content_type": "application/octet-stream"}
+    ).dead_letter
+    assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
+    replayed_body, _ = services.replay_message(letter)
+    assert replayed_body == body
+
+
+def test_replay_message_drops_the_death_history_and_starts_retries_afresh():
+    delivery = _delivery()
+    delivery["headers"].update(
+        {"retries": 7, "x-first-death-queue": "analytics", "x-first-death-reason": "rejected"}
+    )
+    delivery["properties"].update({"expiration": "50", "user_id": "guest"})
+    letter = services.dead_letter_archive(**delivery).dead_letter
+    body, properties = services.replay_message(letter)
+    headers = properties["application_headers"]
+    assert body == delivery["body"].encode()
+    assert not {"x-death", "x-first-death-queue", "x-first-death-reason"} & set(headers)
+    assert headers["retries"] == 0
+    assert headers[services.REPLAY_HEADER] == letter.pk
+    assert headers["id"] == delivery["headers"]["id"]
+    assert "expiration" not in properties and "user_id" not in properties
+    assert properties["correlation_id"] == delivery["properties"]["correlation_id"]
+
+
+def test_discard_marks_letters_and_records_who():
+    letter = services.dead_letter_archive(**_delivery()).dead_letter
+    result = services.dead_letter_discard(dead_letters=[letter], actor_label="cli:ops")
+    letter.refresh_from_db()
+    assert result.done == [letter.pk]
+    assert letter.status == DeadLetter.Status.DISCARDED
+    assert list(letter.actions.values_list("kind", "actor_label")) == [("discarded", "cli:ops")]
+
+
+def test_orphan_task_failures_are_pruned_after_the_retention():
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    TaskFailure.objects.create(task_id=str(uuid.uuid4()), failed_at=timezone.now() - timedelta(days=30))
+    TaskFailure.objects.create(task_id=str(uuid.uuid4()))
+    assert services.task_failures_prune(older_than=timedelta(days=7)) == 1
+    assert TaskFailure.objects.count() == 1
+
+
+def test_dead_lettering_task_retries_transient_errors_with_jittered_backoff():
+    from chatproject.celery import app
+
+    attempts = []
+
+    @app.task(
+        base=DeadLetteringTask, name="tests.deadletters.flaky", retry_for=(ConnectionError,), max_retries=4
+    )
+    def flaky() -> None:
+        attempts.append(1)
+        raise ConnectionError("db down")
+
+    # Eager apply runs the retries inline (no countdown wait); the last error then propagates.
+    result = flaky.apply()
+    assert result.state == "FAILURE"
+    assert isinstance(result.result, ConnectionError)
+    assert len(attempts) == 5
+    assert (flaky.retry_backoff, flaky.retry_backoff_max, flaky.retry_jitter) == (1, 60, True)
+
+
+def test_dead_lettering_task_rejects_never_succeeding_errors_without_requeue():
+    from celery.exceptions import Reject
+
+    from chatproject.celery import app
+
+    @app.task(base=DeadLetteringTask, name="tests.deadletters.invalid", reject_for=(ValueError,))
+    def invalid() -> None:
+        raise ValueError("bad payload")
+
+    with pytest.raises(Reject) as raised:
+        invalid()
+    assert raised.value.requeue is False
+    assert isinstance(raised.value.__cause__, ValueError)
