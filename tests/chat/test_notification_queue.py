@@ -6,12 +6,14 @@ the Procfile's own `notifier` worker process.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import connection
 from django.test import override_settings
@@ -20,7 +22,13 @@ from kombu import Connection
 from chat import selectors, services
 from chat.models import NotificationDelivery
 from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import DEAD_LETTER_QUEUE, PRIORITY_HIGH, declare_topology, notifications_queue
+from chatproject.broker import (
+    DEAD_LETTER_QUEUE,
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    declare_topology,
+    notifications_queue,
+)
 from chatproject.procfile import procfile_command
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -103,6 +111,23 @@ def test_vip_notifications_overtake_a_backlog_of_normal_ones(notifications, user
     vip_positions = [position for position, priority in enumerate(order) if priority == PRIORITY_HIGH]
     assert len(vip_positions) == 5
     assert max(vip_positions) < 10, f"VIP notifications delivered at positions {vip_positions} of 205"
+
+
+def test_relay_never_mixes_priorities_in_one_task_message(notifications, users, broker_url, make_user):
+    _alice, bob, vip, room = users
+    make_user("carol")
+    mention(bob, room, "@alice @carol lunch?")  # two events, one priority and expiry: one message
+    mention(vip, room, "@alice now")
+    publish_all(broker_url)
+
+    received = []
+    queue = notifications_queue(queue_type="classic").bind(notifications.default_channel)
+    while (message := queue.get(no_ack=True)) is not None:
+        args, _kwargs, _embed = json.loads(message.body)
+        received.append((message.properties["priority"], len(args[0]), int(message.properties["expiration"])))
+
+    assert [(priority, events) for priority, events, _ in received] == [(PRIORITY_HIGH, 1), (PRIORITY_LOW, 2)]
+    assert all(0 < expiration <= settings.NOTIFICATION_TTL_SECONDS * 1000 for _, _, expiration in received)
 
 
 def test_expired_notification_is_dead_lettered_with_reason_expired(notifications, users, broker_url):
