@@ -27,13 +27,11 @@ class Command(BaseCommand):
         try:
             with Connection(settings.CELERY_BROKER_URL, connect_timeout=health.TIMEOUT_SECONDS) as connection:
                 differences = topology_differences(connection)
-                if not options["check"] and not differences:
+                # Missing entities are simply created; a mismatch needs a person (the queue may
+                # hold messages), so then nothing is changed and every difference is reported.
+                if not options["check"] and all(d.problem == "is missing" for d in differences):
                     declare_topology(connection)
-                elif not options["check"]:
-                    # Only missing entities can be created; a mismatch needs a person (it may hold messages).
-                    if all(d.problem == "is missing" for d in differences):
-                        declare_topology(connection)
-                        differences = []
+                    differences = []
         except Exception as error:  # a broker that goes away mid-run: one line, not a traceback
             raise CommandError(f"RabbitMQ failed during setup_broker: {error}") from error
 
