@@ -19,6 +19,13 @@ pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 XSS_PAYLOAD = '<img src=x onerror="window.__xss=1;alert(1)"><script>window.__xss=2</script>'
 
 
+@pytest.fixture
+def room(make_room) -> Room:
+    # A slug of its own: group names come from room ids, which repeat across the test
+    # databases of concurrent runs sharing one Redis, and the page ignores other slugs.
+    return make_room(f"general-{uuid.uuid4().hex[:8]}")
+
+
 def messages(page: Page):
     return page.get_by_test_id("message-list").get_by_test_id("message")
 
@@ -55,10 +62,9 @@ def seed_history(*, room: Room, author, count: int) -> None:
     Room.objects.filter(pk=room.pk).update(last_seq=count)
 
 
-def test_message_sent_with_enter_appears_live_for_the_other_user(make_user, make_room, open_room):
+def test_message_sent_with_enter_appears_live_for_the_other_user(make_user, room, open_room):
     alice, bob = make_user("alice"), make_user("bob")
-    make_room("general")
-    alice_page, bob_page = open_room(alice, "general"), open_room(bob, "general")
+    alice_page, bob_page = open_room(alice, room.slug), open_room(bob, room.slug)
 
     send(alice_page, "hello bob")
 
@@ -67,10 +73,9 @@ def test_message_sent_with_enter_appears_live_for_the_other_user(make_user, make
     expect(messages(bob_page)).to_have_attribute("data-seq", "1")
 
 
-def test_own_message_goes_from_pending_to_sent_on_ack(make_user, make_room, open_room):
+def test_own_message_goes_from_pending_to_sent_on_ack(make_user, room, open_room):
     alice = make_user("alice")
-    make_room("general")
-    page = open_room(alice, "general")
+    page = open_room(alice, room.slug)
     # Record every state change of the list's messages: the ack may come back before
     # any poll from here could see the pending state.
     page.evaluate(
@@ -101,10 +106,9 @@ def test_own_message_goes_from_pending_to_sent_on_ack(make_user, make_room, open
     expect(messages(page)).to_have_attribute("data-client-id", str(stored.client_id))
 
 
-def test_html_in_a_message_is_shown_as_text_and_never_runs(make_user, make_room, open_room):
+def test_html_in_a_message_is_shown_as_text_and_never_runs(make_user, room, open_room):
     alice, bob = make_user("alice"), make_user("bob")
-    make_room("general")
-    alice_page, bob_page = open_room(alice, "general"), open_room(bob, "general")
+    alice_page, bob_page = open_room(alice, room.slug), open_room(bob, room.slug)
     dialogs: list[str] = []
     bob_page.on("dialog", lambda dialog: (dialogs.append(dialog.message), dialog.dismiss()))
 
@@ -123,11 +127,10 @@ def test_html_in_a_message_is_shown_as_text_and_never_runs(make_user, make_room,
 
 
 def test_page_reconnects_after_server_restart_and_shows_missed_messages(
-    make_user, make_room, open_room, live_daphne
+    make_user, room, open_room, live_daphne
 ):
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
-    room = make_room("general")
-    pages = [open_room(alice, "general"), open_room(bob, "general")]
+    pages = [open_room(alice, room.slug), open_room(bob, room.slug)]
 
     live_daphne.stop()
     for page in pages:
@@ -142,12 +145,9 @@ def test_page_reconnects_after_server_restart_and_shows_missed_messages(
         expect(texts(page)).to_have_text(["said while you were away", "and this too"])
 
 
-def test_message_typed_while_server_is_down_is_sent_after_reconnect(
-    make_user, make_room, open_room, live_daphne
-):
+def test_message_typed_while_server_is_down_is_sent_after_reconnect(make_user, room, open_room, live_daphne):
     alice, bob = make_user("alice"), make_user("bob")
-    make_room("general")
-    alice_page, bob_page = open_room(alice, "general"), open_room(bob, "general")
+    alice_page, bob_page = open_room(alice, room.slug), open_room(bob, room.slug)
 
     live_daphne.stop()
     expect(connection_state(alice_page)).to_have_attribute("data-state", "reconnecting")
@@ -160,10 +160,9 @@ def test_message_typed_while_server_is_down_is_sent_after_reconnect(
     assert Message.objects.filter(text="typed offline").count() == 1
 
 
-def test_seq_jump_makes_the_page_fetch_the_missing_messages(make_user, make_room, open_room):
+def test_seq_jump_makes_the_page_fetch_the_missing_messages(make_user, room, open_room):
     alice, bob = make_user("alice"), make_user("bob")
-    room = make_room("general")
-    page = open_room(alice, "general")
+    page = open_room(alice, room.slug)
 
     store_without_broadcast(room=room, author=bob, text="lost in transit")
     store_message(room=room, author=bob, text="delivered live")
@@ -172,10 +171,10 @@ def test_seq_jump_makes_the_page_fetch_the_missing_messages(make_user, make_room
     assert messages(page).evaluate_all("items => items.map(i => i.dataset.seq)") == ["1", "2"]
 
 
-def test_scrolling_to_the_top_loads_older_history_until_the_beginning(make_user, make_room, open_room):
+def test_scrolling_to_the_top_loads_older_history_until_the_beginning(make_user, room, open_room):
     alice = make_user("alice")
-    seed_history(room=make_room("general"), author=alice, count=120)
-    page = open_room(alice, "general")
+    seed_history(room=room, author=alice, count=120)
+    page = open_room(alice, room.slug)
     expect(messages(page)).to_have_count(50)
     scroller = page.get_by_test_id("message-scroller")
 
@@ -188,10 +187,10 @@ def test_scrolling_to_the_top_loads_older_history_until_the_beginning(make_user,
     assert seqs == list(range(1, 121))
 
 
-def test_loading_older_history_keeps_the_reading_position(make_user, make_room, open_room):
+def test_loading_older_history_keeps_the_reading_position(make_user, room, open_room):
     alice = make_user("alice")
-    seed_history(room=make_room("general"), author=alice, count=120)
-    page = open_room(alice, "general")
+    seed_history(room=room, author=alice, count=120)
+    page = open_room(alice, room.slug)
     expect(messages(page)).to_have_count(50)
     scroller = page.get_by_test_id("message-scroller")
 
@@ -211,11 +210,14 @@ def test_loading_older_history_keeps_the_reading_position(make_user, make_room, 
     assert 0 <= offset < viewport
 
 
-def test_rate_limited_message_shows_polite_error_and_retry_sends_it(make_user, make_room, open_room):
+def test_rate_limited_message_shows_polite_error_and_retry_sends_it(make_user, room, open_room, live_daphne):
+    # A bucket of 3 that practically never refills: the 4th and 5th message are refused
+    # however slowly the server works through the burst.
+    live_daphne.extra_env.update(CHAT_RATE_BURST="3", CHAT_RATE_PER_SECOND="0.001")
+    live_daphne.restart()
     alice = make_user("alice")
-    make_room("general")
-    page = open_room(alice, "general")
-    burst = settings.CHAT_RATE_BURST + 5
+    page = open_room(alice, room.slug)
+    burst = 5
 
     page.evaluate(
         """(count) => {
@@ -233,7 +235,7 @@ def test_rate_limited_message_shows_polite_error_and_retry_sends_it(make_user, m
     failed = page.locator('[data-testid="message"][data-state="failed"]')
     expect(failed.first).to_be_visible()
     expect(failed.first.get_by_test_id("message-error")).to_contain_text("too fast")
-    # The limit has passed (the bucket is refilled), so a retry goes through.
+    # Once the limit has passed (here: the bucket is emptied), a retry goes through.
     client = redis.Redis.from_url(settings.REDIS_URL)
     buckets = list(client.scan_iter("chat:ratelimit:*"))
     if buckets:
@@ -244,12 +246,9 @@ def test_rate_limited_message_shows_polite_error_and_retry_sends_it(make_user, m
     expect(page.locator(f'[data-client-id="{retried_client_id}"]')).to_have_attribute("data-state", "sent")
 
 
-def test_page_stops_reconnecting_and_says_why_when_the_room_is_gone(
-    make_user, make_room, open_room, live_daphne
-):
+def test_page_stops_reconnecting_and_says_why_when_the_room_is_gone(make_user, room, open_room, live_daphne):
     alice = make_user("alice")
-    room = make_room("general")
-    page = open_room(alice, "general")
+    page = open_room(alice, room.slug)
 
     room.delete()
     live_daphne.restart()
@@ -257,3 +256,20 @@ def test_page_stops_reconnecting_and_says_why_when_the_room_is_gone(
     expect(connection_state(page)).to_have_attribute("data-state", "offline")
     expect(connection_state(page)).to_contain_text("does not exist")
     expect(page.get_by_test_id("composer-input")).to_be_disabled()
+
+
+def test_page_reloads_history_when_too_much_was_missed_for_a_replay(make_user, room, open_room, live_daphne):
+    alice, bob = make_user("alice"), make_user("bob")
+    page = open_room(alice, room.slug)
+
+    live_daphne.stop()
+    expect(connection_state(page)).to_have_attribute("data-state", "reconnecting")
+    missed = [f"missed {n}" for n in range(1, 6)]
+    for text in missed:
+        store_message(room=room, author=bob, text=text)
+    # Fewer than were missed, so the server answers the reconnect with "resync".
+    live_daphne.extra_env["CHAT_REPLAY_LIMIT"] = "2"
+    live_daphne.start()
+
+    expect(connection_state(page)).to_have_attribute("data-state", "connected")
+    expect(texts(page)).to_have_text(missed)

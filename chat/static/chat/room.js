@@ -14,6 +14,7 @@
   "use strict";
 
   var config = JSON.parse(document.getElementById("chat-config").textContent);
+  var roomName = document.getElementById("room").dataset.roomName || config.room;
 
   var RECONNECT_BASE_MS = 500;
   var RECONNECT_MAX_MS = 20000;
@@ -57,6 +58,7 @@
     countdownTimer: null,
     closedForGood: false,
     historyLoaded: false,
+    connecting: false,
     resyncing: false,
     bufferedFrames: [],
     // Newest message with nothing missing before it: the `since`/`after` cursor.
@@ -124,9 +126,19 @@
 
   // ---- connection state indicator -----------------------------------------
 
-  function setConnection(name, text, link) {
+  function setConnection(name, text, link, action) {
     els.connection.dataset.state = name;
     els.connectionText.textContent = text;
+    if (action) {
+      var button = document.createElement("button");
+      button.type = "button";
+      button.className = "link-button";
+      button.setAttribute("data-testid", "reconnect-now");
+      button.textContent = action.text;
+      button.addEventListener("click", action.run);
+      els.connectionText.appendChild(document.createTextNode(" "));
+      els.connectionText.appendChild(button);
+    }
     if (link) {
       var a = document.createElement("a");
       a.href = link.href;
@@ -325,7 +337,7 @@
     if (state.hasOlder) {
       setHistoryState("idle", "");
     } else {
-      setHistoryState("done", "This is the beginning of #" + config.room + ".");
+      setHistoryState("done", "This is the beginning of #" + roomName + ".");
     }
   }
 
@@ -420,9 +432,12 @@
     if (state.attempts > 0) setConnection("reconnecting", "Reconnecting…");
     if (!state.historyLoaded) {
       // The socket's `since` cursor comes from the history, so history first.
+      state.connecting = true;
       loadLatest().then(function (loaded) {
+        state.connecting = false;
         if (loaded) openSocket();
       }).catch(function () {
+        state.connecting = false;
         setHistoryState("error", "Could not load messages.");
         scheduleReconnect();
       });
@@ -465,6 +480,9 @@
   function handleFrame(frame) {
     switch (frame.type) {
       case "message":
+        // Another room's frame would corrupt this room's seq bookkeeping; a channel layer
+        // shared by several deployments (or test runs) can deliver one.
+        if (frame.room !== config.room) break;
         if (state.resyncing) {
           state.bufferedFrames.push(frame);
         } else {
@@ -519,7 +537,8 @@
     var due = Date.now() + delay;
     var tick = function () {
       var seconds = Math.max(1, Math.ceil((due - Date.now()) / 1000));
-      setConnection("reconnecting", "Reconnecting in " + seconds + "s…");
+      var action = seconds > 2 ? { text: "Retry now", run: reconnectNow } : null;
+      setConnection("reconnecting", "Reconnecting in " + seconds + "s…", null, action);
     };
     tick();
     clearInterval(state.countdownTimer);
@@ -529,7 +548,7 @@
   }
 
   function reconnectNow() {
-    if (state.closedForGood || state.socket) return;
+    if (state.closedForGood || state.socket || state.connecting) return;
     state.attempts = 0;
     connect();
   }
@@ -591,7 +610,14 @@
     entry.el.remove();
   }
 
+  function fitComposer() {
+    // Grow with the text up to the CSS max-height, then scroll inside.
+    els.input.style.height = "auto";
+    els.input.style.height = els.input.scrollHeight + 2 + "px";
+  }
+
   function updateComposer() {
+    fitComposer();
     var count = charCount(els.input.value);
     els.counter.textContent = count + " / " + config.maxChars;
     els.counter.classList.toggle("over", count > config.maxChars);
@@ -616,6 +642,10 @@
     if (els.scroller.scrollTop < NEAR_TOP_PX) loadOlder();
   }, { passive: true });
   window.addEventListener("online", reconnectNow);
+  document.addEventListener("visibilitychange", function () {
+    // A tab coming back after a long backoff should not wait out the rest of it.
+    if (document.visibilityState === "visible" && state.reconnectTimer !== null) reconnectNow();
+  });
   window.addEventListener("offline", function () {
     if (!state.socket && !state.closedForGood) {
       setConnection("offline", "Offline: no network. Reconnecting when it is back.");
