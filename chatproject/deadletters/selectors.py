@@ -95,16 +95,16 @@ def _arguments_status(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def _management_queue(name: str, broker_url: str) -> dict[str, Any]:
-    parts = urllib.parse.urlsplit(broker_url)
-    vhost = urllib.parse.unquote(parts.path[1:]) if len(parts.path) > 1 else "/"
-    url = (
-        f"{settings.RABBITMQ_MANAGEMENT_URL.rstrip('/')}/api/queues/"
-        f"{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
-    )
+    broker = urllib.parse.urlsplit(broker_url)
+    vhost = urllib.parse.unquote(broker.path[1:]) if len(broker.path) > 1 else "/"
+    api = urllib.parse.urlsplit(settings.RABBITMQ_MANAGEMENT_URL)
+    # Credentials in the management URL win (docker-compose sets them there); else the broker's.
+    user = api.username or broker.username or "guest"
+    password = api.password or broker.password or "guest"
+    base = api._replace(netloc=api.hostname + (f":{api.port}" if api.port else "")).geturl().rstrip("/")
+    url = f"{base}/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(name, safe='')}"
     request = urllib.request.Request(url)
-    credentials = (
-        f"{urllib.parse.unquote(parts.username or 'guest')}:{urllib.parse.unquote(parts.password or 'guest')}"
-    )
+    credentials = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
     request.add_header("Authorization", "Basic " + base64.b64encode(credentials.encode()).decode())
     with urllib.request.urlopen(request, timeout=MANAGEMENT_TIMEOUT_SECONDS) as response:
         return json.load(response)
@@ -140,6 +140,10 @@ def queue_statuses(*, broker_url: str | None = None) -> list[QueueStatus]:
                 use_management = False
                 logger.info("management API unreachable (%s); falling back to passive declares", error)
             else:
+                if "messages_ready" not in data:
+                    # A queue the stats collector has not sampled yet (a few seconds after creation).
+                    statuses.append(_passive_status(queue.name, declared, broker_url))
+                    continue
                 stats = data.get("message_stats") or {}
                 statuses.append(
                     QueueStatus(

@@ -108,6 +108,18 @@ def _expiry_or_overflow_message(reason: str, queue: str, entry: Mapping[str, Any
     return ""
 
 
+def _undecodable_error(raw: bytes, properties: Mapping[str, Any]) -> tuple[str, str]:
+    """(error class, message) when a JSON body cannot be decoded: the worker rejects those
+    before any task runs (chatproject/worker_consumer.py), so no failure record comes for them."""
+    if properties.get("content_type") != "application/json":
+        return "", ""
+    try:
+        json.loads(raw.decode(properties.get("content_encoding") or "utf-8"))
+    except (UnicodeDecodeError, LookupError, ValueError) as error:
+        return "kombu.exceptions.DecodeError", f"the body cannot be decoded as JSON: {error}"
+    return "", ""
+
+
 def dead_letter_archive(
     *,
     body: bytes | str | None,
@@ -143,6 +155,7 @@ def dead_letter_archive(
     origin_queue = str(latest.get("queue") or headers.get("x-first-death-queue") or "")
     task_id = str(headers.get("id") or properties.get("correlation_id") or "")
     retries = headers.get("retries")
+    error_class, error_message = _undecodable_error(raw, properties)
     fields: dict[str, Any] = {
         "origin_queue": origin_queue,
         "origin_exchange": str(latest.get("exchange", exchange) or ""),
@@ -151,7 +164,8 @@ def dead_letter_archive(
         "task_name": str(headers.get("task") or ""),
         "task_id": task_id,
         "message_id": str(properties.get("message_id") or ""),
-        "error_message": _expiry_or_overflow_message(reason, origin_queue, latest),
+        "error_class": error_class,
+        "error_message": error_message or _expiry_or_overflow_message(reason, origin_queue, latest),
         "attempts": int(retries) + 1 if isinstance(retries, int) else None,
         "death_count": sum(int(entry.get("count") or 1) for entry in x_death) or 1,
         "first_death_at": min(times) if times else None,

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import uuid
+from datetime import UTC, datetime
 
 import pytest
 from django.urls import reverse
 from kombu import Connection, Queue
 
+from chat.relay import task_message_build
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
+from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter
 from tests.deadletters.conftest import (
     analytics_task_message,
@@ -140,3 +144,46 @@ def test_archiver_killed_mid_way_loses_nothing_and_duplicates_nothing(broker_url
     )
     assert DeadLetter.objects.count() == total
     assert set(DeadLetter.objects.values_list("task_id", flat=True)) == task_ids
+
+
+def test_expired_mention_notification_is_archived_with_reason_expired(broker_url, start_archiver):
+    # The relay turns a notification's `expires_at` into the message's TTL; with no notifier
+    # running, RabbitMQ dead-letters it when that passes.
+    start_archiver()
+    now = datetime.now(UTC)
+    notification = {
+        "type": "chat.mention",
+        "event_id": str(uuid.uuid4()),
+        "user_id": 1,
+        "message_id": 1,
+        "queued_at": now.isoformat(),
+        "expires_at": now.isoformat(),
+    }
+    message = task_message_build(routing_key="chat.mention", rows=[(1, notification, 0)]).message
+    publish(broker_url, message, routing_key="chat.mention")
+
+    letter = wait_until(
+        lambda: _archived(task_id=message.properties["correlation_id"]),
+        timeout=60,
+        message="the expired notification was not archived",
+    )
+    assert (letter.origin_queue, letter.reason) == ("notifications", "expired")
+    assert letter.task_name == "chat.deliver_mention_notifications"
+
+
+def test_undecodable_task_body_is_archived_byte_for_byte(broker_url, start_worker, start_archiver):
+    start_worker()
+    start_archiver()
+    message = analytics_task_message([])
+    message.body = b"\xff\xfe{not json"
+    task_id = message.properties["correlation_id"]
+    publish(broker_url, message)
+
+    letter = wait_until(
+        lambda: _archived(task_id=task_id), timeout=60, message="the undecodable message was not archived"
+    )
+    assert letter.reason == "rejected"
+    assert letter.error_class == "kombu.exceptions.DecodeError"
+    assert "cannot be decoded as JSON" in letter.error_message
+    assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
+    assert services.replay_message(letter)[0] == b"\xff\xfe{not json"
