@@ -207,6 +207,7 @@ QUEUE_RATE_WINDOW_SECONDS = env.float("QUEUE_RATE_WINDOW_SECONDS", default=300.0
 ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
 ADMINS = [(address, address) for address in env.list("ADMINS", default=[])]
 SERVER_EMAIL = env.str("SERVER_EMAIL", default="chat-alerts@localhost")
+EMAIL_SUBJECT_PREFIX = "[chat] "
 CELERY_BEAT_SCHEDULE = {
     "monitoring-check-alerts": {
         "task": "monitoring.check_alerts",

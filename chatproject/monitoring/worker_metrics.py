@@ -24,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -34,6 +35,7 @@ logger = logging.getLogger(__name__)
 _port: int | None = None
 _started: dict[str, float] = {}  # task id -> monotonic start, in the process running the task
 _own_dir: str | None = None  # a temporary directory to remove at shutdown
+_DIR_PREFIX = "celery-metrics-"
 
 
 def install_worker_metrics(app: Celery) -> None:
@@ -78,8 +80,27 @@ def _prepare_multiprocess_dir(sender: Any = None, options: dict[str, Any] | None
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path, exist_ok=True)
     else:
-        path = _own_dir = tempfile.mkdtemp(prefix="celery-metrics-")
+        _remove_dirs_of_dead_workers()
+        path = _own_dir = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+
+
+def _remove_dirs_of_dead_workers() -> None:
+    # A worker killed with SIGKILL never removes its directory; the pid in the name tells.
+    for path in Path(tempfile.gettempdir()).glob(f"{_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _start_endpoint(**_: Any) -> None:
