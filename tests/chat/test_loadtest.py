@@ -1,0 +1,98 @@
+"""`manage.py loadtest` and chat.loadtest against a live daphne (tiny loads; no timing assertions)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+
+import pytest
+from django.contrib.sessions.models import Session
+from django.core.management import CommandError, call_command
+
+from chat import loadtest
+from chatproject.procfile import free_port
+
+
+def _clients(*, rooms: int, per_room: int) -> tuple[list[loadtest.LoadClient], list[str]]:
+    users = loadtest.loadtest_users_ensure(count=rooms * per_room)
+    slugs = [room.slug for room in loadtest.loadtest_rooms_ensure(count=rooms)]
+    keys = loadtest.loadtest_sessions_create(users=users)
+    clients = [loadtest.LoadClient(room=slugs[i // per_room], session_key=key) for i, key in enumerate(keys)]
+    return clients, keys
+
+
+def test_small_load_is_fully_delivered_acknowledged_and_persisted(live_daphne):
+    clients, _ = _clients(rooms=2, per_room=3)
+
+    report, client_ids = asyncio.run(
+        loadtest.load_run(target=loadtest.Target(live_daphne.http_url), clients=clients, messages=3, rate=4.0)
+    )
+    report.persisted = loadtest.loadtest_persisted_count(client_ids=client_ids)
+    summary = report.summary()
+
+    assert summary["connected"] == 6
+    assert summary["sent"] == 18
+    assert summary["acked"] == 18
+    assert summary["expected_deliveries"] == 18 * 2  # each message reaches the 2 other clients
+    assert summary["delivered_pct"] == 100.0
+    assert summary["persisted_pct"] == 100.0
+    assert summary["duplicates"] == 0
+    assert summary["errors"] == {}
+    for key in ("deliveries_per_second", "latency_p50_ms", "latency_p99_ms", "ack_p99_ms", "seconds"):
+        assert summary[key] is not None
+
+
+def test_connections_only_counts_sockets_that_receive_one_broadcast(live_daphne):
+    clients, _ = _clients(rooms=1, per_room=20)
+
+    report = asyncio.run(
+        loadtest.connections_run(
+            target=loadtest.Target(live_daphne.http_url),
+            clients=clients,
+            hold_seconds=0.5,
+            rss=lambda: loadtest.process_rss_bytes(live_daphne.pid),
+        )
+    )
+    summary = report.summary()
+
+    assert summary["connected"] == 20
+    assert summary["open_after_hold"] == 20
+    assert summary["received_broadcast"] == 20
+    assert summary["rss_after_bytes"] > 0
+    assert summary["errors"] == {}
+
+
+def test_command_reports_json_and_deletes_its_sessions(live_daphne):
+    sessions_before = Session.objects.count()
+    out = io.StringIO()
+
+    call_command(
+        "loadtest",
+        "--url",
+        live_daphne.http_url,
+        "--rooms=1",
+        "--clients=2",
+        "--messages=2",
+        "--rate=4",
+        "--json",
+        stdout=out,
+        stderr=io.StringIO(),
+    )
+
+    summary = json.loads(out.getvalue())
+    assert summary["delivered_pct"] == 100.0
+    assert summary["persisted_pct"] == 100.0
+    assert Session.objects.count() == sessions_before
+
+
+def test_command_fails_with_one_sentence_when_the_server_is_unreachable(db):
+    url = f"http://127.0.0.1:{free_port()}"
+
+    with pytest.raises(CommandError, match=rf"^The chat server at {url} cannot be reached \(.+\)\.$"):
+        call_command("loadtest", "--url", url, "--rooms=1", "--clients=2", "--messages=1")
+
+
+def test_command_refuses_a_rate_over_the_per_user_limit(db):
+    with pytest.raises(CommandError, match="per-user limit"):
+        call_command("loadtest", "--url", "http://127.0.0.1:1", "--rate=50")
