@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 
@@ -49,3 +50,18 @@ def test_rules_cover_dead_letters_queues_outbox_and_errors():
         "WebErrorRateHigh",
     ):
         assert f"alert: {alert}" in text
+
+
+def test_rules_and_dashboard_use_only_metrics_the_code_defines():
+    from chatproject.monitoring import metrics
+
+    defined = {*metrics.PROJECT_METRIC_NAMES, *metrics.WORKER_METRIC_NAMES, metrics.SOURCE_UP}
+    texts = (PROMETHEUS / "alerts.yml").read_text() + (
+        ROOT / "ops" / "grafana" / "chat-dashboard.json"
+    ).read_text()
+
+    used = {
+        re.sub(r"_(bucket|count|sum)$", "", name) for name in re.findall(r"\b(?:chat|celery)_[a-z_]*[a-z]\b", texts)
+    }
+
+    assert sorted(used - defined) == []
