@@ -61,7 +61,8 @@ def test_rules_and_dashboard_use_only_metrics_the_code_defines():
     ).read_text()
 
     used = {
-        re.sub(r"_(bucket|count|sum)$", "", name) for name in re.findall(r"\b(?:chat|celery)_[a-z_]*[a-z]\b", texts)
+        re.sub(r"_(bucket|count|sum)$", "", name)
+        for name in re.findall(r"\b(?:chat|celery)_[a-z_]*[a-z]\b", texts)
     }
 
     assert sorted(used - defined) == []
