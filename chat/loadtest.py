@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import resource
 import socket
@@ -96,6 +97,7 @@ class LoadReport:
     duplicates: int = 0
     persisted: int = 0
     seconds: float = 0.0
+    load_average: tuple[float, float] = (0.0, 0.0)
     latency_ms: list[float] = field(default_factory=list, repr=False)
     ack_latency_ms: list[float] = field(default_factory=list, repr=False)
     errors: Counter[str] = field(default_factory=Counter)
@@ -136,6 +138,7 @@ class LoadReport:
             "ack_p50_ms": _percentile(self.ack_latency_ms, 50),
             "ack_p99_ms": _percentile(self.ack_latency_ms, 99),
             "errors": dict(self.errors),
+            **_machine(self.load_average),
         }
 
 
@@ -149,6 +152,7 @@ class ConnectionsReport:
     broadcast_ms: float | None = None
     rss_before_bytes: int | None = None
     rss_after_bytes: int | None = None
+    load_average: tuple[float, float] = (0.0, 0.0)
     errors: Counter[str] = field(default_factory=Counter)
 
     def summary(self) -> dict[str, Any]:
@@ -166,7 +170,14 @@ class ConnectionsReport:
             "rss_after_bytes": self.rss_after_bytes,
             "rss_per_socket_bytes": per_socket,
             "errors": dict(self.errors),
+            **_machine(self.load_average),
         }
+
+
+def _machine(load_average: tuple[float, float]) -> dict[str, Any]:
+    # Client, server and databases share these cores: the figures only mean something next to
+    # how busy the machine was (other processes included).
+    return {"cpus": os.cpu_count(), "load_average_1min": {"start": load_average[0], "end": load_average[1]}}
 
 
 def _pct(part: int, whole: int) -> float:
@@ -245,8 +256,24 @@ def loadtest_data_delete() -> tuple[int, int]:
     return room_count, user_count
 
 
-def loadtest_persisted_count(*, client_ids: list[str]) -> int:
-    """How many of the messages sent with these client_ids are stored."""
+def loadtest_persisted_count(*, client_ids: list[str], settle_seconds: float = 0.0) -> int:
+    """How many of the messages sent with these client_ids are stored.
+
+    With `settle_seconds`, counts again while the number still grows (a web process may still be
+    working through frames it received before the clients closed), for at most that long.
+    """
+    deadline = time.monotonic() + settle_seconds
+    stored = _stored_count(client_ids)
+    while stored < len(client_ids) and time.monotonic() < deadline:
+        time.sleep(1.0)
+        again = _stored_count(client_ids)
+        if again == stored:
+            break
+        stored = again
+    return stored
+
+
+def _stored_count(client_ids: list[str]) -> int:
     stored = 0
     # Chunks keep each IN list to a size PostgreSQL plans quickly.
     for start in range(0, len(client_ids), 1000):
@@ -446,6 +473,7 @@ async def load_run(
         rate_per_client=rate,
     )
     load = _MessageLoad(report, clients, progress)
+    load_at_start = os.getloadavg()[0]
     sockets = await _open_sockets(target, clients, report.errors)
     report.connected = sum(1 for ws in sockets if ws is not None)
     readers = [
@@ -470,6 +498,7 @@ async def load_run(
         await asyncio.gather(*readers, return_exceptions=True)
     report.acked = len(load.acked)
     report.delivered = len(load.seen)
+    report.load_average = (load_at_start, os.getloadavg()[0])
     return report, list(load.sent)
 
 
@@ -487,6 +516,7 @@ async def connections_run(
     caller runs it.
     """
     report = ConnectionsReport(requested=len(clients), hold_seconds=hold_seconds)
+    load_at_start = os.getloadavg()[0]
     report.rss_before_bytes = rss() if rss else None
     opened = 0
 
@@ -541,4 +571,5 @@ async def connections_run(
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
         await asyncio.gather(*readers, return_exceptions=True)
+    report.load_average = (load_at_start, os.getloadavg()[0])
     return report
