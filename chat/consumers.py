@@ -126,13 +126,15 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
             return
         result = await _message_create(
-            room=self.room, author=user, text=request.text, client_id=request.client_id
+            room=self.room, author=user, text=request.text, client_id=request.client_id, broadcast=False
         )
         frame = protocol.message_frame(result.message)
         if result.created:
             if len(self.acknowledged_ids) > 1000:  # copies the layer dropped never come
                 self.acknowledged_ids.clear()
             self.acknowledged_ids.add(frame["id"])
+            # Committed by now; sent from here rather than from the write's thread (services).
+            await services.message_broadcast(result.message)
         await self._send_json(frame)
 
     async def chat_message(self, event: dict[str, Any]) -> None:

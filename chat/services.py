@@ -45,11 +45,16 @@ def room_create(*, creator: AbstractBaseUser, name: str, is_private: bool = Fals
     return room
 
 
-def message_create(*, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID) -> MessageResult:
+def message_create(
+    *, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID, broadcast: bool = True
+) -> MessageResult:
     """Store a message, then (on commit) broadcast it to the room.
 
     Idempotent per (author, client_id): a resend returns the stored message and creates
-    nothing. The caller has validated `text` (chat.protocol).
+    nothing. The caller has validated `text` (chat.protocol). With `broadcast=False` the
+    caller awaits `message_broadcast` itself once this has returned (committed): the room
+    socket does, because it is on the event loop already, and a worker thread blocked in
+    async_to_sync until that loop runs the send costs the thread pool more than the send.
     """
     existing = message_by_client_id(author_id=author.pk, client_id=client_id)
     if existing is not None:
@@ -69,7 +74,8 @@ def message_create(*, room: Room, author: AbstractBaseUser, text: str, client_id
             # - one outbox row per mentioned user becomes a notification task (chat/notifications.py),
             #   high priority when the author is VIP;
             # - the chat_messages_stored_total metric counts it.
-            transaction.on_commit(lambda: broadcast_message(message))
+            if broadcast:
+                transaction.on_commit(lambda: broadcast_message(message))
             transaction.on_commit(CHAT_MESSAGES_STORED.inc)
     except IntegrityError:
         # A concurrent resend of the same client_id won the race; it is the stored one.
@@ -108,7 +114,12 @@ def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_i
 
 def broadcast_message(message: Message) -> None:
     """Send a stored message to every socket in its room's group."""
-    async_to_sync(get_channel_layer().group_send)(
+    async_to_sync(message_broadcast)(message)
+
+
+async def message_broadcast(message: Message) -> None:
+    """Send a stored (committed) message to every socket in its room's group."""
+    await get_channel_layer().group_send(
         protocol.room_group(message.room_id),
         {"type": "chat.message", "message": protocol.message_frame(message)},
     )
