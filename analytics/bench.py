@@ -21,11 +21,13 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection, connections
+from django.db import connection, connections, transaction
+from django.utils import timezone
 
 from analytics.models import ProcessedEvent
 from analytics.selectors import LagStats, processing_lag
-from chat.models import Room
+from chat.models import OutboxEvent, Room
+from chat.outbox import OUTBOX_NOTIFY_CHANNEL, ROUTING_MESSAGE_CREATED
 from chat.services import message_create
 from chatproject.procfile import ROOT, child_process_env, procfile_command
 
@@ -241,6 +243,48 @@ def messages_send_from_processes(
         message_ids=[i for _, ids, _ in outcomes for i in ids],
         seconds=max(elapsed for _, _, elapsed in outcomes),
     )
+
+
+# Synthetic message ids for --burst events: far above any real id, so they never meet one.
+BURST_MESSAGE_ID_BASE = 10**15
+
+
+def burst_events_store(*, count: int, rooms: list[Room], users: list, chunk: int = 500) -> list[int]:
+    """Write `count` chat.message.created outbox events at once, as fast as PostgreSQL takes them.
+
+    Measures the relay and workers alone, without the cost of storing real messages: the events
+    name synthetic message ids. Each chunk commits (and NOTIFYs the relay) on its own, with the
+    chunk's start as the events' created_at. Returns the synthetic message ids.
+    """
+    base = BURST_MESSAGE_ID_BASE + int(time.time() * 1000) * 100_000
+    ids = list(range(base, base + count))
+    for start in range(0, count, chunk):
+        now = timezone.now().isoformat()
+        rows = []
+        for n in range(start, min(start + chunk, count)):
+            event_id = uuid.uuid4()
+            room = rooms[n % len(rooms)]
+            rows.append(
+                OutboxEvent(
+                    event_id=event_id,
+                    routing_key=ROUTING_MESSAGE_CREATED,
+                    payload={
+                        "event_id": str(event_id),
+                        "type": ROUTING_MESSAGE_CREATED,
+                        "message_id": ids[n],
+                        "room_id": room.pk,
+                        "room": room.slug,
+                        "author_id": users[n % len(users)].pk,
+                        "seq": n + 1,
+                        "created_at": now,
+                    },
+                )
+            )
+        with transaction.atomic():
+            OutboxEvent.objects.bulk_create(rows)
+            with connection.cursor() as cursor:
+                cursor.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
+    return ids
 
 
 def counted_of(message_ids: list[int]) -> int:
