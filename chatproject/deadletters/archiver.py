@@ -1,14 +1,13 @@
 """The dead-letter archiver loop (`manage.py run_dlq_archiver`): `dead_letters` -> PostgreSQL.
 
-Manual acks: a delivery is acked only after `dead_letter_archive` committed its row, so a crash
-(SIGKILL included) at any point leaves the message unacked and RabbitMQ redelivers it; the row's
-fingerprint makes that redelivery a no-op. Survives broker and database outages by reconnecting
+Manual acks: a batch of deliveries is acked only after `dead_letters_archive` committed its rows,
+so a crash (SIGKILL included) at any point leaves them unacked and RabbitMQ redelivers them; each
+row's fingerprint makes that redelivery a no-op. Survives broker and database outages by reconnecting
 with backoff; the unacked messages of a dropped connection come back by themselves.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from collections.abc import Callable
@@ -20,12 +19,14 @@ from django.db import DatabaseError, close_old_connections
 from kombu import Connection
 
 from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
-from chatproject.deadletters.services import dead_letter_archive, task_failures_prune
+from chatproject.deadletters.services import dead_letters_archive, task_failures_prune
 
 logger = logging.getLogger(__name__)
 
 MAX_BACKOFF_SECONDS = 30.0
 PRUNE_EVERY_SECONDS = 3600.0
+# How long to wait for more deliveries once one arrived, to archive them in one transaction.
+BATCH_GATHER_SECONDS = 0.02
 
 
 def dead_letter_archiver_run(
@@ -47,11 +48,8 @@ def dead_letter_archiver_run(
                 channel: amqp.Channel = conn.default_channel
                 # Bounded prefetch: a crash redelivers at most this many, each archived once.
                 channel.basic_qos(0, prefetch, False)
-                channel.basic_consume(
-                    DEAD_LETTER_QUEUE.name,
-                    callback=functools.partial(_archive_and_ack, channel),
-                    no_ack=False,
-                )
+                pending: list[amqp.Message] = []
+                channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=pending.append, no_ack=False)
                 logger.info(
                     "dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, prefetch
                 )
@@ -66,6 +64,15 @@ def dead_letter_archiver_run(
                         conn.drain_events(timeout=1.0)
                     except TimeoutError:
                         conn.heartbeat_check()
+                        continue
+                    # Whatever the broker has already pushed joins the batch: one commit for many.
+                    while len(pending) < prefetch:
+                        try:
+                            conn.drain_events(timeout=BATCH_GATHER_SECONDS)
+                        except TimeoutError:
+                            break
+                    _archive_and_ack(channel, pending)
+                    pending.clear()
         except (OSError, AMQPError) as error:
             logger.warning("broker unreachable (%s); the archiver retries in %.1fs", error, backoff)
         except DatabaseError as error:
@@ -76,25 +83,34 @@ def dead_letter_archiver_run(
         backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
 
-def _archive_and_ack(channel: amqp.Channel, message: amqp.Message) -> None:
-    properties = dict(message.properties)
-    result = dead_letter_archive(
-        body=message.body,
-        headers=properties.pop("application_headers", None) or {},
-        properties=properties,
-        exchange=message.delivery_info.get("exchange", ""),
-        routing_key=message.delivery_info.get("routing_key", ""),
-    )
+def _archive_and_ack(channel: amqp.Channel, batch: list[amqp.Message]) -> None:
+    if not batch:
+        return
+    deliveries = []
+    for message in batch:
+        properties = dict(message.properties)
+        deliveries.append(
+            {
+                "body": message.body,
+                "headers": properties.pop("application_headers", None) or {},
+                "properties": properties,
+                "exchange": message.delivery_info.get("exchange", ""),
+                "routing_key": message.delivery_info.get("routing_key", ""),
+            }
+        )
+    results = dead_letters_archive(deliveries=deliveries)
     if settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS:
         # tests/deadletters: committed, not yet acked -- the worst moment to be SIGKILLed.
         time.sleep(settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS)
-    channel.basic_ack(message.delivery_tag)
-    if result.created:
-        dl = result.dead_letter
-        logger.info(
-            "archived dead letter #%d: %s from %s (%s)",
-            dl.pk,
-            dl.task_name or dl.routing_key,
-            dl.origin_queue,
-            dl.reason,
-        )
+    # Delivery tags grow on a channel and the batch holds every unacked one: ack them all at once.
+    channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+    for result in results:
+        if result.created:
+            dl = result.dead_letter
+            logger.info(
+                "archived dead letter #%d: %s from %s (%s)",
+                dl.pk,
+                dl.task_name or dl.routing_key,
+                dl.origin_queue,
+                dl.reason,
+            )

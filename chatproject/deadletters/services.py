@@ -18,7 +18,8 @@ import getpass
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -46,6 +47,8 @@ DEATH_HEADER_PREFIXES = ("x-last-death-",)
 REPLAY_DROPPED_PROPERTIES = ("user_id", "expiration", "timestamp", "application_headers")
 REPLAY_HEADER = "x-replay-of"
 CONFIRM_TIMEOUT_SECONDS = 10.0
+# Letters per publish-and-confirm round and per marking transaction.
+REPLAY_CHUNK = 200
 
 
 class ReplayFailed(Exception):
@@ -120,19 +123,15 @@ def _undecodable_error(raw: bytes, properties: Mapping[str, Any]) -> tuple[str, 
     return "", ""
 
 
-def dead_letter_archive(
+def _dead_letter_from_delivery(
     *,
     body: bytes | str | None,
     headers: Mapping[str, Any] | None,
     properties: Mapping[str, Any] | None,
     exchange: str = "",
     routing_key: str = "",
-) -> ArchiveResult:
-    """Store one message received from `dead_letters`; idempotent, so a redelivery changes nothing.
-
-    Called by the archiver for every delivery, which acks only after this returned (committed).
-    `exchange`/`routing_key` are the delivery's (the DLX's); the origin comes from x-death.
-    """
+) -> DeadLetter:
+    """The (unsaved) row for one delivery from `dead_letters`; the origin comes from x-death."""
     headers = dict(headers or {})
     properties = {k: v for k, v in (properties or {}).items() if k != "application_headers"}
     raw = _as_bytes(body, properties.get("content_encoding"))
@@ -153,56 +152,117 @@ def dead_letter_archive(
     times = [t for t in (_death_time(entry) for entry in x_death) if t is not None]
     reason = str(latest.get("reason") or headers.get("x-first-death-reason") or "unknown")
     origin_queue = str(latest.get("queue") or headers.get("x-first-death-queue") or "")
-    task_id = str(headers.get("id") or properties.get("correlation_id") or "")
     retries = headers.get("retries")
     error_class, error_message = _undecodable_error(raw, properties)
-    fields: dict[str, Any] = {
-        "origin_queue": origin_queue,
-        "origin_exchange": str(latest.get("exchange", exchange) or ""),
-        "routing_key": str(json_safe(routing_keys[0]) if routing_keys else ""),
-        "reason": reason,
-        "task_name": str(headers.get("task") or ""),
-        "task_id": task_id,
-        "message_id": str(properties.get("message_id") or ""),
-        "error_class": error_class,
-        "error_message": error_message or _expiry_or_overflow_message(reason, origin_queue, latest),
-        "attempts": int(retries) + 1 if isinstance(retries, int) else None,
-        "death_count": sum(int(entry.get("count") or 1) for entry in x_death) or 1,
-        "first_death_at": min(times) if times else None,
-        "last_death_at": max(times) if times else timezone.now(),
-        "x_death": json_safe(x_death),
-        "headers": safe_headers,
-        "properties": safe_properties,
-        "body": body_text,
-        "body_encoding": body_encoding,
-    }
+    return DeadLetter(
+        fingerprint=fingerprint,
+        origin_queue=origin_queue,
+        origin_exchange=str(latest.get("exchange", exchange) or ""),
+        routing_key=str(json_safe(routing_keys[0]) if routing_keys else ""),
+        reason=reason,
+        task_name=str(headers.get("task") or ""),
+        task_id=str(headers.get("id") or properties.get("correlation_id") or ""),
+        message_id=str(properties.get("message_id") or ""),
+        error_class=error_class,
+        error_message=error_message or _expiry_or_overflow_message(reason, origin_queue, latest),
+        attempts=int(retries) + 1 if isinstance(retries, int) else None,
+        death_count=sum(int(entry.get("count") or 1) for entry in x_death) or 1,
+        first_death_at=min(times) if times else None,
+        last_death_at=max(times) if times else timezone.now(),
+        x_death=json_safe(x_death),
+        headers=safe_headers,
+        properties=safe_properties,
+        body=body_text,
+        body_encoding=body_encoding,
+    )
 
+
+def dead_letter_archive(
+    *,
+    body: bytes | str | None,
+    headers: Mapping[str, Any] | None,
+    properties: Mapping[str, Any] | None,
+    exchange: str = "",
+    routing_key: str = "",
+) -> ArchiveResult:
+    """Store one message received from `dead_letters`; idempotent, so a redelivery changes nothing."""
+    delivery = {"body": body, "headers": headers, "properties": properties, "exchange": exchange}
+    return dead_letters_archive(deliveries=[{**delivery, "routing_key": routing_key}])[0]
+
+
+def dead_letters_archive(*, deliveries: Sequence[Mapping[str, Any]]) -> list[ArchiveResult]:
+    """Archive a batch of deliveries (dead_letter_archive's keyword arguments) in ONE transaction.
+
+    Called by the archiver, which acks the batch only after this returned: a crash before that
+    redelivers all of it, and each letter's fingerprint makes archiving it again a no-op. A
+    handful of queries per batch, not per letter.
+    """
+    letters = [_dead_letter_from_delivery(**delivery) for delivery in deliveries]
     with transaction.atomic():
-        if task_id:
-            _lock_task(task_id)
-        existing = DeadLetter.objects.filter(fingerprint=fingerprint).first()
-        if existing is not None:
-            return ArchiveResult(existing, created=False)
-        dead_letter = DeadLetter(fingerprint=fingerprint, **fields)
-        failure = (
-            TaskFailure.objects.filter(task_id=task_id).first() if task_id and reason == "rejected" else None
+        _lock_tasks({letter.task_id for letter in letters} - {""})
+        existing = {
+            letter.fingerprint: letter
+            for letter in DeadLetter.objects.filter(
+                fingerprint__in=[letter.fingerprint for letter in letters]
+            )
+        }
+        fresh: dict[str, DeadLetter] = {}
+        for letter in letters:
+            if letter.fingerprint not in existing:
+                fresh.setdefault(letter.fingerprint, letter)
+        _join_failures(
+            [letter for letter in fresh.values() if letter.reason == "rejected" and letter.task_id]
         )
-        if failure is not None:
-            _copy_failure(failure, dead_letter)
-            failure.delete()
         try:
             with transaction.atomic():
-                dead_letter.save()
+                DeadLetter.objects.bulk_create(fresh.values())
         except IntegrityError:
-            # Another archiver stored the same delivery between our read and our insert.
-            return ArchiveResult(DeadLetter.objects.get(fingerprint=fingerprint), created=False)
-    return ArchiveResult(dead_letter, created=True)
+            # Another archiver stored some of them meanwhile: store the rest one by one.
+            for fingerprint, letter in list(fresh.items()):
+                try:
+                    with transaction.atomic():
+                        letter.save()
+                except IntegrityError:
+                    existing[fingerprint] = DeadLetter.objects.get(fingerprint=fingerprint)
+                    del fresh[fingerprint]
+    results = []
+    reported: set[str] = set()
+    for letter in letters:
+        created = letter.fingerprint in fresh and letter.fingerprint not in reported
+        reported.add(letter.fingerprint)
+        stored = fresh.get(letter.fingerprint) or existing[letter.fingerprint]
+        results.append(ArchiveResult(stored, created=created))
+    return results
+
+
+def _lock_tasks(task_ids: set[str]) -> None:
+    # Serialises the archiver's and the worker's halves of the failure join for each task id;
+    # taken in sorted order so that two archivers locking the same ids cannot deadlock.
+    if not task_ids:
+        return
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended('deadletters:' || id, 0)) "
+            "FROM (SELECT id FROM unnest(%s::text[]) AS t(id) ORDER BY id) AS sorted",
+            [sorted(task_ids)],
+        )
 
 
 def _lock_task(task_id: str) -> None:
-    # Serialises the archiver's and the worker's halves of the failure join for one task id.
-    with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", [f"deadletters:{task_id}"])
+    _lock_tasks({task_id})
+
+
+def _join_failures(letters: list[DeadLetter]) -> None:
+    """Copy the TaskFailure rows the workers left for these letters into them, and drop those rows."""
+    if not letters:
+        return
+    failures = {f.task_id: f for f in TaskFailure.objects.filter(task_id__in=[dl.task_id for dl in letters])}
+    for letter in letters:
+        failure = failures.get(letter.task_id)
+        if failure is not None:
+            _copy_failure(failure, letter)
+    if failures:
+        TaskFailure.objects.filter(task_id__in=list(failures)).delete()
 
 
 def _copy_failure(failure: TaskFailure, dead_letter: DeadLetter) -> None:
@@ -271,14 +331,31 @@ def task_failures_prune(*, older_than: timedelta | None = None) -> int:
 # --- replay and discard -----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ReplayItem:
+    key: int  # the dead letter's id, also sent as the REPLAY_HEADER to match basic.return
+    exchange: str
+    routing_key: str
+    body: bytes
+    properties: dict[str, Any]
+
+
 class ReplayPublisher:
-    """One confirm-mode channel: each replayed message is confirmed by RabbitMQ before it counts."""
+    """One confirm-mode channel; a replayed message counts only once RabbitMQ confirmed it.
+
+    Publishes a chunk, then waits once for all its confirms (pipelined, not a round trip per
+    message). `mandatory` makes an unroutable message come back (basic.return, before its ack)
+    instead of being confirmed and silently dropped.
+    """
 
     def __init__(self, broker_url: str | None = None) -> None:
         self.broker_url = broker_url or settings.CELERY_BROKER_URL
         self._connection: Connection | None = None
         self._channel: amqp.Channel | None = None
-        self._returned = False
+        self._published = 0  # delivery tags number a channel's publishes from 1
+        self._unconfirmed: set[int] = set()
+        self._nacked: set[int] = set()
+        self._returned: set[int] = set()
 
     def __enter__(self) -> ReplayPublisher:
         return self
@@ -296,31 +373,70 @@ class ReplayPublisher:
             except Exception as error:
                 conn.release()
                 raise ReplayFailed(f"broker unreachable: {error}") from error
+            channel.events["basic_ack"].add(self._on_ack)
+            channel.events["basic_nack"].add(self._on_nack)
             channel.events["basic_return"].add(self._on_return)
-            self._connection, self._channel = conn, channel
+            self._connection, self._channel, self._published = conn, channel, 0
         return self._channel
 
-    def _on_return(self, *args: Any) -> None:
-        self._returned = True
+    def _settle(self, delivery_tag: int, multiple: bool) -> set[int]:
+        # `multiple` confirms every outstanding tag up to and including this one.
+        settled = {t for t in self._unconfirmed if t <= delivery_tag} if multiple else {delivery_tag}
+        self._unconfirmed -= settled
+        return settled
 
-    def publish(self, *, exchange: str, routing_key: str, body: bytes, properties: dict[str, Any]) -> None:
-        """Publish and wait for the confirm; raises ReplayFailed when the broker did not take it."""
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._nacked |= self._settle(delivery_tag, multiple)
+
+    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
+        key = (message.properties.get("application_headers") or {}).get(REPLAY_HEADER)
+        if isinstance(key, int):
+            self._returned.add(key)
+
+    def publish(self, items: list[ReplayItem]) -> dict[int, str]:
+        """Publish every item and wait for all their confirms; returns {key: why} for those not taken.
+
+        Raises ReplayFailed when the broker is unreachable or the confirms do not come (then no
+        item of the chunk counts as replayed; replaying them again is harmless).
+        """
         channel = self._open()
-        self._returned = False
-        message = amqp.Message(body, **properties)
+        assert self._connection is not None
+        self._unconfirmed.clear()
+        self._nacked.clear()
+        self._returned.clear()
+        tags: dict[int, ReplayItem] = {}
         try:
-            channel.basic_publish_confirm(
-                message,
-                exchange=exchange,
-                routing_key=routing_key,
-                mandatory=True,
-                confirm_timeout=CONFIRM_TIMEOUT_SECONDS,
-            )
+            for item in items:
+                channel.basic_publish(
+                    amqp.Message(item.body, **item.properties),
+                    exchange=item.exchange,
+                    routing_key=item.routing_key,
+                    mandatory=True,
+                )
+                self._published += 1
+                tags[self._published] = item
+                self._unconfirmed.add(self._published)
+            deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
+            while self._unconfirmed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("publisher confirms did not arrive in time")
+                self._connection.drain_events(timeout=remaining)
         except (AMQPError, OSError) as error:
             self.close()
             raise ReplayFailed(f"{type(error).__name__}: {error}") from error
-        if self._returned:
-            raise ReplayFailed(f"no queue is bound to exchange {exchange!r} with routing key {routing_key!r}")
+        failed: dict[int, str] = {}
+        for tag, item in tags.items():
+            if item.key in self._returned:
+                failed[item.key] = (
+                    f"no queue is bound to exchange {item.exchange!r} with routing key {item.routing_key!r}"
+                )
+            elif tag in self._nacked:
+                failed[item.key] = "the broker refused the message (nack)"
+        return failed
 
     def close(self) -> None:
         if self._connection is not None:
@@ -372,16 +488,18 @@ def _actor_label(actor: Any, actor_label: str | None) -> str:
     return f"cli:{getpass.getuser()}"
 
 
-def _audit(*, dead_letter: DeadLetter, kind: str, actor: Any, label: str, message: str) -> None:
-    DeadLetterAction.objects.create(
-        dead_letter=dead_letter,
-        kind=kind,
-        actor=actor if actor is not None and getattr(actor, "pk", None) else None,
-        actor_label=label,
+def _audit(*, dead_letters: list[DeadLetter], kind: str, actor: Any, label: str) -> None:
+    user = actor if actor is not None and getattr(actor, "pk", None) else None
+    DeadLetterAction.objects.bulk_create(
+        DeadLetterAction(dead_letter=dead_letter, kind=kind, actor=user, actor_label=label)
+        for dead_letter in dead_letters
     )
-    if actor is not None and getattr(actor, "pk", None):
+    if user is not None:
         LogEntry.objects.log_actions(
-            user_id=actor.pk, queryset=[dead_letter], action_flag=CHANGE, change_message=message
+            user_id=user.pk,
+            queryset=dead_letters,
+            action_flag=CHANGE,
+            change_message="Replayed to its original exchange" if kind == "replayed" else "Discarded",
         )
 
 
@@ -394,72 +512,74 @@ def dead_letter_replay(
 ) -> BulkResult:
     """Republish each dead letter to its original exchange and routing key, confirmed, and mark it.
 
-    Each row is marked (status replayed, replay_count + 1, audit row and admin LogEntry) only after
-    RabbitMQ confirmed its message. A crash between the confirm and the commit leaves the row
-    `new`, and replaying it again is harmless: the consumers are idempotent, which is also what
-    makes replaying a letter whose effect already happened change nothing.
+    Works in chunks: publish a chunk, wait for its confirms, then mark the confirmed rows (status
+    replayed, replay_count + 1, audit row and admin LogEntry) in one transaction. A crash between
+    the confirms and the commit leaves those rows as they were, and replaying them again is
+    harmless: the consumers are idempotent, which is also what makes replaying a letter whose
+    effect already happened change nothing.
     """
     label = _actor_label(actor, actor_label)
     result = BulkResult()
     own_publisher = publisher is None
     publisher = publisher or ReplayPublisher()
+    chunk: list[DeadLetter] = []
     try:
         for dead_letter in dead_letters:
-            body, properties = replay_message(dead_letter)
-            try:
-                publisher.publish(
-                    exchange=dead_letter.origin_exchange,
-                    routing_key=dead_letter.routing_key,
-                    body=body,
-                    properties=properties,
-                )
-            except ReplayFailed as error:
-                result.failed[dead_letter.pk] = str(error)
-                continue
-            with transaction.atomic():
-                DeadLetter.objects.filter(pk=dead_letter.pk).update(
-                    status=DeadLetter.Status.REPLAYED,
-                    replay_count=F("replay_count") + 1,
-                    last_replayed_at=timezone.now(),
-                    updated_at=timezone.now(),
-                )
-                _audit(
-                    dead_letter=dead_letter,
-                    kind=DeadLetterAction.Kind.REPLAYED,
-                    actor=actor,
-                    label=label,
-                    message=f"Replayed to {dead_letter.origin_exchange or '(default)'} "
-                    f"with routing key {dead_letter.routing_key}",
-                )
-            result.done.append(dead_letter.pk)
+            chunk.append(dead_letter)
+            if len(chunk) == REPLAY_CHUNK:
+                _replay_chunk(chunk, publisher=publisher, actor=actor, label=label, result=result)
+                chunk = []
+        if chunk:
+            _replay_chunk(chunk, publisher=publisher, actor=actor, label=label, result=result)
     finally:
         if own_publisher:
             publisher.close()
-    # Side effects, in order: one confirmed publish per letter, then its row marked and audited.
     if result.done or result.failed:
         logger.info("%s replayed %d dead letters (%d failed)", label, len(result.done), len(result.failed))
     return result
 
 
+def _replay_chunk(
+    chunk: list[DeadLetter], *, publisher: ReplayPublisher, actor: Any, label: str, result: BulkResult
+) -> None:
+    items = []
+    for dead_letter in chunk:
+        body, properties = replay_message(dead_letter)
+        items.append(
+            ReplayItem(dead_letter.pk, dead_letter.origin_exchange, dead_letter.routing_key, body, properties)
+        )
+    try:
+        failed = publisher.publish(items)
+    except ReplayFailed as error:
+        result.failed.update({dead_letter.pk: str(error) for dead_letter in chunk})
+        return
+    confirmed = [dead_letter for dead_letter in chunk if dead_letter.pk not in failed]
+    if confirmed:
+        now = timezone.now()
+        with transaction.atomic():
+            DeadLetter.objects.filter(pk__in=[dl.pk for dl in confirmed]).update(
+                status=DeadLetter.Status.REPLAYED,
+                replay_count=F("replay_count") + 1,
+                last_replayed_at=now,
+                updated_at=now,
+            )
+            _audit(dead_letters=confirmed, kind=DeadLetterAction.Kind.REPLAYED, actor=actor, label=label)
+    # Side effects, in order: the chunk's publishes confirmed by RabbitMQ, then its rows marked.
+    result.done.extend(dead_letter.pk for dead_letter in confirmed)
+    result.failed.update(failed)
+
+
 def dead_letter_discard(
     *, dead_letters: Iterable[DeadLetter], actor: Any = None, actor_label: str | None = None
 ) -> BulkResult:
-    """Mark dead letters discarded (kept for the record, never replayed by `--all` of new ones)."""
+    """Mark dead letters discarded: kept for the record and still replayable, but no longer `new`."""
     label = _actor_label(actor, actor_label)
-    result = BulkResult()
+    letters = list(dead_letters)
     with transaction.atomic():
-        for dead_letter in dead_letters:
-            DeadLetter.objects.filter(pk=dead_letter.pk).update(
-                status=DeadLetter.Status.DISCARDED, updated_at=timezone.now()
-            )
-            _audit(
-                dead_letter=dead_letter,
-                kind=DeadLetterAction.Kind.DISCARDED,
-                actor=actor,
-                label=label,
-                message="Discarded",
-            )
-            result.done.append(dead_letter.pk)
-    if result.done:
-        logger.info("%s discarded %d dead letters", label, len(result.done))
-    return result
+        DeadLetter.objects.filter(pk__in=[dl.pk for dl in letters]).update(
+            status=DeadLetter.Status.DISCARDED, updated_at=timezone.now()
+        )
+        _audit(dead_letters=letters, kind=DeadLetterAction.Kind.DISCARDED, actor=actor, label=label)
+    if letters:
+        logger.info("%s discarded %d dead letters", label, len(letters))
+    return BulkResult(done=[dl.pk for dl in letters])

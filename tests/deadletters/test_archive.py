@@ -129,7 +129,7 @@ def test_archiver_killed_mid_way_loses_nothing_and_duplicates_nothing(broker_url
     )
 
     # Paused between its commit and its ack: the kill lands on committed-but-unacked letters.
-    archiver = start_archiver(DLQ_ARCHIVER_FAULT_PAUSE_SECONDS="0.05", DLQ_ARCHIVER_PREFETCH="20")
+    archiver = start_archiver(DLQ_ARCHIVER_FAULT_PAUSE_SECONDS="0.5", DLQ_ARCHIVER_PREFETCH="20")
     wait_until(lambda: DeadLetter.objects.count() >= 30, timeout=60, message="the archiver archived nothing")
     os.killpg(archiver.pid, signal.SIGKILL)
     archiver.wait()

@@ -159,3 +159,12 @@ def test_dead_lettering_task_rejects_never_succeeding_errors_without_requeue():
         invalid()
     assert raised.value.requeue is False
     assert isinstance(raised.value.__cause__, ValueError)
+
+
+def test_archiving_a_batch_stores_each_letter_once_even_when_delivered_again():
+    deliveries = [_delivery() for _ in range(3)]
+    first = services.dead_letters_archive(deliveries=deliveries)
+    again = services.dead_letters_archive(deliveries=[deliveries[1], _delivery()])
+    assert [r.created for r in first] == [True, True, True]
+    assert [r.created for r in again] == [False, True]
+    assert DeadLetter.objects.count() == 4
