@@ -30,6 +30,7 @@ INSTALLED_APPS = [
     "channels",
     "chat",
     "analytics",
+    "chatproject.deadletters",
 ]
 
 MIDDLEWARE = [
@@ -148,6 +149,14 @@ ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", def
 # so a test can SIGKILL it at that exact point.
 ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", default=0.0)
 ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
+# Dead letters (chatproject/deadletters): deliveries the archiver holds unacked at once (a crash
+# redelivers at most these, each archived once); how long failure details no dead letter claimed
+# are kept; the RabbitMQ management API for queue rates (empty: passive declares only); and a
+# test-only pause between commit and ack so tests/deadletters can SIGKILL the archiver there.
+DLQ_ARCHIVER_PREFETCH = env.int("DLQ_ARCHIVER_PREFETCH", default=50)
+DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", default=7)
+RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
+DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS", default=0.0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
