@@ -34,6 +34,7 @@ from django.db.models import F
 from django.utils import timezone
 from kombu import Connection
 
+from chatproject.broker import DEAD_LETTER_EXCHANGE
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ DEATH_HEADER_PREFIXES = ("x-last-death-",)
 # expiration would let the replay expire again (RabbitMQ already strips it when dead-lettering).
 REPLAY_DROPPED_PROPERTIES = ("user_id", "expiration", "timestamp", "application_headers")
 REPLAY_HEADER = "x-replay-of"
+# A failure note a worker sent through the broker because it could not reach the database.
+FAILURE_NOTE_HEADER = "x-task-failure-note"
+FAILURE_NOTE_ROUTING_KEY = "deadletters.task_failure"
 CONFIRM_TIMEOUT_SECONDS = 10.0
 # Letters per publish-and-confirm round and per marking transaction.
 REPLAY_CHUNK = 200
@@ -195,11 +199,18 @@ def dead_letters_archive(*, deliveries: Sequence[Mapping[str, Any]]) -> list[Arc
 
     Called by the archiver, which acks the batch only after this returned: a crash before that
     redelivers all of it, and each letter's fingerprint makes archiving it again a no-op. A
-    handful of queries per batch, not per letter.
+    handful of queries per batch, not per letter. Failure notes (see task_failure_publish) in the
+    batch are recorded, not archived; the results are those of the dead letters, in order.
     """
-    letters = [_dead_letter_from_delivery(**delivery) for delivery in deliveries]
+    notes = [_failure_note(delivery) for delivery in deliveries if _is_failure_note(delivery)]
+    letters = [
+        _dead_letter_from_delivery(**delivery) for delivery in deliveries if not _is_failure_note(delivery)
+    ]
     with transaction.atomic():
-        _lock_tasks({letter.task_id for letter in letters} - {""})
+        _lock_tasks(({letter.task_id for letter in letters} | {note["task_id"] for note in notes}) - {""})
+        # Notes first: a worker sends its note before rejecting, so it precedes its letter.
+        for note in notes:
+            task_failure_record(**note)
         existing = {
             letter.fingerprint: letter
             for letter in DeadLetter.objects.filter(
@@ -233,6 +244,23 @@ def dead_letters_archive(*, deliveries: Sequence[Mapping[str, Any]]) -> list[Arc
         stored = fresh.get(letter.fingerprint) or existing[letter.fingerprint]
         results.append(ArchiveResult(stored, created=created))
     return results
+
+
+def _is_failure_note(delivery: Mapping[str, Any]) -> bool:
+    return bool((delivery.get("headers") or {}).get(FAILURE_NOTE_HEADER))
+
+
+def _failure_note(delivery: Mapping[str, Any]) -> dict[str, Any]:
+    note = json.loads(_as_bytes(delivery.get("body"), "utf-8").decode("utf-8"))
+    attempts = note.get("attempts")
+    return {
+        "task_id": str(note.get("task_id") or ""),
+        "task_name": str(note.get("task_name") or ""),
+        "error_class": str(note.get("error_class") or ""),
+        "error_message": str(note.get("error_message") or ""),
+        "traceback": str(note.get("traceback") or ""),
+        "attempts": attempts if isinstance(attempts, int) else None,
+    }
 
 
 def _lock_tasks(task_ids: set[str]) -> None:
@@ -318,6 +346,46 @@ def task_failure_record(
                 "attempts": attempts,
                 "failed_at": timezone.now(),
             },
+        )
+
+
+def task_failure_publish(
+    *,
+    task_id: str,
+    task_name: str,
+    error_class: str,
+    error_message: str,
+    traceback: str,
+    attempts: int | None,
+) -> None:
+    """Send a failure note to the archiver over the broker (confirmed); worker_hooks' fallback
+    when the database is unreachable.
+
+    The note goes to the dead-letter exchange, so it reaches `dead_letters` before the dead letter
+    the worker is about to reject; the archiver records it as a TaskFailure and joins it.
+    """
+    from chatproject.celery import app
+
+    note = {
+        "task_id": task_id,
+        "task_name": task_name,
+        "error_class": error_class,
+        "error_message": error_message,
+        "traceback": traceback,
+        "attempts": attempts,
+    }
+    # CELERY_BROKER_TRANSPORT_OPTIONS has confirm_publish: publish returns once RabbitMQ has it.
+    with app.producer_or_acquire() as producer:
+        producer.publish(
+            note,
+            exchange=DEAD_LETTER_EXCHANGE,
+            routing_key=FAILURE_NOTE_ROUTING_KEY,
+            serializer="json",
+            delivery_mode=2,
+            headers={FAILURE_NOTE_HEADER: 1},
+            declare=[DEAD_LETTER_EXCHANGE],
+            retry=True,
+            retry_policy={"max_retries": 3},
         )
 
 

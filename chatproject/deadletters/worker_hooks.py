@@ -92,7 +92,7 @@ def _record(
 ) -> None:
     if not task_id:
         return
-    from chatproject.deadletters.services import task_failure_record
+    from chatproject.deadletters.services import task_failure_publish, task_failure_record
 
     if error is not None:
         error_class = f"{type(error).__module__}.{type(error).__qualname__}".removeprefix("builtins.")
@@ -100,14 +100,30 @@ def _record(
         trace = "".join(traceback_module.format_exception(error))
     else:
         error_class, message, trace = "", error_message or str(reject_reason or ""), ""
+    failure = {
+        "task_id": task_id,
+        "task_name": task_name,
+        "error_class": error_class,
+        "error_message": message,
+        "traceback": trace,
+        "attempts": attempts,
+    }
     try:
-        task_failure_record(
-            task_id=task_id,
-            task_name=task_name,
-            error_class=error_class,
-            error_message=message,
-            traceback=trace,
-            attempts=attempts,
+        task_failure_record(**failure)
+        return
+    except Exception as error:  # a database outage must not turn a dead letter into a crashed worker
+        db_error = error
+    # Retries run out mostly because the database is down, exactly when the row cannot be written:
+    # then the details go to the archiver through the broker, ahead of the dead letter itself.
+    try:
+        task_failure_publish(**failure)
+        logger.warning(
+            "database unavailable (%s); sent the failure of %s[%s] to the archiver",
+            db_error,
+            task_name,
+            task_id,
         )
-    except Exception:  # a database outage must not turn a dead letter into a crashed worker
-        logger.exception("could not record the failure of task %s[%s]", task_name, task_id)
+    except Exception:
+        logger.exception(
+            "could not record the failure of task %s[%s] (database: %s)", task_name, task_id, db_error
+        )

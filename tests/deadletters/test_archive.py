@@ -187,3 +187,30 @@ def test_undecodable_task_body_is_archived_byte_for_byte(broker_url, start_worke
     assert "cannot be decoded as JSON" in letter.error_message
     assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
     assert services.replay_message(letter)[0] == b"\xff\xfe{not json"
+
+
+def test_retries_exhausted_while_the_database_is_down_still_archive_the_error(
+    broker_url, start_worker, start_archiver
+):
+    # The worker's database is unreachable: every attempt fails, and so would a TaskFailure row;
+    # the failure details reach the archiver through the broker instead.
+    start_worker(
+        DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere",
+        ANALYTICS_RETRY_MAX="1",
+        ANALYTICS_RETRY_BASE_DELAY="0.1",
+        ANALYTICS_RETRY_MAX_DELAY="0.2",
+    )
+    start_archiver()
+    message = analytics_task_message([chat_event(room_id=1, author_id=1)])
+    task_id = message.properties["correlation_id"]
+    publish(broker_url, message)
+
+    letter = wait_until(
+        lambda: _archived(task_id=task_id, error_class__endswith="OperationalError"),
+        timeout=90,
+        message="the exhausted task was not archived with its error",
+    )
+    assert letter.reason == "rejected"
+    assert letter.attempts == 2
+    assert "127.0.0.1" in letter.error_message
+    assert "OperationalError" in letter.traceback

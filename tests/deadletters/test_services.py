@@ -168,3 +168,29 @@ def test_archiving_a_batch_stores_each_letter_once_even_when_delivered_again():
     assert [r.created for r in first] == [True, True, True]
     assert [r.created for r in again] == [False, True]
     assert DeadLetter.objects.count() == 4
+
+
+def test_failure_note_in_the_same_batch_is_joined_to_its_letter_and_not_archived():
+    import json
+
+    delivery = _delivery()
+    note = {
+        "body": json.dumps(
+            {
+                "task_id": delivery["headers"]["id"],
+                "task_name": "analytics.record_chat_events",
+                "error_class": "django.db.utils.OperationalError",
+                "error_message": "connection refused",
+                "traceback": "Traceback ...",
+                "attempts": 13,
+            }
+        ),
+        "headers": {services.FAILURE_NOTE_HEADER: 1},
+        "properties": {"content_type": "application/json"},
+    }
+    results = services.dead_letters_archive(deliveries=[note, delivery])
+    assert len(results) == 1
+    letter = results[0].dead_letter
+    assert (letter.error_class, letter.attempts) == ("django.db.utils.OperationalError", 13)
+    assert DeadLetter.objects.count() == 1
+    assert not TaskFailure.objects.exists()
