@@ -13,6 +13,9 @@ from django.test import Client
 from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
+# The browser fixtures, for the banner test.
+from tests.e2e.conftest import browser, new_context, open_room  # noqa: F401
+
 
 class WebhookReceiver:
     """A real HTTP server on 127.0.0.1 recording the JSON bodies POSTed to it."""

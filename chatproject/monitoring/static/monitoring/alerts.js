@@ -30,12 +30,16 @@
   function connect() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     const socket = new WebSocket(`${scheme}://${location.host}${banner.dataset.socketPath}`);
-    socket.onopen = () => { delay = 1000; };
+    socket.onopen = () => {
+      delay = 1000;
+      banner.dataset.state = "connected";
+    };
     socket.onmessage = (event) => {
       const frame = JSON.parse(event.data);
       if (frame.type === "alert") render(frame);
     };
     socket.onclose = (event) => {
+      banner.dataset.state = "disconnected";
       if (event.code === 4403) return; // not staff (any more): stop
       setTimeout(connect, delay);
       delay = Math.min(delay * 2, 30000);
