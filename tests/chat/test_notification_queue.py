@@ -11,6 +11,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 from django.conf import settings
@@ -20,7 +21,7 @@ from django.test import override_settings
 from kombu import Connection
 
 from chat import selectors, services
-from chat.models import NotificationDelivery
+from chat.models import NotificationDelivery, OutboxEvent
 from chat.relay import EventPublisher, publish_pending_events
 from chatproject.broker import (
     DEAD_LETTER_QUEUE,
@@ -111,6 +112,26 @@ def test_vip_notifications_overtake_a_backlog_of_normal_ones(notifications, user
     vip_positions = [position for position, priority in enumerate(order) if priority == PRIORITY_HIGH]
     assert len(vip_positions) == 5
     assert max(vip_positions) < 10, f"VIP notifications delivered at positions {vip_positions} of 205"
+
+
+def test_notification_published_twice_is_delivered_once(notifications, users, broker_url, start_process):
+    _alice, bob, _vip, room = users
+    mention(bob, room, "@alice once, even if the relay publishes it twice")
+    publish_all(broker_url)
+    # A relay that died after the broker's confirm and before marking the row sent publishes it again.
+    OutboxEvent.objects.update(sent_at=None)
+    publish_all(broker_url)
+    assert queue_depth(notifications) == 2
+
+    worker = start_process(
+        ["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"],
+        env=LOCMEM_EMAIL,
+    )
+    log = Path(worker.log_path)
+    wait_until(lambda: "'duplicates': 1" in log.read_text(), timeout=120, message="the copy handled")
+
+    assert NotificationDelivery.objects.count() == 1
+    assert "'delivered': 1" in log.read_text()
 
 
 def test_relay_never_mixes_priorities_in_one_task_message(notifications, users, broker_url, make_user):
