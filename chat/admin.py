@@ -1,6 +1,6 @@
 from django.contrib import admin
 
-from chat.models import Message, Room
+from chat.models import Message, NotificationDelivery, Room
 
 
 @admin.register(Room)
@@ -17,3 +17,19 @@ class MessageAdmin(admin.ModelAdmin):
     list_select_related = ["room", "author"]
     raw_id_fields = ["author"]
     readonly_fields = ["room", "author", "seq", "client_id", "created_at"]
+
+
+@admin.register(NotificationDelivery)
+class NotificationDeliveryAdmin(admin.ModelAdmin):
+    """The notifier's ledger, read-only: what was delivered to whom, how and how late."""
+
+    list_display = ["notification_id", "kind", "user", "channel", "priority", "queued_at", "delivered_at"]
+    list_filter = ["kind", "channel", "priority"]
+    list_select_related = ["user"]
+    raw_id_fields = ["user", "message"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
