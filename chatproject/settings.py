@@ -199,6 +199,12 @@ WORKER_METRICS_DIR = env.str("WORKER_METRICS_DIR", default="")
 # RabbitMQ at most once per QUEUE_CACHE seconds per process.
 METRICS_SOURCE_TIMEOUT_SECONDS = env.float("METRICS_SOURCE_TIMEOUT_SECONDS", default=1.0)
 METRICS_QUEUE_CACHE_SECONDS = env.float("METRICS_QUEUE_CACHE_SECONDS", default=10.0)
+# Who may read the web process's /metrics (the direct peer address): loopback and private nets,
+# where Prometheus runs; behind a public reverse proxy, also block /metrics there.
+METRICS_ALLOWED_NETWORKS = env.list(
+    "METRICS_ALLOWED_NETWORKS",
+    default=["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
+)
 # The periodic alert check (Celery beat): every 30 s, so trouble is noticed within a minute.
 ALERT_CHECK_SECONDS = env.float("ALERT_CHECK_SECONDS", default=30.0)
 # Unresolved (status "new") dead letters: any one is worth a look (WARNING); a pile or one left

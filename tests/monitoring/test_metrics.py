@@ -134,3 +134,9 @@ def test_relay_round_is_timed(db, broker_url):
 
     assert result.sent == 1
     assert REGISTRY.get_sample_value("chat_relay_publish_seconds_count") == before + 1
+
+
+def test_metrics_refused_outside_the_allowed_networks(db, client):
+    response = client.get("/metrics", HTTP_HOST="localhost", REMOTE_ADDR="203.0.113.7")
+
+    assert response.status_code == 403
