@@ -65,6 +65,32 @@ def test_prefork_worker_serves_task_counters_of_all_its_pool_processes(start_pro
     assert sample(text, "celery_task_duration_seconds_count", task="monitoring.check_alerts") == 4
 
 
+def test_worker_counts_a_rejected_task(start_process):
+    from chatproject.celery import app
+
+    port = free_port()
+    worker = start_process(
+        [
+            "bash",
+            "-c",
+            f"exec {procfile_command('worker')} --concurrency 1 --metrics-port {port} "
+            "--without-mingle --without-gossip",
+        ]
+    )
+    wait_for_port(port, timeout=60, process=worker)
+    # Not a list of events: the task rejects it without requeue (dead-lettered).
+    app.send_task("analytics.record_chat_events", args=["not a list"])
+
+    poll(
+        lambda: (
+            sample(read_metrics(port), "celery_tasks_rejected_total", task="analytics.record_chat_events")
+            == 1
+        ),
+        timeout=60,
+        message=lambda: f"the rejection was not counted; log:\n{Path(worker.log_path).read_text()[-3000:]}",
+    )
+
+
 def test_relay_serves_its_publish_latency(start_process):
     port = free_port()
     relay = start_process(
