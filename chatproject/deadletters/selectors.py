@@ -17,7 +17,7 @@ from django.conf import settings
 from django.db.models import QuerySet
 from kombu import Connection
 
-from chatproject import broker
+from chatproject.broker import declared_queues
 from chatproject.deadletters.models import DeadLetter
 
 logger = logging.getLogger(__name__)
@@ -78,10 +78,9 @@ class QueueStatus:
         return asdict(self)
 
 
-def _topology_queues() -> tuple[Any, ...]:
-    # declared_queues() adds queues whose shape depends on settings (notifications).
-    declared = getattr(broker, "declared_queues", None)
-    return tuple(declared()) if declared else broker.QUEUES
+def topology_queues() -> tuple[Any, ...]:
+    """Every queue chatproject/broker.py declares, including those shaped by settings (notifications)."""
+    return tuple(declared_queues())
 
 
 def _arguments_status(arguments: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +124,7 @@ def queue_statuses(*, broker_url: str | None = None) -> list[QueueStatus]:
     broker_url = broker_url or settings.CELERY_BROKER_URL
     statuses: list[QueueStatus] = []
     use_management = bool(settings.RABBITMQ_MANAGEMENT_URL)
-    for queue in _topology_queues():
+    for queue in topology_queues():
         declared = _arguments_status(dict(queue.queue_arguments or {}))
         if use_management:
             try:

@@ -96,11 +96,11 @@ def _empty_queues(request: pytest.FixtureRequest) -> None:
     """Broker tests share the session's vhost: start each with every topology queue empty."""
     if request.node.get_closest_marker("broker") is None:
         return
-    from chatproject.broker import QUEUES
+    from chatproject.deadletters.selectors import topology_queues
 
     broker_url = request.getfixturevalue("broker_url")
     with Connection(broker_url) as conn:
-        for queue in QUEUES:
+        for queue in topology_queues():
             conn.default_channel.queue_purge(queue.name)
 
 
