@@ -16,6 +16,7 @@ from amqp.exceptions import AMQPError, NotFound
 from django.conf import settings
 from django.db.models import QuerySet
 from kombu import Connection
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from chatproject.broker import declared_queues
 from chatproject.deadletters.models import DeadLetter
@@ -190,7 +191,7 @@ def _passive_status(name: str, declared: dict[str, Any], broker_url: str) -> Que
                     pass
     except NotFound:
         return _missing(name, declared, "passive declare: queue missing")
-    except (OSError, AMQPError) as error:
+    except (OSError, AMQPError, KombuOperationalError) as error:
         return _missing(name, declared, f"unreachable: {error}")
     return QueueStatus(
         name=name,

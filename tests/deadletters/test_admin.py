@@ -143,3 +143,11 @@ def test_discard_across_the_current_filter_discards_every_match_and_logs_who(sta
     assert statuses[other.pk] == "new"
     assert set(DeadLetterAction.objects.values_list("actor_label", flat=True)) == {"operator"}
     assert LogEntry.objects.filter(user=staff_client.user).count() == 3
+
+
+def test_broker_status_page_says_rabbitmq_is_unreachable_instead_of_failing(staff_client, settings):
+    settings.CELERY_BROKER_URL = "amqp://guest:guest@127.0.0.1:1//"
+    settings.RABBITMQ_MANAGEMENT_URL = ""
+    response = staff_client.get(reverse("admin:deadletters_broker_status"))
+    assert response.status_code == 200
+    assert "unreachable" in response.content.decode()

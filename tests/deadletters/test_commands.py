@@ -139,3 +139,11 @@ def test_queues_uses_credentials_given_in_the_management_url(broker_url):
         return rows["analytics"]["source"] == "management API"
 
     wait_until(analytics_source, timeout=30, message="the management API was not used")
+
+
+def test_queues_fails_with_one_line_when_rabbitmq_is_unreachable():
+    with (
+        override_settings(CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//", RABBITMQ_MANAGEMENT_URL=""),
+        pytest.raises(CommandError, match="RabbitMQ is unreachable"),
+    ):
+        run("queues")

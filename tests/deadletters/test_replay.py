@@ -93,3 +93,17 @@ def test_replay_that_no_queue_would_receive_fails_and_leaves_the_letter_new(brok
     letter.refresh_from_db()
     assert (letter.status, letter.replay_count) == (DeadLetter.Status.NEW, 0)
     assert not DeadLetterAction.objects.exists()
+
+
+def test_replay_while_rabbitmq_is_unreachable_fails_and_leaves_the_letter_new(db):
+    letter = archive_letter()
+
+    result = services.dead_letter_replay(
+        dead_letters=[letter],
+        actor_label="test",
+        publisher=services.ReplayPublisher("amqp://guest:guest@127.0.0.1:1//"),
+    )
+
+    assert "broker unreachable" in result.failed[letter.pk]
+    letter.refresh_from_db()
+    assert (letter.status, letter.replay_count) == (DeadLetter.Status.NEW, 0)

@@ -2,7 +2,7 @@
 
 import json
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
 from rich.console import Console
 from rich.table import Table
 
@@ -26,6 +26,8 @@ class Command(BaseCommand):
 
     def handle(self, *args, **options) -> None:
         statuses = queue_statuses()
+        if all(s.source.startswith("unreachable") for s in statuses):
+            raise CommandError(f"RabbitMQ is unreachable: {statuses[0].source.removeprefix('unreachable: ')}")
         if options["json"]:
             self.stdout.write(json.dumps([status.as_dict() for status in statuses], indent=2))
             return
