@@ -142,8 +142,6 @@ OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
 ANALYTICS_RETRY_MAX = env.int("ANALYTICS_RETRY_MAX", default=12)
 ANALYTICS_RETRY_BASE_DELAY = env.float("ANALYTICS_RETRY_BASE_DELAY", default=1.0)
 ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
-# Ledger rows are kept this long; a redelivery older than that would be counted twice.
-ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", default=30)
 # Fault injection for tests/analytics only (0 in production): the worker pauses this long
 # "in_transaction" (counts written, not committed) or "after_commit" (committed, not acked),
 # so a test can SIGKILL it at that exact point.
