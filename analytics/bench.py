@@ -77,7 +77,8 @@ def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator
             children.append(
                 _start(
                     name,
-                    f"{procfile_command('worker')} --hostname {name}@%h --without-mingle --without-gossip",
+                    f"{procfile_command('worker')} --hostname {name}@%h --without-mingle --without-gossip "
+                    "--metrics-port 0",  # the Procfile's port may be taken by `make run`
                     env,
                     log_dir,
                     " ready.",

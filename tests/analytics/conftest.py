@@ -115,8 +115,9 @@ def start_worker(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..
         worker = ChildProcess(
             name=name,
             # Later options win: one pool process makes "the batch in hand" a single message.
+            # No metrics endpoint: port 9808 belongs to whichever worker the monitoring tests run.
             command=f"{procfile_command('worker')} --concurrency 1 --hostname {name}@%h "
-            "--without-mingle --without-gossip",
+            "--without-mingle --without-gossip --metrics-port 0",
             env=env,
             log_path=tmp_path / f"{name}.log",
             ready_line=" ready.",
