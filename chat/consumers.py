@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 from urllib.parse import parse_qs
 
+from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
@@ -26,8 +28,17 @@ def _room_for_user(slug: str, user: Any) -> Room:
 
 
 # Writes run off the single thread-sensitive executor so that one slow commit does not
-# queue every other socket of the process behind it.
-_message_create = database_sync_to_async(services.message_create, thread_sensitive=False)
+# queue every other socket of the process behind it, in a pool of their own: a write mostly
+# waits on PostgreSQL, and asyncio's default pool (CPUs + 4 threads) capped one process at
+# about 6 writes in flight (docs/performance.md). Each thread keeps one database connection.
+_WRITE_THREADS = 16
+_message_create = database_sync_to_async(
+    services.message_create,
+    thread_sensitive=False,
+    executor=ThreadPoolExecutor(max_workers=_WRITE_THREADS, thread_name_prefix="chat-write"),
+)
+# Marks the end of a socket's inbox (chat.consumers.RoomConsumer.disconnect).
+_INBOX_CLOSED = object()
 
 
 @database_sync_to_async
@@ -39,6 +50,20 @@ def _missed_frames(room: Room, since: int, limit: int) -> tuple[list[dict[str, A
 class RoomConsumer(AsyncWebsocketConsumer):
     room: Room | None = None
     heartbeat: asyncio.Task | None = None
+    inbox_reader: asyncio.Task | None = None
+
+    async def dispatch(self, message: dict[str, Any]) -> None:
+        """Every event, without the stale-connection check Channels runs before each handler.
+
+        That check is a hop to the single thread-sensitive executor per event: per delivered
+        frame, a quarter of the web process's CPU at 2000 frames/s, all queued on one thread
+        (docs/performance.md). This consumer reaches the database only through
+        database_sync_to_async, which closes stale connections in its own thread.
+        """
+        handler = getattr(self, get_handler_name(message), None)
+        if handler is None:
+            raise ValueError(f"No handler for message type {message['type']}")
+        await handler(message)
 
     async def connect(self) -> None:
         user = self.scope["user"]
@@ -68,6 +93,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self.channel_layer.group_add(self.user_group, self.channel_name)
         await presence.presence_socket_open(user_id=user.pk, channel_name=self.channel_name)
         await self.accept()
+        # A consumer handles one event at a time: were this socket's frames stored right in
+        # receive(), every wait on the database would hold up the room's messages to it (under
+        # load, deliveries starved behind the socket's own writes). They are processed in order
+        # by a task of their own instead.
+        self.inbox: asyncio.Queue[object] = asyncio.Queue()
+        self.inbox_reader = asyncio.create_task(self._read_inbox())
         self.heartbeat = asyncio.create_task(
             presence.presence_heartbeat(user_id=user.pk, channel_name=self.channel_name)
         )
@@ -97,6 +128,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self._send_json(protocol.synced_frame(last_id))
 
     async def disconnect(self, code: int) -> None:
+        if self.inbox_reader is not None:
+            # Frames that arrived before the close are still stored (and acknowledged into the
+            # void): the client resends unacknowledged ones, and the resend is idempotent.
+            self.inbox.put_nowait(_INBOX_CLOSED)
+            await self.inbox_reader
         if self.room is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             await self.channel_layer.group_discard(self.user_group, self.channel_name)
@@ -109,8 +145,22 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if self.room is None:
             return
+        self.inbox.put_nowait(text_data if text_data is not None else bytes_data)
+
+    async def _read_inbox(self) -> None:
+        """Runs for the socket's life: each client frame in arrival order, one at a time."""
+        while (raw := await self.inbox.get()) is not _INBOX_CLOSED:
+            try:
+                await self._client_frame(raw)
+            except Exception:
+                # What an exception in receive() did: the socket closes with 1011, the server lives.
+                logger.exception("Room socket frame failed; closing the socket")
+                await self.close(code=1011)
+                return
+
+    async def _client_frame(self, raw: str | bytes | None) -> None:
         try:
-            request = protocol.parse_client_frame(text_data if text_data is not None else bytes_data)
+            request = protocol.parse_client_frame(raw)
         except protocol.ProtocolError as error:
             await self._send_json(error.frame())
             return

@@ -56,9 +56,8 @@ def message_create(
     socket does, because it is on the event loop already, and a worker thread blocked in
     async_to_sync until that loop runs the send costs the thread pool more than the send.
     """
-    existing = message_by_client_id(author_id=author.pk, client_id=client_id)
-    if existing is not None:
-        return MessageResult(existing, created=False)
+    # No lookup up front: the unique (author, client_id) constraint finds a resend, and a
+    # query per message to catch the rare resend was half the write's CPU under load.
     try:
         with transaction.atomic():
             message = _insert_message(room=room, author=author, text=text, client_id=client_id)
@@ -78,7 +77,8 @@ def message_create(
                 transaction.on_commit(lambda: broadcast_message(message))
             transaction.on_commit(CHAT_MESSAGES_STORED.inc)
     except IntegrityError:
-        # A concurrent resend of the same client_id won the race; it is the stored one.
+        # A resend (or a concurrent one that won the race): the stored message is the answer.
+        # The rollback gave the room's seq number back.
         existing = message_by_client_id(author_id=author.pk, client_id=client_id)
         if existing is None:
             raise
