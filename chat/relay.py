@@ -52,6 +52,7 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 # How many rows one transaction locks: several task messages, published before one confirm wait.
 BATCHES_PER_ROUND = 10
 MAX_BACKOFF_SECONDS = 30.0
+PRUNE_CHUNK = 10_000
 
 # Everything that means "the broker connection is unusable": reconnect and try again later.
 BROKER_ERRORS: tuple[type[BaseException], ...] = (
@@ -342,8 +343,16 @@ def prune_sent_events(*, older_than: timedelta | None = None) -> int:
     """Delete events sent longer ago than the retention period; pending events are never touched."""
     if older_than is None:
         older_than = timedelta(days=settings.OUTBOX_RETENTION_DAYS)
-    deleted, _ = OutboxEvent.objects.filter(sent_at__lt=timezone.now() - older_than).delete()
-    return deleted
+    cutoff = timezone.now() - older_than
+    total = 0
+    # In chunks, each its own short transaction: a day of a busy chat is millions of rows, and
+    # one huge DELETE would hold its locks and WAL burst for the whole of it.
+    while True:
+        chunk = OutboxEvent.objects.filter(sent_at__lt=cutoff).order_by("sent_at").values("id")[:PRUNE_CHUNK]
+        deleted, _ = OutboxEvent.objects.filter(id__in=chunk).delete()
+        total += deleted
+        if deleted < PRUNE_CHUNK:
+            return total
 
 
 class OutboxListener:

@@ -113,3 +113,14 @@ def test_prune_removes_only_old_sent_events(send_messages):
 
     assert deleted == 1
     assert set(OutboxEvent.objects.values_list("pk", flat=True)) == {recent_sent.pk, old_pending.pk}
+
+
+def test_prune_deletes_in_chunks_until_every_old_sent_event_is_gone(send_messages, monkeypatch):
+    monkeypatch.setattr("chat.relay.PRUNE_CHUNK", 2)
+    send_messages(5)
+    OutboxEvent.objects.update(sent_at=timezone.now() - timedelta(days=8))
+
+    deleted = prune_sent_events(older_than=timedelta(days=7))
+
+    assert deleted == 5
+    assert not OutboxEvent.objects.exists()
