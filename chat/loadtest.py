@@ -146,6 +146,7 @@ class LoadReport:
 class ConnectionsReport:
     requested: int
     connected: int = 0
+    connect_seconds: float = 0.0
     open_after_hold: int = 0
     received_broadcast: int = 0
     hold_seconds: float = 0.0
@@ -162,6 +163,7 @@ class ConnectionsReport:
         return {
             "requested": self.requested,
             "connected": self.connected,
+            "connect_seconds": round(self.connect_seconds, 2),
             "open_after_hold": self.open_after_hold,
             "hold_seconds": self.hold_seconds,
             "received_broadcast": self.received_broadcast,
@@ -251,9 +253,11 @@ def loadtest_data_delete() -> tuple[int, int]:
     with transaction.atomic():
         rooms = Room.objects.filter(slug__startswith=PREFIX)
         Message.objects.filter(room__in=rooms).delete()
-        room_count, _ = rooms.delete()
-        user_count, _ = get_user_model().objects.filter(username__startswith=PREFIX).delete()
-    return room_count, user_count
+        _, rooms_deleted = rooms.delete()
+        user_model = get_user_model()
+        _, users_deleted = user_model.objects.filter(username__startswith=PREFIX).delete()
+    # delete() also counts what cascaded (memberships, sessions' users...); report only these.
+    return rooms_deleted.get(Room._meta.label, 0), users_deleted.get(user_model._meta.label, 0)
 
 
 def loadtest_persisted_count(*, client_ids: list[str], settle_seconds: float = 0.0) -> int:
@@ -530,7 +534,9 @@ async def connections_run(
         return ws
 
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
+    started = time.perf_counter()
     sockets = [ws for ws in await asyncio.gather(*(open_counted(c, gate) for c in clients)) if ws]
+    report.connect_seconds = time.perf_counter() - started
     report.connected = len(sockets)
     if not sockets:
         return report

@@ -5,12 +5,16 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import uuid
 
 import pytest
+from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.core.management import CommandError, call_command
 
 from chat import loadtest
+from chat.models import Message, Room
+from chat.services import message_create
 from chatproject.procfile import free_port
 
 
@@ -96,3 +100,17 @@ def test_command_fails_with_one_sentence_when_the_server_is_unreachable(db):
 def test_command_refuses_a_rate_over_the_per_user_limit(db):
     with pytest.raises(CommandError, match="per-user limit"):
         call_command("loadtest", "--url", "http://127.0.0.1:1", "--rate=50")
+
+
+def test_delete_data_removes_load_test_users_rooms_and_messages(db, make_user):
+    (user,) = loadtest.loadtest_users_ensure(count=1)
+    (room,) = loadtest.loadtest_rooms_ensure(count=1)
+    message_create(room=room, author=user, text="load", client_id=uuid.uuid4(), broadcast=False)
+    bystander = make_user("not-a-load-test-user")
+
+    call_command("loadtest", "--delete-data", stdout=io.StringIO())
+
+    assert not Room.objects.filter(slug__startswith="loadtest-").exists()
+    assert not get_user_model().objects.filter(username__startswith="loadtest-").exists()
+    assert not Message.objects.filter(room_id=room.pk).exists()
+    assert get_user_model().objects.filter(pk=bystander.pk).exists()

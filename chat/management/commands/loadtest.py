@@ -242,7 +242,11 @@ class Command(BaseCommand):
         table.add_column("")
         table.add_column("this run", justify="right")
         table.add_column("target", justify="right")
-        table.add_row("connected", f"{s['connected']} of {s['requested']}", TARGET["sockets"])
+        table.add_row(
+            "connected",
+            f"{s['connected']} of {s['requested']} in {s['connect_seconds']:g} s",
+            TARGET["sockets"],
+        )
         table.add_row(f"still open after {s['hold_seconds']:g} s", str(s["open_after_hold"]), "all")
         table.add_row("received one broadcast", f"{s['received_broadcast']} of {s['connected']}", "all")
         table.add_row(
