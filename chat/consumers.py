@@ -13,6 +13,7 @@ from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from chat import presence, protocol, selectors, services
 from chat.models import Room
@@ -175,9 +176,22 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 )
             )
             return
-        result = await _message_create(
-            room=self.room, author=user, text=request.text, client_id=request.client_id, broadcast=False
-        )
+        try:
+            result = await _message_create(
+                room=self.room, author=user, text=request.text, client_id=request.client_id, broadcast=False
+            )
+        except (OperationalError, InterfaceError) as error:
+            # PostgreSQL is down or restarting: nothing was stored, so nothing may be acknowledged.
+            # The socket stays open and the page keeps the message pending for a retry.
+            logger.error("cannot store a chat message, the database is unavailable: %s", type(error).__name__)
+            await self._send_json(
+                protocol.error_frame(
+                    protocol.ERROR_UNAVAILABLE,
+                    "The chat cannot store messages right now; your message was not sent. Retry shortly.",
+                    str(request.client_id),
+                )
+            )
+            return
         frame = protocol.message_frame(result.message)
         if result.created:
             if len(self.acknowledged_ids) > 1000:  # copies the layer dropped never come

@@ -27,6 +27,7 @@ ERROR_INVALID_MESSAGE = "invalid_message"
 ERROR_TOO_LONG = "too_long"
 ERROR_FRAME_TOO_LARGE = "frame_too_large"
 ERROR_RATE_LIMITED = "rate_limited"
+ERROR_UNAVAILABLE = "unavailable"
 
 # Close codes for a socket that is refused after the handshake.
 CLOSE_UNAUTHENTICATED = 4401

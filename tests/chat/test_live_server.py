@@ -9,10 +9,14 @@ import uuid
 import pytest
 import websockets
 from asgiref.sync import sync_to_async
+from django.db import connection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from chat.models import Message
+from chatproject.database import database_url
+from chatproject.procfile import DaphneServer, free_port
 from tests.conftest import session_cookie
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -116,3 +120,29 @@ async def test_foreign_origin_is_refused_by_live_server(live_daphne, people):
     with pytest.raises(InvalidStatus) as refused:
         await open_socket(live_daphne, people["alice"], origin="https://attacker.example")
     assert refused.value.response.status_code == 403
+
+
+async def test_database_outage_answers_unavailable_and_the_resend_is_stored_once(people):
+    """PostgreSQL cut off under a connected socket: no ack, an `unavailable` error, the socket lives."""
+    proxy = TcpProxy(free_port(), target=("127.0.0.1", 5432))
+    proxy.open()
+    db_url = database_url({**connection.settings_dict, "HOST": "127.0.0.1", "PORT": proxy.port})
+    # One write thread's connection per message is enough to see the outage; no pooling across it.
+    server = DaphneServer(port=free_port(), extra_env={"DATABASE_URL": db_url, "DB_CONN_MAX_AGE": "0"})
+    await sync_to_async(server.start)()
+    try:
+        alice = await open_socket(server, people["alice"])
+        proxy.close()
+        sent = await send_message(alice, "while the database is away")
+        error = await next_frame(alice)
+        assert error["type"] == "error" and error["code"] == "unavailable"
+        assert error["client_id"] == sent["client_id"]
+        proxy.open()
+        await alice.send(json.dumps(sent))
+        ack = await next_frame(alice)
+        assert ack["type"] == "message" and ack["client_id"] == sent["client_id"]
+        assert await sync_to_async(Message.objects.filter(client_id=sent["client_id"]).count)() == 1
+        await alice.close()
+    finally:
+        await sync_to_async(server.stop)()
+        proxy.close()

@@ -35,7 +35,8 @@
     too_long: "This message is too long to send.",
     invalid_message: "The server could not accept this message.",
     frame_too_large: "This message is too large to send.",
-    invalid_json: "The server could not read this message."
+    invalid_json: "The server could not read this message.",
+    unavailable: "The chat cannot store messages right now. Retry in a moment."
   };
 
   var els = {
