@@ -74,7 +74,7 @@ def message_create(
             #   high priority when the author is VIP;
             # - the chat_messages_stored_total metric counts it.
             if broadcast:
-                transaction.on_commit(lambda: broadcast_message(message))
+                transaction.on_commit(lambda: async_to_sync(message_broadcast)(message))
             transaction.on_commit(CHAT_MESSAGES_STORED.inc)
     except IntegrityError:
         # A resend (or a concurrent one that won the race): the stored message is the answer.
@@ -110,11 +110,6 @@ def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_i
         },
     )
     return message
-
-
-def broadcast_message(message: Message) -> None:
-    """Send a stored message to every socket in its room's group."""
-    async_to_sync(message_broadcast)(message)
 
 
 async def message_broadcast(message: Message) -> None:
