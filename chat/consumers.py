@@ -202,12 +202,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await self._send_json(frame)
 
     async def chat_message(self, event: dict[str, Any]) -> None:
-        """Group event: a message stored by any process, forwarded to this socket."""
-        frame = event["message"]
-        if frame["id"] in self.acknowledged_ids:
-            self.acknowledged_ids.discard(frame["id"])
+        """Group event: a message stored by any process, forwarded to this socket as is."""
+        if event["id"] in self.acknowledged_ids:
+            self.acknowledged_ids.discard(event["id"])
             return
-        await self._send_json(frame)
+        await self.send(text_data=event["frame"])
 
     async def chat_notification(self, event: dict[str, Any]) -> None:
         """Group event: a notification for this socket's user (chat/notifications.py)."""

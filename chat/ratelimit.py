@@ -8,6 +8,7 @@ import weakref
 
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.commands.core import AsyncScript
 
 # Refill the bucket for the time passed, then take one token if there is one. Runs
 # atomically in Redis, so concurrent sockets of one user cannot both spend the last token.
@@ -29,22 +30,22 @@ redis.call('EXPIRE', KEYS[1], math.ceil(burst / rate) + 1)
 return allowed
 """
 
-# redis.asyncio clients belong to the event loop that created them: one per loop.
-_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, aioredis.Redis] = weakref.WeakKeyDictionary()
+# redis.asyncio clients belong to the event loop that created them: one script client per loop.
+_scripts: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncScript] = weakref.WeakKeyDictionary()
 
 
-def _redis() -> aioredis.Redis:
+def _take_token_script() -> AsyncScript:
     loop = asyncio.get_running_loop()
-    client = _clients.get(loop)
-    if client is None:
-        client = _clients[loop] = aioredis.Redis.from_url(settings.REDIS_URL)
-    return client
+    script = _scripts.get(loop)
+    if script is None:
+        client = aioredis.Redis.from_url(settings.REDIS_URL)
+        script = _scripts[loop] = client.register_script(_TAKE_TOKEN)
+    return script
 
 
 async def take_message_token(user_id: int) -> bool:
     """True when the user may send one more message now (and counts it)."""
-    script = _redis().register_script(_TAKE_TOKEN)
-    allowed = await script(
+    allowed = await _take_token_script()(
         keys=[f"chat:ratelimit:{user_id}"],
         args=[settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST, time.time()],
     )

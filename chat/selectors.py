@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group
 from django.db.models import Exists, OuterRef, Q, QuerySet
 
@@ -48,8 +50,23 @@ def _vip_member(user_ref: OuterRef) -> Exists:
     return Exists(Group.objects.filter(name=VIP_GROUP, user=user_ref))
 
 
+# Seconds a user's VIP status may be stale in this process. The check was a tenth of the web
+# process's CPU under load (one query per message); a badge that follows an admin change a
+# few seconds late costs nothing.
+VIP_STATUS_TTL_SECONDS = 10.0
+_vip_status: dict[int, tuple[float, bool]] = {}
+
+
 def user_is_vip(*, user: AbstractBaseUser) -> bool:
-    return user.is_authenticated and Group.objects.filter(name=VIP_GROUP, user=user).exists()
+    if not user.is_authenticated:
+        return False
+    now = time.monotonic()
+    cached = _vip_status.get(user.pk)
+    if cached is not None and cached[0] > now:
+        return cached[1]
+    is_vip = Group.objects.filter(name=VIP_GROUP, user=user).exists()
+    _vip_status[user.pk] = (now + VIP_STATUS_TTL_SECONDS, is_vip)
+    return is_vip
 
 
 def _with_author_vip(messages: QuerySet[Message]) -> QuerySet[Message]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from dataclasses import dataclass
 
@@ -58,15 +59,15 @@ def message_create(
     """
     # No lookup up front: the unique (author, client_id) constraint finds a resend, and a
     # query per message to catch the rare resend was half the write's CPU under load.
+    # Reads first: the insert below holds the room's row lock until commit, and every round
+    # trip inside that window makes the room's other writers wait.
+    author_is_vip = user_is_vip(user=author)  # the frame's badge, and the notifications' priority
+    recipients = mention_recipients(text=text, room=room, author=author)
     try:
         with transaction.atomic():
             message = _insert_message(room=room, author=author, text=text, client_id=client_id)
-            message.author_is_vip = user_is_vip(user=author)  # the frame's badge, and the priority
-            mention_notifications_enqueue(
-                message=message,
-                recipients=mention_recipients(text=text, room=room, author=author),
-                author_is_vip=message.author_is_vip,
-            )
+            message.author_is_vip = author_is_vip
+            mention_notifications_enqueue(message=message, recipients=recipients, author_is_vip=author_is_vip)
             # Side effects, each only once the message is committed:
             # - live delivery to the room's sockets (at-most-once; clients repair gaps by seq);
             # - the outbox row written above is published to RabbitMQ by the relay;
@@ -116,5 +117,6 @@ async def message_broadcast(message: Message) -> None:
     """Send a stored (committed) message to every socket in its room's group."""
     await get_channel_layer().group_send(
         protocol.room_group(message.room_id),
-        {"type": "chat.message", "message": protocol.message_frame(message)},
+        # Serialised once here rather than once per receiving socket.
+        {"type": "chat.message", "id": message.pk, "frame": json.dumps(protocol.message_frame(message))},
     )

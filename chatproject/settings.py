@@ -73,7 +73,11 @@ DATABASES = {
 # Persistent connections: the consumer's sync_to_async thread pool reuses them instead of
 # opening a PostgreSQL connection per message.
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
-DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# No `SELECT 1` before each use of a pooled connection: on the socket's write path it was a
+# round trip per message and doubled p99 under load (docs/performance.md). The cost: after a
+# PostgreSQL restart, each pooled connection fails once (a socket answers `unavailable`, the
+# page retries; a page view may answer 500 once), and Django then replaces it.
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://localhost:6379/0")

@@ -19,6 +19,7 @@ from django.contrib.auth import get_user_model
 from django.db import connection
 from django.test import Client
 
+from chat import selectors
 from chat.models import Room
 from chatproject.procfile import (  # noqa: F401  (re-exported for tests that import them from here)
     DaphneServer,
@@ -46,6 +47,12 @@ def _fresh_rate_limits() -> None:
     if keys:
         client.delete(*keys)
     client.close()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_vip_status() -> None:
+    """VIP status is cached per process for a few seconds; tests change it and look at once."""
+    selectors._vip_status.clear()
 
 
 @pytest.fixture
