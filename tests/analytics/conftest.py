@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,18 +21,7 @@ from kombu import Connection
 
 from chatproject.broker import ANALYTICS_QUEUE, declare_topology
 from chatproject.procfile import ROOT, child_process_env, procfile_command
-
-
-def wait_until(condition: Callable[[], object], *, timeout: float, message: str) -> object:
-    """Poll `condition` until it is truthy; fails the test with `message` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} (waited {timeout:.0f}s)")
-        time.sleep(0.1)
+from tests.waiting import wait_until
 
 
 @dataclass

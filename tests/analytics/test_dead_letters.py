@@ -13,7 +13,7 @@ from analytics import selectors
 from chat import services
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.celery import app
-from tests.analytics.conftest import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 

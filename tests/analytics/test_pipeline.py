@@ -20,8 +20,8 @@ from chat import services
 from chat.models import Message, OutboxEvent
 from chatproject.asgi import application
 from chatproject.broker import ANALYTICS_QUEUE
-from tests.analytics.conftest import wait_until
 from tests.conftest import session_cookie
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -87,12 +86,3 @@ def send_messages(make_user, make_room) -> Callable[[int], list[OutboxEvent]]:
         return list(OutboxEvent.objects.order_by("-id")[:n])[::-1]
 
     return send
-
-
-def wait_until(condition: Callable[[], object], *, timeout: float, message: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} (waited {timeout:.0f}s)")
-        time.sleep(0.1)
-    return value

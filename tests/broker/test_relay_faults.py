@@ -12,8 +12,8 @@ import pytest
 from chat.models import OutboxEvent
 from chat.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
 from chatproject.procfile import free_port
-from tests.broker.conftest import wait_until
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 

@@ -17,7 +17,7 @@ from chatproject.broker import (
     topology_differences,
 )
 from chatproject.procfile import ROOT, child_process_env, free_port, procfile_command
-from tests.broker.conftest import wait_until
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import json
 import random
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,19 +30,11 @@ from chatproject.broker import (
     notifications_queue,
 )
 from chatproject.procfile import procfile_command
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 LOCMEM_EMAIL = {"EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend"}
-
-
-def wait_until(condition: Callable[[], object], *, timeout: float, message: str) -> object:
-    deadline = time.monotonic() + timeout
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} (waited {timeout:.0f}s)")
-        time.sleep(0.2)
-    return value
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ messages the pipeline really carries.
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -21,20 +20,9 @@ from kombu import Connection
 from chat.relay import task_message_build
 from chatproject.broker import CHAT_EVENTS_EXCHANGE
 from chatproject.procfile import procfile_command
+from tests.waiting import wait_until
 
 ROUTING_KEY = "chat.message.created"
-
-
-def wait_until(condition: Callable[[], object], *, timeout: float, message: str) -> object:
-    """Poll `condition` until truthy; fails the test with `message` after `timeout` (an upper bound)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{message} (waited {timeout:.0f}s)")
-        time.sleep(0.1)
 
 
 def log_text(process: subprocess.Popen) -> str:

@@ -15,13 +15,8 @@ from chat.relay import task_message_build
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter
-from tests.deadletters.conftest import (
-    analytics_task_message,
-    chat_event,
-    publish,
-    queue_depth,
-    wait_until,
-)
+from tests.deadletters.conftest import analytics_task_message, chat_event, publish, queue_depth
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 

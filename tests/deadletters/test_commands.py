@@ -10,7 +10,8 @@ from django.core.management import CommandError, call_command
 from django.test import override_settings
 
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
-from tests.deadletters.conftest import archive_letter, wait_until
+from tests.deadletters.conftest import archive_letter
+from tests.waiting import wait_until
 
 
 def run(*args: str) -> str:

@@ -8,14 +8,8 @@ from kombu import Connection
 from analytics import selectors as analytics_selectors
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
-from tests.deadletters.conftest import (
-    analytics_task_message,
-    archive_letter,
-    chat_event,
-    log_text,
-    publish,
-    wait_until,
-)
+from tests.deadletters.conftest import analytics_task_message, archive_letter, chat_event, log_text, publish
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
 
