@@ -26,8 +26,7 @@ from typing import Any
 import amqp
 import psycopg2
 import psycopg2.extensions
-from amqp.exceptions import AMQPError, PreconditionFailed, RecoverableConnectionError
-from amqp.exceptions import ConnectionError as AMQPConnectionError
+from amqp.exceptions import PreconditionFailed
 from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.db import connection as django_connection
@@ -36,34 +35,22 @@ from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 from django.utils import timezone
 from kombu import Connection
-from kombu.exceptions import OperationalError as KombuOperationalError
 
 from chat.models import OutboxEvent
 from chat.outbox import OUTBOX_NOTIFY_CHANNEL
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
+from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing, first_line
+from chatproject.health import redacted_url
 from chatproject.monitoring.metrics import RELAY_PUBLISH_SECONDS
 
 logger = logging.getLogger(__name__)
 
 # Exit status of a relay stopped by the crash test hook, distinct from any real failure.
 CRASH_HOOK_EXIT_CODE = 75
-CONFIRM_TIMEOUT_SECONDS = 10.0
-CONNECT_TIMEOUT_SECONDS = 3.0
 # How many rows one transaction locks: several task messages, published before one confirm wait.
 BATCHES_PER_ROUND = 10
 MAX_BACKOFF_SECONDS = 30.0
 PRUNE_CHUNK = 10_000
-
-# Everything that means "the broker connection is unusable": reconnect and try again later.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes socket.timeout and ConnectionRefusedError
-    AMQPConnectionError,
-    RecoverableConnectionError,
-)
-
-
-class BrokerUnavailable(Exception):
-    """The broker cannot be reached or stopped answering; the events stay pending."""
 
 
 @dataclass(frozen=True)
@@ -86,121 +73,51 @@ class TaskMessage:
 
 
 class EventPublisher:
-    """One broker connection in confirm mode, publishing batches with pipelined confirms."""
+    """Task messages to the chat_events exchange, each counted only once RabbitMQ confirmed it."""
 
     def __init__(self, broker_url: str | None = None, *, declare: bool = True) -> None:
         self.broker_url = broker_url or settings.CELERY_BROKER_URL
-        self.declare = declare
-        self._connection: Connection | None = None
-        self._channel: amqp.Channel | None = None
-        self._published = 0  # delivery tags number a channel's publishes from 1
-        self._unconfirmed: set[int] = set()
-        self._nacked: set[int] = set()
-        self._returned: set[str] = set()  # task ids of unroutable messages
+        self._confirming = ConfirmingPublisher(
+            self.broker_url,
+            # The relay sets the Celery task id as correlation_id (as_task_v2 does).
+            return_key=lambda message: message.properties.get("correlation_id", ""),
+            on_connect=_declare_topology if declare else None,
+        )
 
     @property
     def connected(self) -> bool:
-        return self._channel is not None
+        return self._confirming.connected
 
     def connect(self) -> None:
         """Open the connection and a confirm-mode channel; raises BrokerUnavailable."""
-        if self._channel is not None:
-            return
-        connection = Connection(self.broker_url, connect_timeout=CONNECT_TIMEOUT_SECONDS)
-        try:
-            connection.ensure_connection(max_retries=0)
-            if self.declare:
-                self._declare_topology(connection)
-            channel: amqp.Channel = connection.default_channel
-            channel.confirm_select()
-        except (*BROKER_ERRORS, AMQPError, KombuOperationalError) as error:
-            connection.release()
-            raise BrokerUnavailable(_first_line(error)) from error
-        channel.events["basic_ack"].add(self._on_ack)
-        channel.events["basic_nack"].add(self._on_nack)
-        channel.events["basic_return"].add(self._on_return)
-        self._connection = connection
-        self._channel = channel
-        self._published = 0
-
-    @staticmethod
-    def _declare_topology(connection: Connection) -> None:
-        # Publishing into a missing exchange would close the channel, so a relay started before
-        # setup_broker declares it. A mismatch is setup_broker's to report; publishing goes on.
-        try:
-            declare_topology(connection)
-        except PreconditionFailed as error:
-            logger.error(
-                "the broker's topology differs from chatproject/broker.py (%s); "
-                "run `manage.py setup_broker --check`",
-                _first_line(error),
-            )
+        self._confirming.connect()
 
     def close(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.release()
-            except Exception:  # closing a dead connection may fail in many ways; it is gone either way
-                pass
-        self._connection = None
-        self._channel = None
+        self._confirming.close()
 
     def publish(self, messages: list[TaskMessage]) -> list[TaskMessage]:
-        """Publish every message, then wait for all confirms; returns the confirmed-and-routed ones.
+        """Publish every message with pipelined confirms; returns the confirmed-and-routed ones.
 
-        A nacked or unroutable message is left out (its rows stay pending). A timeout or a lost
-        connection raises BrokerUnavailable and closes the connection, since late confirms could
-        not be told apart from the next batch's.
+        A nacked or unroutable message is left out (its rows stay pending). Raises
+        BrokerUnavailable when the broker is unreachable or the confirms do not come.
         """
-        self.connect()
-        assert self._channel is not None and self._connection is not None
-        channel = self._channel
-        self._unconfirmed.clear()
-        self._nacked.clear()
-        self._returned.clear()
-        tags: dict[int, TaskMessage] = {}
-        try:
-            for task_message in messages:
-                channel.basic_publish(
-                    task_message.message,
-                    exchange=CHAT_EVENTS_EXCHANGE.name,
-                    routing_key=task_message.routing_key,
-                    mandatory=True,
-                )
-                self._published += 1
-                tags[self._published] = task_message
-                self._unconfirmed.add(self._published)
-            # Pipelined: one wait for the whole batch, not a round trip per message.
-            deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
-            while self._unconfirmed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("publisher confirms did not arrive in time")
-                self._connection.connection.drain_events(timeout=remaining)
-        except (*BROKER_ERRORS, AMQPError) as error:
-            self.close()
-            raise BrokerUnavailable(_first_line(error)) from error
-        return [
-            message
-            for tag, message in tags.items()
-            if tag not in self._nacked and message.task_id not in self._returned
-        ]
+        failed = self._confirming.publish(
+            [Outgoing(m.task_id, m.message, CHAT_EVENTS_EXCHANGE.name, m.routing_key) for m in messages]
+        )
+        return [message for message in messages if message.task_id not in failed]
 
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple)
 
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._nacked.update(self._settle(delivery_tag, multiple))
-
-    def _settle(self, delivery_tag: int, multiple: bool) -> set[int]:
-        # `multiple` confirms every outstanding tag up to and including this one.
-        settled = {tag for tag in self._unconfirmed if tag <= delivery_tag} if multiple else {delivery_tag}
-        self._unconfirmed -= settled
-        return settled
-
-    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
-        # RabbitMQ sends basic.return before the ack of an unroutable mandatory message.
-        self._returned.add(message.properties.get("correlation_id", ""))
+def _declare_topology(connection: Connection) -> None:
+    # Publishing into a missing exchange would close the channel, so a relay started before
+    # setup_broker declares it. A mismatch is setup_broker's to report; publishing goes on.
+    try:
+        declare_topology(connection)
+    except PreconditionFailed as error:
+        logger.error(
+            "the broker's topology differs from chatproject/broker.py (%s); "
+            "run `manage.py setup_broker --check`",
+            first_line(error),
+        )
 
 
 def task_message_build(*, routing_key: str, rows: list[tuple[int, dict[str, Any], int]]) -> TaskMessage:
@@ -400,9 +317,7 @@ class RelayLog:
     """Logs the relay's state changes only (connected, broker unreachable, reconnected), not events."""
 
     def __init__(self, broker_url: str) -> None:
-        from chatproject.health import _redacted
-
-        self.url = _redacted(broker_url)
+        self.url = redacted_url(broker_url)
         self.broker = "starting"
         self.database = "up"
 
@@ -479,7 +394,7 @@ def relay_run(
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
             except (DatabaseError, psycopg2.Error) as error:
-                log.database_down(_first_line(error))
+                log.database_down(first_line(error))
                 listener.close()
                 django_connection.close()
                 time.sleep(backoff)
@@ -487,8 +402,3 @@ def relay_run(
     finally:
         publisher.close()
         listener.close()
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

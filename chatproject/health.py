@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db import connections
 from kombu import Connection
 
+from chatproject.confirms import first_line
 from chatproject.database import database_url
 
 TIMEOUT_SECONDS = 2.0
@@ -36,7 +37,7 @@ class ServiceState:
         return f"{label} is not reachable at {self.url} ({self.error}); {HOW_TO_START[self.name]}"
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
@@ -51,35 +52,30 @@ def check_database() -> ServiceState:
             cursor.execute("SELECT 1")
     except Exception as error:  # any driver error means "not usable", reported not raised
         connections["default"].close()
-        return ServiceState("database", url, False, _first_line(error))
+        return ServiceState("database", url, False, first_line(error))
     return ServiceState("database", url, True)
 
 
 def check_channel_layer() -> ServiceState:
-    url = _redacted(settings.REDIS_URL)
+    url = redacted_url(settings.REDIS_URL)
     try:
         client = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=TIMEOUT_SECONDS)
         client.ping()
         client.close()
     except (redis.RedisError, OSError) as error:
-        return ServiceState("channel_layer", url, False, _first_line(error))
+        return ServiceState("channel_layer", url, False, first_line(error))
     return ServiceState("channel_layer", url, True)
 
 
 def check_broker() -> ServiceState:
-    url = _redacted(settings.CELERY_BROKER_URL)
+    url = redacted_url(settings.CELERY_BROKER_URL)
     try:
         with Connection(settings.CELERY_BROKER_URL, connect_timeout=TIMEOUT_SECONDS) as conn:
             conn.ensure_connection(max_retries=0)
     except Exception as error:  # kombu and amqp raise many transport error types
-        return ServiceState("broker", url, False, _first_line(error))
+        return ServiceState("broker", url, False, first_line(error))
     return ServiceState("broker", url, True)
 
 
 def check_all() -> list[ServiceState]:
     return [check_database(), check_channel_layer(), check_broker()]
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

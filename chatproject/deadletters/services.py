@@ -18,7 +18,6 @@ import getpass
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,15 +25,14 @@ from decimal import Decimal
 from typing import Any
 
 import amqp
-from amqp.exceptions import AMQPError
 from django.conf import settings
 from django.contrib.admin.models import CHANGE, LogEntry
 from django.db import IntegrityError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
-from kombu import Connection
 
 from chatproject.broker import DEAD_LETTER_EXCHANGE
+from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 
 logger = logging.getLogger(__name__)
@@ -50,13 +48,8 @@ REPLAY_HEADER = "x-replay-of"
 # A failure note a worker sent through the broker because it could not reach the database.
 FAILURE_NOTE_HEADER = "x-task-failure-note"
 FAILURE_NOTE_ROUTING_KEY = "deadletters.task_failure"
-CONFIRM_TIMEOUT_SECONDS = 10.0
 # Letters per publish-and-confirm round and per marking transaction.
 REPLAY_CHUNK = 200
-
-
-class ReplayFailed(Exception):
-    """The broker did not take a replayed message (nacked, unroutable, unreachable)."""
 
 
 # --- archiving --------------------------------------------------------------------------------
@@ -399,120 +392,12 @@ def task_failures_prune(*, older_than: timedelta | None = None) -> int:
 # --- replay and discard -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ReplayItem:
-    key: int  # the dead letter's id, also sent as the REPLAY_HEADER to match basic.return
-    exchange: str
-    routing_key: str
-    body: bytes
-    properties: dict[str, Any]
-
-
-class ReplayPublisher:
-    """One confirm-mode channel; a replayed message counts only once RabbitMQ confirmed it.
-
-    Publishes a chunk, then waits once for all its confirms (pipelined, not a round trip per
-    message). `mandatory` makes an unroutable message come back (basic.return, before its ack)
-    instead of being confirmed and silently dropped.
-    """
-
-    def __init__(self, broker_url: str | None = None) -> None:
-        self.broker_url = broker_url or settings.CELERY_BROKER_URL
-        self._connection: Connection | None = None
-        self._channel: amqp.Channel | None = None
-        self._published = 0  # delivery tags number a channel's publishes from 1
-        self._unconfirmed: set[int] = set()
-        self._nacked: set[int] = set()
-        self._returned: set[int] = set()
-
-    def __enter__(self) -> ReplayPublisher:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    def _open(self) -> amqp.Channel:
-        if self._channel is None:
-            conn = Connection(self.broker_url, connect_timeout=5)
-            try:
-                conn.ensure_connection(max_retries=0)
-                channel = conn.default_channel
-                channel.confirm_select()
-            except Exception as error:
-                conn.release()
-                raise ReplayFailed(f"broker unreachable: {error}") from error
-            channel.events["basic_ack"].add(self._on_ack)
-            channel.events["basic_nack"].add(self._on_nack)
-            channel.events["basic_return"].add(self._on_return)
-            self._connection, self._channel, self._published = conn, channel, 0
-        return self._channel
-
-    def _settle(self, delivery_tag: int, multiple: bool) -> set[int]:
-        # `multiple` confirms every outstanding tag up to and including this one.
-        settled = {t for t in self._unconfirmed if t <= delivery_tag} if multiple else {delivery_tag}
-        self._unconfirmed -= settled
-        return settled
-
-    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
-        self._settle(delivery_tag, multiple)
-
-    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
-        self._nacked |= self._settle(delivery_tag, multiple)
-
-    def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
-        key = (message.properties.get("application_headers") or {}).get(REPLAY_HEADER)
-        if isinstance(key, int):
-            self._returned.add(key)
-
-    def publish(self, items: list[ReplayItem]) -> dict[int, str]:
-        """Publish every item and wait for all their confirms; returns {key: why} for those not taken.
-
-        Raises ReplayFailed when the broker is unreachable or the confirms do not come (then no
-        item of the chunk counts as replayed; replaying them again is harmless).
-        """
-        channel = self._open()
-        assert self._connection is not None
-        self._unconfirmed.clear()
-        self._nacked.clear()
-        self._returned.clear()
-        tags: dict[int, ReplayItem] = {}
-        try:
-            for item in items:
-                channel.basic_publish(
-                    amqp.Message(item.body, **item.properties),
-                    exchange=item.exchange,
-                    routing_key=item.routing_key,
-                    mandatory=True,
-                )
-                self._published += 1
-                tags[self._published] = item
-                self._unconfirmed.add(self._published)
-            deadline = time.monotonic() + CONFIRM_TIMEOUT_SECONDS
-            while self._unconfirmed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("publisher confirms did not arrive in time")
-                self._connection.drain_events(timeout=remaining)
-        except (AMQPError, OSError) as error:
-            self.close()
-            raise ReplayFailed(f"{type(error).__name__}: {error}") from error
-        failed: dict[int, str] = {}
-        for tag, item in tags.items():
-            if item.key in self._returned:
-                failed[item.key] = (
-                    f"no queue is bound to exchange {item.exchange!r} with routing key {item.routing_key!r}"
-                )
-            elif tag in self._nacked:
-                failed[item.key] = "the broker refused the message (nack)"
-        return failed
-
-    def close(self) -> None:
-        if self._connection is not None:
-            try:
-                self._connection.release()
-            except Exception:  # a dead connection fails to close in many ways; it is gone either way
-                pass
-        self._connection = self._channel = None
+def replay_publisher(broker_url: str | None = None) -> ConfirmingPublisher:
+    """The confirming publisher replays go through; a returned message is found by REPLAY_HEADER."""
+    return ConfirmingPublisher(
+        broker_url or settings.CELERY_BROKER_URL,
+        return_key=lambda message: (message.properties.get("application_headers") or {}).get(REPLAY_HEADER),
+    )
 
 
 def replay_message(dead_letter: DeadLetter) -> tuple[bytes, dict[str, Any]]:
@@ -576,7 +461,7 @@ def dead_letter_replay(
     dead_letters: Iterable[DeadLetter],
     actor: Any = None,
     actor_label: str | None = None,
-    publisher: ReplayPublisher | None = None,
+    publisher: ConfirmingPublisher | None = None,
 ) -> BulkResult:
     """Republish each dead letter to its original exchange and routing key, confirmed, and mark it.
 
@@ -589,7 +474,7 @@ def dead_letter_replay(
     label = _actor_label(actor, actor_label)
     result = BulkResult()
     own_publisher = publisher is None
-    publisher = publisher or ReplayPublisher()
+    publisher = publisher or replay_publisher()
     chunk: list[DeadLetter] = []
     try:
         for dead_letter in dead_letters:
@@ -608,18 +493,24 @@ def dead_letter_replay(
 
 
 def _replay_chunk(
-    chunk: list[DeadLetter], *, publisher: ReplayPublisher, actor: Any, label: str, result: BulkResult
+    chunk: list[DeadLetter], *, publisher: ConfirmingPublisher, actor: Any, label: str, result: BulkResult
 ) -> None:
-    items = []
+    batch = []
     for dead_letter in chunk:
         body, properties = replay_message(dead_letter)
-        items.append(
-            ReplayItem(dead_letter.pk, dead_letter.origin_exchange, dead_letter.routing_key, body, properties)
+        batch.append(
+            Outgoing(
+                dead_letter.pk,
+                amqp.Message(body, **properties),
+                dead_letter.origin_exchange,
+                dead_letter.routing_key,
+            )
         )
     try:
-        failed = publisher.publish(items)
-    except ReplayFailed as error:
-        result.failed.update({dead_letter.pk: str(error) for dead_letter in chunk})
+        failed = publisher.publish(batch)
+    except BrokerUnavailable as error:
+        # Nothing of the chunk counts as replayed; replaying it again is harmless.
+        result.failed.update({dead_letter.pk: f"broker unreachable: {error}" for dead_letter in chunk})
         return
     confirmed = [dead_letter for dead_letter in chunk if dead_letter.pk not in failed]
     if confirmed:

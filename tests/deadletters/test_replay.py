@@ -95,7 +95,7 @@ def test_replay_while_rabbitmq_is_unreachable_fails_and_leaves_the_letter_new(db
     result = services.dead_letter_replay(
         dead_letters=[letter],
         actor_label="test",
-        publisher=services.ReplayPublisher("amqp://guest:guest@127.0.0.1:1//"),
+        publisher=services.replay_publisher("amqp://guest:guest@127.0.0.1:1//"),
     )
 
     assert "broker unreachable" in result.failed[letter.pk]
