@@ -257,35 +257,63 @@ def burst_events_store(*, count: int, rooms: list[Room], users: list, chunk: int
     name synthetic message ids. Each chunk commits (and NOTIFYs the relay) on its own, with the
     chunk's start as the events' created_at. Returns the synthetic message ids.
     """
-    base = BURST_MESSAGE_ID_BASE + int(time.time() * 1000) * 100_000
-    ids = list(range(base, base + count))
+    ids = _synthetic_message_ids(count)
     for start in range(0, count, chunk):
-        now = timezone.now().isoformat()
-        rows = []
-        for n in range(start, min(start + chunk, count)):
-            event_id = uuid.uuid4()
-            room = rooms[n % len(rooms)]
-            rows.append(
-                OutboxEvent(
-                    event_id=event_id,
-                    routing_key=ROUTING_MESSAGE_CREATED,
-                    payload={
-                        "event_id": str(event_id),
-                        "type": ROUTING_MESSAGE_CREATED,
-                        "message_id": ids[n],
-                        "room_id": room.pk,
-                        "room": room.slug,
-                        "author_id": users[n % len(users)].pk,
-                        "seq": n + 1,
-                        "created_at": now,
-                    },
-                )
-            )
-        with transaction.atomic():
-            OutboxEvent.objects.bulk_create(rows)
-            with connection.cursor() as cursor:
-                cursor.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
+        _events_write(ids[start : start + chunk], first_seq=start + 1, rooms=rooms, users=users)
     return ids
+
+
+def events_store_at_rate(*, rate: float, seconds: float, rooms: list[Room], users: list) -> SendResult:
+    """Write synthetic chat.message.created events at `rate` per second for `seconds`, paced.
+
+    The steady-load twin of burst_events_store: a chunk every 100 ms, each event's created_at
+    its chunk's commit time, so the lag measured is the pipeline's at that rate without the
+    CPU that generating real chat messages takes from it on a small machine.
+    """
+    tick = 0.1
+    ids = _synthetic_message_ids(int(rate * seconds))
+    per_tick = max(1, round(rate * tick))
+    started = time.monotonic()
+    for n, start in enumerate(range(0, len(ids), per_tick)):
+        delay = started + n * tick - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        _events_write(ids[start : start + per_tick], first_seq=start + 1, rooms=rooms, users=users)
+    return SendResult(message_ids=ids, seconds=time.monotonic() - started)
+
+
+def _synthetic_message_ids(count: int) -> list[int]:
+    base = BURST_MESSAGE_ID_BASE + int(time.time() * 1000) * 100_000
+    return list(range(base, base + count))
+
+
+def _events_write(message_ids: list[int], *, first_seq: int, rooms: list[Room], users: list) -> None:
+    now = timezone.now().isoformat()
+    rows = []
+    for offset, message_id in enumerate(message_ids):
+        n = first_seq - 1 + offset
+        event_id = uuid.uuid4()
+        room = rooms[n % len(rooms)]
+        rows.append(
+            OutboxEvent(
+                event_id=event_id,
+                routing_key=ROUTING_MESSAGE_CREATED,
+                payload={
+                    "event_id": str(event_id),
+                    "type": ROUTING_MESSAGE_CREATED,
+                    "message_id": message_id,
+                    "room_id": room.pk,
+                    "room": room.slug,
+                    "author_id": users[n % len(users)].pk,
+                    "seq": n + 1,
+                    "created_at": now,
+                },
+            )
+        )
+    with transaction.atomic():
+        OutboxEvent.objects.bulk_create(rows)
+        with connection.cursor() as cursor:
+            cursor.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
 
 
 def counted_of(message_ids: list[int]) -> int:

@@ -54,6 +54,12 @@ class Command(BaseCommand):
             help="instead of chatting: write N outbox events at once and time how fast relay and "
             "workers drain them (the pipeline's capacity, without the cost of storing messages)",
         )
+        parser.add_argument(
+            "--events-only",
+            action="store_true",
+            help="write synthetic events at --rate for --seconds instead of storing chat messages: the "
+            "pipeline's lag at that rate, without the CPU that generating real messages costs",
+        )
         parser.add_argument("--json", action="store_true", help="print the results as JSON")
 
     def handle(self, *args: Any, **options: Any) -> None:
@@ -81,7 +87,7 @@ class Command(BaseCommand):
             )
         lag = bench.lag_of(result.message_ids)
         report = {
-            "mode": "burst" if options["burst"] else "chat",
+            "mode": "burst" if options["burst"] else "events" if options["events_only"] else "chat",
             "messages": len(result.message_ids),
             # From the first message stored (or event written) to the last one counted.
             "counted_per_second": round(len(result.message_ids) / total_seconds, 1),
@@ -135,6 +141,12 @@ class Command(BaseCommand):
                 ids = bench.burst_events_store(count=options["burst"], rooms=rooms, users=users)
                 result = bench.SendResult(message_ids=ids, seconds=time.monotonic() - started)
                 progress.update(sending, completed=len(ids))
+            elif options["events_only"]:
+                sending = progress.add_task("events written", total=total)
+                result = bench.events_store_at_rate(
+                    rate=options["rate"], seconds=options["seconds"], rooms=rooms, users=users
+                )
+                progress.update(sending, completed=len(result.message_ids))
             else:
                 sending = progress.add_task("stored", total=total)
                 result = bench.messages_send_from_processes(
