@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import quote, urlsplit
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
@@ -36,7 +35,13 @@ from chat.models import Message, NotificationDelivery, Room
 from chat.notifications import KIND_MENTION
 from chat.outbox import ROUTING_MENTION
 from chat.relay import EventPublisher, task_message_build
-from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW, declare_topology, notifications_queue
+from chatproject.broker import (
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    ScratchVhostError,
+    notifications_queue,
+    scratch_vhost,
+)
 from chatproject.procfile import ROOT, child_process_env, procfile_command
 
 T = TypeVar("T")
@@ -75,15 +80,32 @@ def benchmark_priority(
     progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
 ) -> PriorityResult:
     """Build the backlog with the worker stopped, start it, send VIP tasks while it drains."""
-    vhost = f"bench_priority_{uuid.uuid4().hex[:8]}"
-    url = urlsplit(settings.CELERY_BROKER_URL)._replace(path="/" + quote(vhost, safe="")).geturl()
-    _rabbitmqctl("add_vhost", vhost)
+    try:
+        with scratch_vhost("bench_priority", broker_url=settings.CELERY_BROKER_URL) as url:
+            return _measure_priority(
+                url,
+                backlog=backlog,
+                vip_count=vip_count,
+                vip_interval=vip_interval,
+                timeout=timeout,
+                progress=progress,
+            )
+    except ScratchVhostError as error:
+        raise BenchmarkError(f"bench_priority works in a vhost of its own: {error}") from error
+
+
+def _measure_priority(
+    url: str,
+    *,
+    backlog: int,
+    vip_count: int,
+    vip_interval: float,
+    timeout: float,
+    progress: Callable[[str, int, int], None],
+) -> PriorityResult:
     worker: subprocess.Popen | None = None
     message, target_id = _bench_message()
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, urlsplit(url).username or "guest", ".*", ".*", ".*")
-        with Connection(url) as connection:
-            declare_topology(connection)
         publisher = EventPublisher(url)
         try:
             normal_ids = _publish(
@@ -124,7 +146,6 @@ def benchmark_priority(
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait()
-        _rabbitmqctl("delete_vhost", vhost)
         _with_db_retry(_delete_bench_data)
 
 
@@ -245,15 +266,3 @@ def _wait(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise BenchmarkError(f"gave up waiting for {what} after {timeout:.0f}s")
         time.sleep(0.05)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    try:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-    except FileNotFoundError as error:
-        raise BenchmarkError(
-            "bench_priority needs rabbitmqctl on this machine (it creates a vhost)"
-        ) from error
-    except subprocess.CalledProcessError as error:
-        detail = error.stderr.decode(errors="replace").strip().splitlines()
-        raise BenchmarkError(f"rabbitmqctl {args[0]} failed: {detail[-1] if detail else error}") from error

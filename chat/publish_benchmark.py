@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import time
 import uuid
 from dataclasses import dataclass
-from urllib.parse import quote, urlsplit
 
 import pika
 from django.conf import settings
@@ -25,7 +23,7 @@ from kombu import Connection
 from chat.models import OutboxEvent
 from chat.outbox import ROUTING_MESSAGE_CREATED
 from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import QUEUES, declare_topology
+from chatproject.broker import QUEUES, ScratchVhostError, scratch_vhost
 
 SEED_QUEUE = "bench_publish"
 
@@ -53,21 +51,16 @@ def benchmark_publish(*, count: int, repeat: int = 3) -> PublishTimings:
     The paths alternate `repeat` times and each reports its median, so that a burst of load
     from other processes on the machine does not decide the ratio.
     """
-    vhost = f"bench_publish_{uuid.uuid4().hex[:8]}"
-    url = _vhost_url(settings.CELERY_BROKER_URL, vhost)
-    _rabbitmqctl("add_vhost", vhost)
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, urlsplit(url).username or "guest", ".*", ".*", ".*")
-        with Connection(url) as conn:
-            declare_topology(conn)
-        seed_runs, outbox_runs = [], []
-        for _ in range(repeat):
-            seed_runs.append(_time_seed_loop(url, count=count))
-            seconds, messages = _time_outbox_path(url, count=count)
-            outbox_runs.append(seconds)
-            _purge_all(url)  # every run starts from empty queues
-    finally:
-        _rabbitmqctl("delete_vhost", vhost)
+        with scratch_vhost("bench_publish", broker_url=settings.CELERY_BROKER_URL) as url:
+            seed_runs, outbox_runs = [], []
+            for _ in range(repeat):
+                seed_runs.append(_time_seed_loop(url, count=count))
+                seconds, messages = _time_outbox_path(url, count=count)
+                outbox_runs.append(seconds)
+                _purge_all(url)  # every run starts from empty queues
+    except ScratchVhostError as error:
+        raise BenchmarkError(f"bench_publish works in a vhost of its own: {error}") from error
     return PublishTimings(
         count, repeat, statistics.median(seed_runs), statistics.median(outbox_runs), messages
     )
@@ -152,19 +145,3 @@ def _payload(i: int) -> dict[str, object]:
         "event_id": str(uuid.uuid4()),
         "type": ROUTING_MESSAGE_CREATED,
     }
-
-
-def _vhost_url(broker_url: str, vhost: str) -> str:
-    return urlsplit(broker_url)._replace(path="/" + quote(vhost, safe="")).geturl()
-
-
-def _rabbitmqctl(*args: str) -> None:
-    try:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-    except FileNotFoundError as error:
-        raise BenchmarkError(
-            "bench_publish needs rabbitmqctl on this machine (it creates a vhost)"
-        ) from error
-    except subprocess.CalledProcessError as error:
-        detail = error.stderr.decode(errors="replace").strip().splitlines()
-        raise BenchmarkError(f"rabbitmqctl {args[0]} failed: {detail[-1] if detail else error}") from error

@@ -10,7 +10,12 @@ so a later consumer can bind to a subset; the `dead_letters` queue binds `#` to 
 
 from __future__ import annotations
 
+import subprocess
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from urllib.parse import quote, urlsplit
 
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Connection, Exchange, Queue
@@ -204,3 +209,37 @@ def _on_fresh_channel(connection: Connection, declare) -> None:
 def _reply_text(error: Exception) -> str:
     text = getattr(error, "reply_text", "") or str(error)
     return text.removeprefix("PRECONDITION_FAILED - ")
+
+
+class ScratchVhostError(Exception):
+    """rabbitmqctl is missing or refused; the message says which command and why."""
+
+
+@contextmanager
+def scratch_vhost(prefix: str, *, broker_url: str) -> Iterator[str]:
+    """A RabbitMQ vhost of the caller's own, with this topology, deleted on exit; yields its URL.
+
+    Benchmarks and test sessions use one each, so their queues never mix with the product's or
+    with each other's on a shared broker. Needs `rabbitmqctl` on this machine.
+    """
+    vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    parts = urlsplit(broker_url)
+    url = parts._replace(path="/" + quote(vhost, safe="")).geturl()
+    _rabbitmqctl("add_vhost", vhost)
+    try:
+        _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+        with Connection(url) as connection:
+            declare_topology(connection)
+        yield url
+    finally:
+        _rabbitmqctl("delete_vhost", vhost)
+
+
+def _rabbitmqctl(*args: str) -> None:
+    try:
+        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    except FileNotFoundError as error:
+        raise ScratchVhostError("rabbitmqctl is not on this machine (needed to create a vhost)") from error
+    except subprocess.CalledProcessError as error:
+        detail = error.stderr.decode(errors="replace").strip().splitlines()
+        raise ScratchVhostError(f"rabbitmqctl {args[0]} failed: {detail[-1] if detail else error}") from error

@@ -122,29 +122,18 @@ def broker_url() -> Iterator[str]:
     The Django setting and the Celery app point at it for the whole session.
     """
     from celery import current_app
-    from kombu import Connection
 
-    from chatproject.broker import declare_topology
+    from chatproject.broker import scratch_vhost
 
-    vhost = f"test_{os.getpid()}"
-    _rabbitmqctl("add_vhost", vhost)
-    _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    url = f"amqp://guest:guest@localhost:5672/{vhost}"
-    with Connection(url) as conn:
-        declare_topology(conn)
     previous = settings.CELERY_BROKER_URL
-    settings.CELERY_BROKER_URL = url
-    current_app.conf.broker_url = url
-    try:
-        yield url
-    finally:
-        settings.CELERY_BROKER_URL = previous
-        current_app.conf.broker_url = previous
-        _rabbitmqctl("delete_vhost", vhost)
-
-
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+    with scratch_vhost(f"test_{os.getpid()}", broker_url=previous) as url:
+        settings.CELERY_BROKER_URL = url
+        current_app.conf.broker_url = url
+        try:
+            yield url
+        finally:
+            settings.CELERY_BROKER_URL = previous
+            current_app.conf.broker_url = previous
 
 
 @pytest.fixture
