@@ -1,5 +1,6 @@
 """ASGI entry point: HTTP through Django, WebSockets through Channels (daphne serves both)."""
 
+import gc
 import os
 
 from django.core.asgi import get_asgi_application
@@ -21,3 +22,10 @@ application = ProtocolTypeRouter(
         "websocket": AllowedHostsOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
     }
 )
+
+# The web process allocates a few objects per delivered frame, thousands per second; with the
+# default thresholds the collector kept re-scanning the loaded app and every socket's state, and
+# its pauses were the latency tail (loadtest p99 64-225 ms -> 33-127 ms, docs/performance.md).
+# Freeze what start-up loaded (never garbage) and collect the young generation less often.
+gc.freeze()
+gc.set_threshold(50_000, 20, 20)
