@@ -100,12 +100,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # by a task of their own instead.
         self.inbox: asyncio.Queue[object] = asyncio.Queue()
         self.inbox_reader = asyncio.create_task(self._read_inbox())
-        self.heartbeat = asyncio.create_task(
-            presence.presence_heartbeat(user_id=user.pk, channel_name=self.channel_name)
-        )
         since = self._since_param()
         if since is not None:
             await self._replay_since(since)
+        # Started last: a connect() that raised above never gets a disconnect() to cancel it.
+        self.heartbeat = asyncio.create_task(
+            presence.presence_heartbeat(user_id=user.pk, channel_name=self.channel_name)
+        )
 
     async def _refuse(self, code: int) -> None:
         await self.accept()
@@ -119,7 +120,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
             return None
 
     async def _replay_since(self, since: int) -> None:
-        frames, more = await _missed_frames(self.room, since, settings.CHAT_REPLAY_LIMIT)
+        try:
+            frames, more = await _missed_frames(self.room, since, settings.CHAT_REPLAY_LIMIT)
+        except (OperationalError, InterfaceError):
+            # The database is not answering: the page reloads history over the API instead.
+            await self._send_json(protocol.resync_frame())
+            return
         if more:
             await self._send_json(protocol.resync_frame())
             return
@@ -154,10 +160,12 @@ class RoomConsumer(AsyncWebsocketConsumer):
             try:
                 await self._client_frame(raw)
             except Exception:
-                # What an exception in receive() did: the socket closes with 1011, the server lives.
-                logger.exception("Room socket frame failed; closing the socket")
-                await self.close(code=1011)
-                return
+                # A bug must not cost the user the socket: closing would make the page reconnect
+                # and resend the same frame, forever. Nothing was stored (the write is atomic).
+                logger.exception("room socket frame failed")
+                await self._send_json(
+                    protocol.error_frame(protocol.ERROR_INTERNAL, "The server failed to handle this frame.")
+                )
 
     async def _client_frame(self, raw: str | bytes | None) -> None:
         try:
@@ -193,12 +201,13 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
             return
         frame = protocol.message_frame(result.message)
-        if result.created:
-            if len(self.acknowledged_ids) > 1000:  # copies the layer dropped never come
-                self.acknowledged_ids.clear()
-            self.acknowledged_ids.add(frame["id"])
-            # Committed by now; sent from here rather than from the write's thread (services).
-            await services.message_broadcast(result.message)
+        if len(self.acknowledged_ids) > 1000:  # copies the layer dropped never come
+            self.acknowledged_ids.clear()
+        self.acknowledged_ids.add(frame["id"])
+        # Committed by now; sent from here rather than from the write's thread (services). A
+        # resend is broadcast again too: its first try may have committed just as the connection
+        # died, before anyone was told. Pages ignore an id they already have.
+        await services.message_broadcast(result.message)
         await self._send_json(frame)
 
     async def chat_message(self, event: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ only count members seen within PRESENCE_TTL_SECONDS and stale ones age out on th
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import redis
@@ -18,6 +19,8 @@ from django.conf import settings
 KEY_PREFIX = "chat:presence:user:"
 
 _sync_client: redis.Redis | None = None
+
+logger = logging.getLogger(__name__)
 
 
 def _key(user_id: int) -> str:
@@ -38,7 +41,11 @@ async def presence_heartbeat(*, user_id: int, channel_name: str) -> None:
     """Runs for the socket's lifetime (cancelled on disconnect), keeping its entry fresh."""
     while True:
         await asyncio.sleep(settings.PRESENCE_HEARTBEAT_SECONDS)
-        await _touch(user_id, channel_name)
+        try:
+            await _touch(user_id, channel_name)
+        except redis.RedisError as error:
+            # A Redis blip must not end the heartbeat: the socket would stop counting as online.
+            logger.warning("presence heartbeat failed (%s); retrying at the next beat", type(error).__name__)
 
 
 async def presence_socket_close(*, user_id: int, channel_name: str) -> None:

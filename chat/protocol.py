@@ -28,6 +28,7 @@ ERROR_TOO_LONG = "too_long"
 ERROR_FRAME_TOO_LARGE = "frame_too_large"
 ERROR_RATE_LIMITED = "rate_limited"
 ERROR_UNAVAILABLE = "unavailable"
+ERROR_INTERNAL = "internal_error"
 
 # Close codes for a socket that is refused after the handshake.
 CLOSE_UNAUTHENTICATED = 4401
@@ -108,6 +109,9 @@ def parse_client_frame(raw: str | bytes | None) -> SendMessage:
     text = data.get("text")
     if not isinstance(text, str) or not text.strip():
         raise ProtocolError(ERROR_INVALID_MESSAGE, "text must be a non-blank string.", echo_id)
+    if "\x00" in text or not _encodable(text):
+        # PostgreSQL text cannot hold NUL, and a lone surrogate ("\ud800" in JSON) is no UTF-8.
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "text contains characters that cannot be stored.", echo_id)
     if len(text) > settings.CHAT_MAX_MESSAGE_CHARS:
         raise ProtocolError(
             ERROR_TOO_LONG,
@@ -115,6 +119,14 @@ def parse_client_frame(raw: str | bytes | None) -> SendMessage:
             echo_id,
         )
     return SendMessage(text=text, client_id=parsed_id)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def message_frame(message: Message) -> MessageFrame:

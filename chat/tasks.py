@@ -21,7 +21,7 @@ from chatproject.celery import app
 logger = logging.getLogger(__name__)
 
 # Errors that may pass: database, Redis (presence, channel layer) or mail server unavailable.
-TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.ConnectionError, smtplib.SMTPException, OSError)
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.RedisError, smtplib.SMTPException, OSError)
 RETRY_MAX = 5
 
 

@@ -36,7 +36,8 @@
     invalid_message: "The server could not accept this message.",
     frame_too_large: "This message is too large to send.",
     invalid_json: "The server could not read this message.",
-    unavailable: "The chat cannot store messages right now. Retry in a moment."
+    unavailable: "The chat cannot store messages right now. Retry in a moment.",
+    internal_error: "The server could not handle this message. Retry, or reload the page."
   };
 
   var els = {
