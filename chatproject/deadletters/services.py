@@ -72,11 +72,21 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, Decimal):
         return str(value)
     if isinstance(value, (bytes, bytearray, memoryview)):
-        try:
-            return bytes(value).decode("utf-8")
-        except UnicodeDecodeError:
-            return base64.b64encode(bytes(value)).decode("ascii")
+        text = _storable_text(bytes(value))
+        return text if text is not None else base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, str) and "\x00" in value:
+        return value.replace("\x00", "\ufffd")  # jsonb cannot hold NUL; the letter is still shown
     return value
+
+
+def _storable_text(raw: bytes) -> str | None:
+    """`raw` as text when PostgreSQL can store it as such: UTF-8 without NUL (text columns refuse it)."""
+    if b"\x00" in raw:
+        return None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 def _as_bytes(body: bytes | str | None, encoding: str | None) -> bytes:
@@ -132,9 +142,10 @@ def _dead_letter_from_delivery(
     headers = dict(headers or {})
     properties = {k: v for k, v in (properties or {}).items() if k != "application_headers"}
     raw = _as_bytes(body, properties.get("content_encoding"))
-    try:
-        body_text, body_encoding = raw.decode("utf-8"), DeadLetter.BodyEncoding.UTF8
-    except UnicodeDecodeError:
+    body_text = _storable_text(raw)
+    if body_text is not None:
+        body_encoding = DeadLetter.BodyEncoding.UTF8
+    else:
         body_text, body_encoding = base64.b64encode(raw).decode("ascii"), DeadLetter.BodyEncoding.BASE64
     safe_headers = json_safe(headers)
     safe_properties = json_safe(properties)

@@ -78,6 +78,19 @@ def test_failure_recorded_after_the_dead_letter_completes_it():
     assert not TaskFailure.objects.exists()
 
 
+def test_body_and_headers_with_nul_are_archived_not_refused_by_postgresql():
+    body = b'{"valid": "utf-8 but with a NUL \x00 inside"}'
+    letter = services.dead_letter_archive(
+        body=body,
+        headers={"x-death": x_death(), "note": b"nul\x00byte", "text": "nul\x00char"},
+        properties={"content_type": "application/json"},
+    ).dead_letter
+    letter.refresh_from_db()
+    assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
+    assert services.replay_message(letter)[0] == body
+    assert "\x00" not in str(letter.headers)
+
+
 def test_undecodable_body_is_kept_as_base64_and_replayed_byte_for_byte():
     body = b"\xff\xfe not utf-8"
     letter = services.dead_letter_archive(
