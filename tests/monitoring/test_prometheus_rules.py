@@ -57,7 +57,7 @@ def test_rules_and_dashboard_use_only_metrics_the_code_defines():
 
     defined = {*metrics.PROJECT_METRIC_NAMES, *metrics.WORKER_METRIC_NAMES, metrics.SOURCE_UP}
     texts = (PROMETHEUS / "alerts.yml").read_text() + (
-        ROOT / "ops" / "grafana" / "chat-dashboard.json"
+        ROOT / "ops" / "grafana" / "dashboards" / "chat-dashboard.json"
     ).read_text()
 
     used = {

@@ -33,3 +33,14 @@ def test_compose_has_the_backing_services_with_health_checks():
         assert "healthcheck" in services[name]
     plugins = (ROOT / "ops/rabbitmq/enabled_plugins").read_text()
     assert "rabbitmq_management" in plugins and "rabbitmq_prometheus" in plugins
+
+
+def test_compose_mounts_what_prometheus_and_grafana_are_provisioned_from():
+    services = compose_services()
+    for service in ("prometheus", "grafana"):
+        for volume in services[service]["volumes"]:
+            source = volume.split(":")[0]
+            assert (ROOT / source).exists(), f"{service} mounts {source}, which does not exist"
+    datasource = yaml.safe_load((ROOT / "ops/grafana/provisioning/datasources/prometheus.yml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    assert list((ROOT / "ops/grafana/dashboards").glob("*.json"))
