@@ -16,15 +16,18 @@ import redis
 import redis.asyncio
 from django.conf import settings
 
-KEY_PREFIX = "chat:presence:user:"
-
 _sync_client: redis.Redis | None = None
 
 logger = logging.getLogger(__name__)
 
 
+def key_prefix() -> str:
+    """Every presence key starts with this (settings.REDIS_KEY_PREFIX keeps installations apart)."""
+    return f"{settings.REDIS_KEY_PREFIX}:presence:user:"
+
+
 def _key(user_id: int) -> str:
-    return f"{KEY_PREFIX}{user_id}"
+    return f"{key_prefix()}{user_id}"
 
 
 def _async_client() -> redis.asyncio.Redis:

@@ -46,7 +46,7 @@ def _take_token_script() -> AsyncScript:
 async def take_message_token(user_id: int) -> bool:
     """True when the user may send one more message now (and counts it)."""
     allowed = await _take_token_script()(
-        keys=[f"chat:ratelimit:{user_id}"],
+        keys=[f"{settings.REDIS_KEY_PREFIX}:ratelimit:{user_id}"],
         args=[settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST, time.time()],
     )
     return bool(allowed)

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from django.conf import settings
 from django.db import connection
 
 from chatproject.database import database_url
@@ -63,6 +64,8 @@ def child_process_env() -> dict[str, str]:
         "DATABASE_URL": database_url(connection.settings_dict),
         "DJANGO_SETTINGS_MODULE": "chatproject.settings",
         "PYTHONUNBUFFERED": "1",
+        # Same Redis namespace too: under pytest, the run's own (tests/conftest.py).
+        "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
     }
 
 

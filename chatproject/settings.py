@@ -81,6 +81,9 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", d
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://localhost:6379/0")
+# Every Redis key and channel-layer name starts with this, so that several installations (or a
+# test run beside `make run`) can share one Redis without reading each other's frames or buckets.
+REDIS_KEY_PREFIX = env.str("REDIS_KEY_PREFIX", default="chat")
 CHANNEL_LAYERS = {
     "default": {
         # Redis pub/sub: a group_send is one PUBLISH, and each web process receives it once per
@@ -90,7 +93,7 @@ CHANNEL_LAYERS = {
         # at-most-once (nothing is delivered to a process that is not subscribed at that moment),
         # so clients still repair gaps through `seq`.
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
-        "CONFIG": {"hosts": [REDIS_URL]},
+        "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_KEY_PREFIX}:asgi"},
     },
 }
 

@@ -39,11 +39,26 @@ def django_db_modify_db_settings() -> None:
     test_settings["NAME"] = f"test_{connection.settings_dict['NAME']}_{os.getpid()}"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _redis_namespace_of_this_run() -> None:
+    """This run's own Redis keys and channel-layer names (its children inherit them).
+
+    Room and user ids start at 1 in every test database, so without it a concurrent run, or
+    `make run` on the same Redis, could deliver frames to this run's sockets or spend its buckets.
+    """
+    from channels.layers import channel_layers
+
+    prefix = f"test{os.getpid()}"
+    settings.REDIS_KEY_PREFIX = prefix
+    settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] = f"{prefix}:asgi"
+    channel_layers.backends.clear()
+
+
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits() -> None:
     """Rate-limit buckets live in Redis, keyed by user id; ids repeat across test databases."""
     client = redis.Redis.from_url(settings.REDIS_URL)
-    keys = list(client.scan_iter("chat:ratelimit:*"))
+    keys = list(client.scan_iter(f"{settings.REDIS_KEY_PREFIX}:ratelimit:*"))
     if keys:
         client.delete(*keys)
     client.close()

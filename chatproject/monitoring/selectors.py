@@ -82,7 +82,7 @@ def open_socket_count() -> int:
     Each socket is a member of its user's set, refreshed by a heartbeat; members older than the
     TTL belong to crashed processes and are not counted. Raises SourceUnavailable.
     """
-    from chat.presence import KEY_PREFIX
+    from chat.presence import key_prefix
 
     client = redis.Redis.from_url(
         settings.REDIS_URL,
@@ -91,7 +91,7 @@ def open_socket_count() -> int:
     )
     try:
         fresh_since = time.time() - settings.PRESENCE_TTL_SECONDS
-        keys = list(client.scan_iter(match=f"{KEY_PREFIX}*", count=500))
+        keys = list(client.scan_iter(match=f"{key_prefix()}*", count=500))
         if not keys:
             return 0
         pipe = client.pipeline(transaction=False)

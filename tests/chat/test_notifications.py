@@ -173,7 +173,7 @@ def test_user_removed_from_the_private_room_is_not_notified(make_user, make_room
 def test_presence_stops_counting_a_socket_whose_heartbeat_stopped(make_user):
     alice = make_user("alice")
     client = redis.Redis.from_url(settings.REDIS_URL)
-    key = f"{presence.KEY_PREFIX}{alice.pk}"
+    key = f"{presence.key_prefix()}{alice.pk}"
     try:
         # A socket of a web process that crashed: its last heartbeat is older than the TTL.
         client.zadd(key, {"crashed-socket": time.time() - settings.PRESENCE_TTL_SECONDS - 1})

@@ -240,7 +240,7 @@ def test_rate_limited_message_shows_polite_error_and_retry_sends_it(make_user, r
     expect(failed.first.get_by_test_id("message-error")).to_contain_text("too fast")
     # Once the limit has passed (here: the bucket is emptied), a retry goes through.
     client = redis.Redis.from_url(settings.REDIS_URL)
-    buckets = list(client.scan_iter("chat:ratelimit:*"))
+    buckets = list(client.scan_iter(f"{settings.REDIS_KEY_PREFIX}:ratelimit:*"))
     if buckets:
         client.delete(*buckets)
     client.close()
