@@ -40,6 +40,7 @@ from chat.models import OutboxEvent
 from chat.outbox import OUTBOX_NOTIFY_CHANNEL
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
 from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing, first_line
+from chatproject.database import database_connect_autocommit
 from chatproject.health import redacted_url
 from chatproject.monitoring.metrics import RELAY_PUBLISH_SECONDS
 
@@ -281,16 +282,7 @@ class OutboxListener:
     def connect(self) -> None:
         if self._connection is not None and not self._connection.closed:
             return
-        db = settings.DATABASES["default"]
-        conn = psycopg2.connect(
-            dbname=db["NAME"],
-            user=db.get("USER") or None,
-            password=db.get("PASSWORD") or None,
-            host=db.get("HOST") or None,
-            port=db.get("PORT") or None,
-            connect_timeout=3,
-        )
-        conn.set_isolation_level(psycopg2.extensions.ISOLATION_LEVEL_AUTOCOMMIT)
+        conn = database_connect_autocommit()
         with conn.cursor() as cursor:
             cursor.execute(f"LISTEN {OUTBOX_NOTIFY_CHANNEL}")
         self._connection = conn

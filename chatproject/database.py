@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg2
+import psycopg2.extensions
 from django.conf import settings
 from psycopg2 import sql
 
@@ -22,16 +23,9 @@ def database_create_if_missing() -> bool:
     Raises psycopg2.OperationalError when the server cannot be reached.
     """
     db = settings.DATABASES["default"]
-    conn = psycopg2.connect(
-        dbname="postgres",
-        user=db.get("USER") or None,
-        password=db.get("PASSWORD") or None,
-        host=db.get("HOST") or None,
-        port=db.get("PORT") or None,
-        connect_timeout=3,
-    )
+    # CREATE DATABASE cannot run inside a transaction.
+    conn = database_connect_autocommit(dbname="postgres")
     try:
-        conn.autocommit = True  # CREATE DATABASE cannot run inside a transaction
         with conn.cursor() as cursor:
             cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [db["NAME"]])
             if cursor.fetchone():
@@ -40,3 +34,22 @@ def database_create_if_missing() -> bool:
             return True
     finally:
         conn.close()
+
+
+def database_connect_autocommit(*, dbname: str | None = None) -> psycopg2.extensions.connection:
+    """A raw autocommit psycopg2 connection to the configured server, outside Django's pool.
+
+    For what Django's connections cannot do: LISTEN (the relay), CREATE DATABASE (preflight).
+    `dbname` defaults to the configured database.
+    """
+    db = settings.DATABASES["default"]
+    conn = psycopg2.connect(
+        dbname=dbname or db["NAME"],
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        host=db.get("HOST") or None,
+        port=db.get("PORT") or None,
+        connect_timeout=3,
+    )
+    conn.autocommit = True
+    return conn

@@ -95,11 +95,6 @@ def session_cookie(user) -> str:
     return client.cookies["sessionid"].value
 
 
-def test_database_env() -> dict[str, str]:
-    """Environment for a child process that must see the test database."""
-    return child_process_env()
-
-
 @pytest.fixture
 def live_daphne(transactional_db) -> Iterator[DaphneServer]:
     """A real daphne process serving the project against the test database."""
@@ -161,7 +156,7 @@ def start_process(transactional_db, broker_url, tmp_path) -> Iterator[Callable[.
     children: list[subprocess.Popen] = []
 
     def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        child_env = {**test_database_env(), "CELERY_BROKER_URL": broker_url, **(env or {})}
+        child_env = {**child_process_env(), "CELERY_BROKER_URL": broker_url, **(env or {})}
         child_env["PATH"] = f"{Path(sys.executable).parent}:{child_env['PATH']}"
         log = (tmp_path / f"child-{len(children)}.log").open("wb")
         process = subprocess.Popen(
