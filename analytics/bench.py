@@ -21,13 +21,13 @@ from pathlib import Path
 
 from django.conf import settings
 from django.contrib.auth import get_user_model
-from django.db import connection, connections, transaction
+from django.db import connection, connections
 from django.utils import timezone
 
 from analytics.models import ProcessedEvent
 from analytics.selectors import LagStats, processing_lag
 from chat.models import OutboxEvent, Room
-from chat.outbox import OUTBOX_NOTIFY_CHANNEL, ROUTING_MESSAGE_CREATED
+from chat.outbox import ROUTING_MESSAGE_CREATED
 from chat.services import message_create
 from chatproject.procfile import ROOT, child_process_env, procfile_command
 
@@ -310,10 +310,7 @@ def _events_write(message_ids: list[int], *, first_seq: int, rooms: list[Room], 
                 },
             )
         )
-    with transaction.atomic():
-        OutboxEvent.objects.bulk_create(rows)
-        with connection.cursor() as cursor:
-            cursor.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
+    OutboxEvent.objects.bulk_create(rows)  # its own transaction; the outbox trigger NOTIFYs the relay
 
 
 def counted_of(message_ids: list[int]) -> int:

@@ -9,8 +9,9 @@ from django.db import connection
 
 from chat.models import OutboxEvent
 
-# The relay LISTENs on this channel; PostgreSQL delivers a NOTIFY only when (and if) the
-# transaction that issued it commits, and folds duplicates within one transaction.
+# The relay LISTENs on this channel. A trigger on the outbox table NOTIFYs it for every INSERT
+# (migration chat 0004); PostgreSQL delivers a NOTIFY only when (and if) the transaction that
+# issued it commits, and folds duplicates within one transaction.
 OUTBOX_NOTIFY_CHANNEL = "chat_outbox"
 
 ROUTING_MESSAGE_CREATED = "chat.message.created"
@@ -29,6 +30,4 @@ def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int
         payload={**payload, "event_id": str(event_id), "type": routing_key},
         priority=priority,
     )
-    with connection.cursor() as cursor:
-        cursor.execute(f"NOTIFY {OUTBOX_NOTIFY_CHANNEL}")
     return event

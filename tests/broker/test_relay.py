@@ -5,11 +5,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import transaction
 from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
 from chat.models import OutboxEvent
-from chat.relay import EventPublisher, prune_sent_events, publish_pending_events
+from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
+from chat.relay import EventPublisher, OutboxListener, prune_sent_events, publish_pending_events
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
@@ -20,6 +22,30 @@ def publisher(broker_url):
     publisher = EventPublisher(broker_url)
     yield publisher
     publisher.close()
+
+
+@pytest.fixture
+def listener():
+    listener = OutboxListener()
+    listener.connect()
+    yield listener
+    listener.close()
+
+
+def test_outbox_insert_wakes_the_listener_when_its_transaction_commits(listener):
+    with transaction.atomic():
+        outbox_event_add(routing_key=ROUTING_MESSAGE_CREATED, payload={"message_id": 1})
+        assert listener.wait(timeout=0.3) is False
+
+    assert listener.wait(timeout=10) is True
+
+
+def test_rolled_back_outbox_insert_wakes_nobody(listener):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        outbox_event_add(routing_key=ROUTING_MESSAGE_CREATED, payload={"message_id": 1})
+        raise RuntimeError("the message write failed")
+
+    assert listener.wait(timeout=0.5) is False
 
 
 def test_relay_publishes_pending_events_and_marks_them_sent(send_messages, publisher, probe_queue):
