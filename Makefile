@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test install lint format browser promtool
+.PHONY: run test install lint format browser promtool rabbitmq-management
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -25,8 +25,18 @@ promtool:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "promtool is missing: run 'sudo apt-get install -y prometheus'" >&2; exit 1; fi; }
 
+# The management plugin serves the UI on :15672 and the queue rates `manage.py queues` and the
+# dead-letter admin read (docs/dead-letters.md); RabbitMQ does not enable it by default. Without
+# it the chat still works (queue depths come from passive declares), so this only warns.
+rabbitmq-management:
+	@command -v rabbitmq-plugins >/dev/null || { echo "Note: rabbitmq-plugins is not here; enable rabbitmq_management where RabbitMQ runs." >&2; exit 0; }; \
+	rabbitmq-plugins -q is_enabled rabbitmq_management >/dev/null 2>&1 \
+	  || rabbitmq-plugins -q enable rabbitmq_management >/dev/null \
+	  || echo "Warning: cannot enable RabbitMQ's management plugin: run 'sudo rabbitmq-plugins enable rabbitmq_management'" >&2
+
 run: install
 	$(PY) manage.py preflight
+	@$(MAKE) --no-print-directory rabbitmq-management
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py setup_broker
 	$(PY) manage.py seed_demo
@@ -36,6 +46,7 @@ run: install
 
 test: install browser promtool
 	$(PY) manage.py preflight
+	@$(MAKE) --no-print-directory rabbitmq-management
 	$(VENV)/bin/pytest
 
 lint: install
