@@ -10,7 +10,7 @@ from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 
-from chat import services
+from chat import consumers, services
 from chat.models import Message
 from chatproject.asgi import application
 from tests.conftest import session_cookie
@@ -173,6 +173,22 @@ async def test_flood_is_rate_limited_per_user_across_sockets(alice_bob_in_genera
     await second.disconnect()
 
 
+@override_settings(CHAT_RATE_PER_SECOND=0.001, CHAT_RATE_BURST=1)
+async def test_one_users_flood_does_not_limit_another_user(alice_bob_in_general):
+    alice, bob = alice_bob_in_general
+    a, _, _ = await connect(alice)
+    b, _, _ = await connect(bob)
+    for expected in ("message", "error"):
+        sent = message()
+        await a.send_json_to(sent)
+        assert (await reply_to(a, sent["client_id"]))["type"] == expected
+    sent = message("bob's own bucket")
+    await b.send_json_to(sent)
+    assert (await reply_to(b, sent["client_id"]))["type"] == "message"
+    await a.disconnect()
+    await b.disconnect()
+
+
 async def test_since_replays_missed_messages_then_synced(alice_bob_in_general):
     alice, bob = alice_bob_in_general
     room = await sync_to_async(services.Room.objects.get)(slug="general")
@@ -189,6 +205,31 @@ async def test_since_replays_missed_messages_then_synced(alice_bob_in_general):
     await b.disconnect()
 
 
+async def test_message_stored_during_the_replay_arrives_live_after_synced(alice_bob_in_general, monkeypatch):
+    """The socket joins the room's group before reading the backlog, so nothing falls in between."""
+    alice, bob = alice_bob_in_general
+    room = await sync_to_async(services.Room.objects.get)(slug="general")
+    first = await sync_to_async(services.message_create)(
+        room=room, author=alice, text="before", client_id=uuid.uuid4()
+    )
+    read_backlog = consumers._missed_frames
+
+    async def backlog_then_a_new_message(*args, **kwargs):
+        frames = await read_backlog(*args, **kwargs)
+        # Stored (and broadcast) after the backlog was read, before the replay is sent.
+        await sync_to_async(services.message_create)(
+            room=room, author=alice, text="in between", client_id=uuid.uuid4()
+        )
+        return frames
+
+    monkeypatch.setattr(consumers, "_missed_frames", backlog_then_a_new_message)
+    b, _, _ = await connect(bob, since=first.message.id - 1)
+    assert (await b.receive_json_from(timeout=5))["text"] == "before"
+    assert (await b.receive_json_from(timeout=5))["type"] == "synced"
+    assert (await b.receive_json_from(timeout=5))["text"] == "in between"
+    await b.disconnect()
+
+
 @override_settings(CHAT_REPLAY_LIMIT=2)
 async def test_since_with_too_many_missed_asks_for_resync(alice_bob_in_general):
     alice, bob = alice_bob_in_general
@@ -200,6 +241,28 @@ async def test_since_with_too_many_missed_asks_for_resync(alice_bob_in_general):
     b, _, _ = await connect(bob, since=0)
     assert await b.receive_json_from(timeout=5) == {"type": "resync"}
     await b.disconnect()
+
+
+async def test_unexpected_failure_answers_internal_error_and_the_socket_lives(
+    alice_bob_in_general, monkeypatch
+):
+    alice, _ = alice_bob_in_general
+    take_token = consumers.take_message_token
+    failures = [RuntimeError("a bug")]
+
+    async def failing_once(user_id):
+        if failures:
+            raise failures.pop()
+        return await take_token(user_id)
+
+    monkeypatch.setattr(consumers, "take_message_token", failing_once)
+    a, _, _ = await connect(alice)
+    await a.send_json_to(message("first try"))
+    assert (await a.receive_json_from(timeout=5))["code"] == "internal_error"
+    await a.send_json_to(message("second try"))
+    assert (await a.receive_json_from(timeout=5))["text"] == "second try"
+    assert await sync_to_async(Message.objects.count)() == 1
+    await a.disconnect()
 
 
 async def test_message_text_never_reaches_logs(alice_bob_in_general, caplog):
