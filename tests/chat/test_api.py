@@ -9,6 +9,7 @@ import pytest
 from django.test import Client, override_settings
 
 from chat import services
+from chatproject.database import database_connect_autocommit
 from tests.conftest import ROOT
 
 
@@ -137,3 +138,30 @@ def test_preflight_names_the_missing_service_without_traceback(env, names):
     assert "Traceback" not in result.stderr + result.stdout
     for name in names:
         assert name in result.stderr
+
+
+def database_exists(name: str) -> bool:
+    conn = database_connect_autocommit(dbname="postgres")
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name])
+            return cursor.fetchone() is not None
+    finally:
+        conn.close()
+
+
+def test_preflight_creates_a_missing_database():
+    name = f"preflight_{uuid.uuid4().hex[:12]}"
+    url = f"postgres://postgres@127.0.0.1:5432/{name}"
+    try:
+        first = run_preflight(DATABASE_URL=url)
+        created = database_exists(name)
+        again = run_preflight(DATABASE_URL=url)
+    finally:
+        conn = database_connect_autocommit(dbname="postgres")
+        with conn.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.close()
+    assert first.returncode == 0 and "Created the PostgreSQL database." in first.stdout
+    assert created
+    assert again.returncode == 0 and "Created" not in again.stdout

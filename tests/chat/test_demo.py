@@ -1,0 +1,45 @@
+"""`manage.py seed_demo`: demo users, rooms and history, only into an empty database."""
+
+import io
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+from django.test import Client
+
+from chat.demo import DEMO_ADMIN, DEMO_PASSWORD, DEMO_USERS
+from chat.models import Message, Room
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+
+def seed_demo() -> str:
+    out = io.StringIO()
+    call_command("seed_demo", stdout=out)
+    return out.getvalue()
+
+
+def test_seed_demo_fills_an_empty_database_and_prints_logins_that_work():
+    output = seed_demo()
+
+    assert "Created demo data." in output
+    for name in (*DEMO_USERS, DEMO_ADMIN, DEMO_PASSWORD):
+        assert name in output
+    client = Client()
+    assert client.login(username=DEMO_USERS[0], password=DEMO_PASSWORD)
+    assert get_user_model().objects.get(username=DEMO_ADMIN).is_staff
+    assert Room.objects.filter(is_private=True).exists() and Room.objects.filter(is_private=False).exists()
+    for room in Room.objects.all():
+        seqs = list(Message.objects.filter(room=room).order_by("id").values_list("seq", flat=True))
+        assert seqs == list(range(1, len(seqs) + 1))
+    assert Message.objects.exists()
+
+
+def test_seed_demo_leaves_a_database_with_users_alone(make_user):
+    make_user("someone")
+
+    output = seed_demo()
+
+    assert "not loaded" in output
+    assert get_user_model().objects.count() == 1
+    assert not Room.objects.exists() and not Message.objects.exists()
