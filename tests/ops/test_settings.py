@@ -1,0 +1,83 @@
+"""chatproject/settings.py: the environment's defaults, as issue 2 and the README state them."""
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import ROOT
+
+READ_SETTINGS = """
+import django, json
+django.setup()
+from django.conf import settings as s
+db = s.DATABASES["default"]
+print(json.dumps({
+    "database": [db["ENGINE"], db["USER"], db["HOST"], db["PORT"], db["NAME"]],
+    "redis": s.REDIS_URL,
+    "channel_layer_hosts": s.CHANNEL_LAYERS["default"]["CONFIG"]["hosts"],
+    "allowed_hosts": s.ALLOWED_HOSTS,
+    "debug": s.DEBUG,
+    "max_chars": s.CHAT_MAX_MESSAGE_CHARS,
+    "rate": s.CHAT_RATE_PER_SECOND,
+    "burst": s.CHAT_RATE_BURST,
+}))
+"""
+VARIABLES = (
+    "DATABASE_URL",
+    "REDIS_URL",
+    "ALLOWED_HOSTS",
+    "DEBUG",
+    "CHAT_MAX_MESSAGE_CHARS",
+    "CHAT_RATE_PER_SECOND",
+    "CHAT_RATE_BURST",
+)
+
+
+def settings_with(**env: str) -> dict:
+    base = {k: v for k, v in os.environ.items() if k not in VARIABLES}
+    result = subprocess.run(
+        [sys.executable, "-c", READ_SETTINGS],
+        cwd=ROOT,
+        env={**base, "DJANGO_SETTINGS_MODULE": "chatproject.settings", **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    return json.loads(result.stdout)
+
+
+def test_defaults_when_the_environment_sets_nothing():
+    assert settings_with() == {
+        "database": ["django.db.backends.postgresql", "postgres", "localhost", 5432, "chat"],
+        "redis": "redis://localhost:6379/0",
+        "channel_layer_hosts": ["redis://localhost:6379/0"],
+        "allowed_hosts": ["localhost", "127.0.0.1"],
+        "debug": False,
+        "max_chars": 4000,
+        "rate": 5.0,
+        "burst": 20,
+    }
+
+
+def test_the_environment_overrides_every_default():
+    values = settings_with(
+        DATABASE_URL="postgres://chat:pw@db.example:6543/other",
+        REDIS_URL="redis://cache.example:6380/2",
+        ALLOWED_HOSTS="chat.example,www.chat.example",
+        DEBUG="1",
+        CHAT_MAX_MESSAGE_CHARS="100",
+        CHAT_RATE_PER_SECOND="1.5",
+        CHAT_RATE_BURST="3",
+    )
+    assert values == {
+        "database": ["django.db.backends.postgresql", "chat", "db.example", 6543, "other"],
+        "redis": "redis://cache.example:6380/2",
+        "channel_layer_hosts": ["redis://cache.example:6380/2"],
+        "allowed_hosts": ["chat.example", "www.chat.example"],
+        "debug": True,
+        "max_chars": 100,
+        "rate": 1.5,
+        "burst": 3,
+    }
