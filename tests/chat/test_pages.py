@@ -139,3 +139,11 @@ def test_admin_link_is_shown_to_staff_only(make_user):
 
     assert b'data-testid="nav-admin"' in client_for(staff).get("/").content
     assert b'data-testid="nav-admin"' not in client_for(member).get("/").content
+
+
+def test_staff_manage_rooms_and_messages_in_the_admin(make_user):
+    staff, member = make_user("root", is_staff=True, is_superuser=True), make_user("alice")
+
+    for path in ("/admin/", "/admin/chat/room/", "/admin/chat/message/"):
+        assert client_for(staff).get(path).status_code == 200
+        assert client_for(member).get(path).status_code == 302
