@@ -90,6 +90,26 @@ def test_command_reports_json_and_deletes_its_sessions(live_daphne):
     assert Session.objects.count() == sessions_before
 
 
+def test_command_prints_a_summary_table_of_the_run(live_daphne, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich's table width when stdout is not a terminal
+
+    call_command(
+        "loadtest", "--url", live_daphne.http_url, "--rooms=1", "--clients=2", "--messages=2", "--rate=4"
+    )
+
+    table = capsys.readouterr().out
+    for row in (
+        "delivered (to the other clients)",
+        "persisted in PostgreSQL",
+        "deliveries/s",
+        "send-to-receive p50",
+        "send-to-receive p99",
+    ):
+        assert row in table
+    # 4 messages, each delivered to the one other client and each persisted.
+    assert table.count("100.00% (4 of 4)") == 2
+
+
 def test_command_fails_with_one_sentence_when_the_server_is_unreachable(db):
     url = f"http://127.0.0.1:{free_port()}"
 
