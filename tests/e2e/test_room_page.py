@@ -145,6 +145,18 @@ def test_page_reconnects_after_server_restart_and_shows_missed_messages(
         expect(texts(page)).to_have_text(["said while you were away", "and this too"])
 
 
+def test_reconnect_attempts_back_off_while_the_server_stays_down(make_user, room, open_room, live_daphne):
+    page = open_room(make_user("alice"), room.slug)
+
+    live_daphne.stop()
+    # "Retry now" is offered only for a wait over 2 s: with a fixed short delay it never shows,
+    # with exponential backoff (0.5 s doubling) it does within a few failed attempts.
+    expect(page.get_by_test_id("reconnect-now")).to_be_visible()
+    live_daphne.start()
+
+    expect(connection_state(page)).to_have_attribute("data-state", "connected")
+
+
 def test_message_typed_while_server_is_down_is_sent_after_reconnect(make_user, room, open_room, live_daphne):
     alice, bob = make_user("alice"), make_user("bob")
     alice_page, bob_page = open_room(alice, room.slug), open_room(bob, room.slug)
