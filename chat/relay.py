@@ -6,6 +6,9 @@ holds their locks only after RabbitMQ confirmed every one of them. A crash anywh
 commit leaves the rows pending, so they are published again: delivery is at-least-once, and the
 consumers are idempotent on `event_id`.
 
+While idle the relay keeps its broker connection alive with AMQP heartbeats (`events_wait`), so a
+connection that died silently is replaced before the next event needs it.
+
 `manage.py run_relay` runs `relay_run`; `publish_pending_events` and `prune_sent_events` are the
 services it calls, usable directly from tests and `manage.py bench_publish`.
 """
@@ -52,6 +55,7 @@ CRASH_HOOK_EXIT_CODE = 75
 BATCHES_PER_ROUND = 10
 MAX_BACKOFF_SECONDS = 30.0
 PRUNE_CHUNK = 10_000
+PRUNE_EVERY_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -76,18 +80,31 @@ class TaskMessage:
 class EventPublisher:
     """Task messages to the chat_events exchange, each counted only once RabbitMQ confirmed it."""
 
-    def __init__(self, broker_url: str | None = None, *, declare: bool = True) -> None:
+    def __init__(self, broker_url: str | None = None, *, declare: bool = True, heartbeat: int = 0) -> None:
         self.broker_url = broker_url or settings.CELERY_BROKER_URL
         self._confirming = ConfirmingPublisher(
             self.broker_url,
             # The relay sets the Celery task id as correlation_id (as_task_v2 does).
             return_key=lambda message: message.properties.get("correlation_id", ""),
             on_connect=_declare_topology if declare else None,
+            # Only relay_run asks for heartbeats: it is the one that drives them (events_wait).
+            heartbeat=heartbeat,
         )
 
     @property
     def connected(self) -> bool:
         return self._confirming.connected
+
+    @property
+    def keep_alive_seconds(self) -> float | None:
+        return self._confirming.keep_alive_seconds
+
+    def fileno(self) -> int:
+        return self._confirming.fileno()
+
+    def keep_alive(self) -> None:
+        """Read what the broker sent and send a heartbeat when due; raises BrokerUnavailable."""
+        self._confirming.keep_alive()
 
     def connect(self) -> None:
         """Open the connection and a confirm-mode channel; raises BrokerUnavailable."""
@@ -287,22 +304,52 @@ class OutboxListener:
             cursor.execute(f"LISTEN {OUTBOX_NOTIFY_CHANNEL}")
         self._connection = conn
 
-    def wait(self, timeout: float) -> bool:
-        """Block until a NOTIFY arrives or `timeout` passes; True when notified."""
-        self.connect()
+    def fileno(self) -> int:
+        """The database socket, for select(): readable when a NOTIFY (or an error) arrived."""
         assert self._connection is not None
-        readable, _, _ = select.select([self._connection], [], [], timeout)
-        if not readable:
-            return False
+        return self._connection.fileno()
+
+    def notified(self) -> bool:
+        """Read what PostgreSQL sent; True when it held a NOTIFY. Raises psycopg2.Error."""
+        assert self._connection is not None
         self._connection.poll()
         notified = bool(self._connection.notifies)
         self._connection.notifies.clear()
         return notified
 
+    def wait(self, timeout: float) -> bool:
+        """Block until a NOTIFY arrives or `timeout` passes; True when notified."""
+        self.connect()
+        readable, _, _ = select.select([self], [], [], timeout)
+        return bool(readable) and self.notified()
+
     def close(self) -> None:
         if self._connection is not None:
             self._connection.close()
         self._connection = None
+
+
+def events_wait(*, seconds: float, listener: OutboxListener, publisher: EventPublisher) -> bool:
+    """The idle relay's sleep: until a NOTIFY or `seconds` pass, keeping the broker connection alive.
+
+    Wakes at least every `publisher.keep_alive_seconds` for its heartbeats, and whenever the broker
+    sends something, so a dead or closed broker connection is noticed while idle. Returns True
+    when notified; raises BrokerUnavailable (connection closed) or psycopg2.Error.
+    """
+    listener.connect()
+    deadline = time.monotonic() + seconds
+    while True:
+        publisher.keep_alive()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        watched: list[OutboxListener | EventPublisher] = [listener]
+        if publisher.connected:
+            watched.append(publisher)
+        tick = publisher.keep_alive_seconds
+        readable, _, _ = select.select(watched, [], [], min(remaining, tick) if tick else remaining)
+        if listener in readable and listener.notified():
+            return True
 
 
 class RelayLog:
@@ -321,7 +368,13 @@ class RelayLog:
         self.broker = "up"
 
     def broker_down(self, error: str) -> None:
-        if self.broker != "down":
+        if self.broker == "up":
+            logger.warning(
+                "lost the broker connection to %s (%s); events wait in the outbox, the relay reconnects",
+                self.url,
+                error,
+            )
+        elif self.broker == "starting":
             logger.warning(
                 "broker unreachable at %s (%s); events wait in the outbox, the relay keeps retrying",
                 self.url,
@@ -353,12 +406,11 @@ def relay_run(
     `should_stop()` is true.
     """
     poll_seconds = poll_seconds if poll_seconds is not None else settings.OUTBOX_POLL_SECONDS
-    publisher = EventPublisher(broker_url)
+    publisher = EventPublisher(broker_url, heartbeat=settings.RELAY_HEARTBEAT_SECONDS)
     listener = OutboxListener()
     log = RelayLog(publisher.broker_url)
     before_commit = crash_before_commit if crash_after_confirm else None
     backoff = 0.5
-    prune_every = 3600.0
     next_prune = time.monotonic()
     try:
         while not should_stop():
@@ -377,10 +429,14 @@ def relay_run(
                     pruned = prune_sent_events()
                     if pruned:
                         logger.info("pruned %d sent outbox events", pruned)
-                    next_prune = time.monotonic() + prune_every
+                    next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
                 backoff = 0.5
                 # Nacked or unroutable events are retried on the next poll, not in a hot loop.
-                listener.wait(poll_seconds if not result.failed else min(poll_seconds, 1.0))
+                events_wait(
+                    seconds=poll_seconds if not result.failed else min(poll_seconds, 1.0),
+                    listener=listener,
+                    publisher=publisher,
+                )
             except BrokerUnavailable as error:
                 log.broker_down(str(error))
                 time.sleep(backoff)
@@ -389,6 +445,8 @@ def relay_run(
                 log.database_down(first_line(error))
                 listener.close()
                 django_connection.close()
+                # Nothing would send its heartbeats during the backoff; it reopens with the database.
+                publisher.close()
                 time.sleep(backoff)
                 backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
     finally:

@@ -143,6 +143,11 @@ PRESENCE_TTL_SECONDS = env.float("PRESENCE_TTL_SECONDS", default=75.0)
 OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", default=200)
 OUTBOX_POLL_SECONDS = env.float("OUTBOX_POLL_SECONDS", default=5.0)
 OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
+# AMQP heartbeat interval of the relay's broker connection (whole seconds; 0 disables). A broker
+# gone without FIN or RST (a network partition) is noticed after two silent intervals, also while
+# idle, instead of at the next publish's 10 s confirm timeout; RabbitMQ's default of 60 s would
+# leave a dead connection unnoticed for two minutes.
+RELAY_HEARTBEAT_SECONDS = env.int("RELAY_HEARTBEAT_SECONDS", default=10)
 # Analytics (analytics/tasks.py): a database outage is retried with exponential backoff and
 # jitter, from BASE up to MAX_DELAY seconds, RETRY_MAX times (about 5 minutes in all), before
 # the batch is dead-lettered for a person to replay.

@@ -102,6 +102,41 @@ def test_broker_outage_leaves_events_pending_and_chat_working_then_they_flow(
     assert sorted(published) == sorted(str(e.event_id) for e in events)
 
 
+def test_idle_relay_notices_a_silently_dead_broker_connection_and_publishes_after_it(
+    start_process, send_messages, probe_queue, broker_url
+):
+    proxy = TcpProxy(free_port())
+    proxy.open()
+    relay_url = urlsplit(broker_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl()
+    relay = start_process([*RELAY, "--broker-url", relay_url], env={"RELAY_HEARTBEAT_SECONDS": "1"})
+    try:
+        wait_until(lambda: "relay connected" in log_of(relay), timeout=30, message="relay did not connect")
+
+        # A partition: no FIN, no RST, nothing to publish; only the heartbeats can tell.
+        proxy.blackhole()
+
+        wait_until(
+            lambda: "lost the broker connection" in log_of(relay),
+            timeout=60,
+            message=f"the idle relay did not notice the dead connection:\n{log_of(relay)}",
+        )
+        events = send_messages(3)
+        assert pending_count() == 3
+
+        proxy.forward()
+
+        wait_until(
+            lambda: pending_count() == 0, timeout=90, message=f"events stayed pending:\n{log_of(relay)}"
+        )
+    finally:
+        proxy.close()
+    log = log_of(relay)
+    assert "heartbeats missed" in log
+    assert "reconnected to RabbitMQ" in log
+    published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
+    assert sorted(published) == sorted(str(e.event_id) for e in events)
+
+
 def test_two_relays_do_not_publish_the_same_event_twice(start_process, send_messages, probe_queue):
     relays = [start_process(RELAY) for _ in range(2)]
     for relay in relays:
