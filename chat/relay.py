@@ -7,7 +7,8 @@ commit leaves the rows pending, so they are published again: delivery is at-leas
 consumers are idempotent on `event_id`.
 
 While idle the relay keeps its broker connection alive with AMQP heartbeats (`events_wait`), so a
-connection that died silently is replaced before the next event needs it.
+connection that died silently is replaced before the next event needs it. Events whose routing key
+no task consumes are never published and never dropped: the relay names them in its log.
 
 `manage.py run_relay` runs `relay_run`; `publish_pending_events` and `prune_sent_events` are the
 services it calls, usable directly from tests and `manage.py bench_publish`.
@@ -33,7 +34,7 @@ from amqp.exceptions import PreconditionFailed
 from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.db import connection as django_connection
-from django.db.models import TextField
+from django.db.models import Count, TextField
 from django.db.models.fields.json import KT
 from django.db.models.functions import Cast
 from django.utils import timezone
@@ -56,6 +57,8 @@ BATCHES_PER_ROUND = 10
 MAX_BACKOFF_SECONDS = 30.0
 PRUNE_CHUNK = 10_000
 PRUNE_EVERY_SECONDS = 3600.0
+# How often the caught-up relay looks for pending events no task consumes (a cheap read then).
+UNROUTABLE_CHECK_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -268,6 +271,23 @@ def publish_pending_events(
     return PublishResult(selected=len(rows), sent=len(sent_ids), messages=len(messages))
 
 
+def unroutable_pending_events() -> dict[str, int]:
+    """Pending events by routing key, for the keys no task in EVENT_TASKS consumes.
+
+    publish_pending_events never selects them, so they wait forever (kept: nothing is lost) and
+    `chat_outbox_oldest_pending_age_seconds` grows; this names them. Reads only pending rows
+    (the partial index): relay_run calls it once caught up, when little else is pending.
+    """
+    return dict(
+        OutboxEvent.objects.filter(sent_at__isnull=True)
+        .exclude(routing_key__in=list(EVENT_TASKS))
+        .values("routing_key")
+        .annotate(pending=Count("id"))
+        .order_by()
+        .values_list("routing_key", "pending")
+    )
+
+
 def crash_before_commit() -> None:
     """Test hook: die like a SIGKILL right after the broker confirmed and before the commit."""
     logging.shutdown()
@@ -359,6 +379,7 @@ class RelayLog:
         self.url = redacted_url(broker_url)
         self.broker = "starting"
         self.database = "up"
+        self.unroutable_keys: set[str] = set()
 
     def broker_up(self) -> None:
         if self.broker == "starting":
@@ -392,6 +413,19 @@ class RelayLog:
             logger.warning("database unreachable (%s); the relay keeps retrying", error)
         self.database = "down"
 
+    def unroutable(self, pending_by_key: dict[str, int]) -> None:
+        """Report each routing key no task consumes once, when its events are first seen pending."""
+        for routing_key in sorted(pending_by_key.keys() - self.unroutable_keys):
+            logger.error(
+                "%d outbox events with routing key %r stay pending: no task consumes it "
+                "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+                pending_by_key[routing_key],
+                routing_key,
+            )
+        for routing_key in sorted(self.unroutable_keys - pending_by_key.keys()):
+            logger.info("no outbox events with routing key %r are pending any more", routing_key)
+        self.unroutable_keys = set(pending_by_key)
+
 
 def relay_run(
     *,
@@ -411,7 +445,7 @@ def relay_run(
     log = RelayLog(publisher.broker_url)
     before_commit = crash_before_commit if crash_after_confirm else None
     backoff = 0.5
-    next_prune = time.monotonic()
+    next_prune = next_unroutable_check = time.monotonic()
     try:
         while not should_stop():
             try:
@@ -430,6 +464,9 @@ def relay_run(
                     if pruned:
                         logger.info("pruned %d sent outbox events", pruned)
                     next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+                if time.monotonic() >= next_unroutable_check:
+                    log.unroutable(unroutable_pending_events())
+                    next_unroutable_check = time.monotonic() + UNROUTABLE_CHECK_SECONDS
                 backoff = 0.5
                 # Nacked or unroutable events are retried on the next poll, not in a hot loop.
                 events_wait(

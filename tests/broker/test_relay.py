@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
@@ -11,7 +12,14 @@ from kombu import Connection, Exchange, Queue
 
 from chat.models import OutboxEvent
 from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
-from chat.relay import EventPublisher, OutboxListener, prune_sent_events, publish_pending_events
+from chat.relay import (
+    EventPublisher,
+    OutboxListener,
+    RelayLog,
+    prune_sent_events,
+    publish_pending_events,
+    unroutable_pending_events,
+)
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
@@ -104,6 +112,45 @@ def test_unroutable_events_stay_pending(send_messages, scratch_broker_url):
 
     assert (result.selected, result.sent) == (2, 0)
     assert OutboxEvent.objects.filter(sent_at__isnull=True).count() == 2
+
+
+def test_events_no_task_consumes_stay_pending_and_are_counted_by_routing_key(
+    send_messages, publisher, probe_queue
+):
+    [routable] = send_messages(1)
+    with transaction.atomic():
+        for _ in range(2):
+            outbox_event_add(routing_key="chat.renamed", payload={})
+
+    result = publish_pending_events(publisher=publisher)
+
+    assert result.sent == 1
+    assert [e["event_id"] for m in probe_queue.drain() for e in m.events] == [str(routable.event_id)]
+    assert OutboxEvent.objects.filter(sent_at__isnull=True).count() == 2
+    assert unroutable_pending_events() == {"chat.renamed": 2}
+
+
+def test_relay_log_names_each_unroutable_routing_key_once_while_it_stays_pending(caplog):
+    log = RelayLog("amqp://guest:guest@localhost//")
+
+    with caplog.at_level(logging.INFO, logger="chat.relay"):
+        log.unroutable({"chat.renamed": 2})
+        log.unroutable({"chat.renamed": 3, "chat.typo": 1})
+        log.unroutable({"chat.typo": 1})
+
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "ERROR",
+            "2 outbox events with routing key 'chat.renamed' stay pending: no task consumes it "
+            "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+        ),
+        (
+            "ERROR",
+            "1 outbox events with routing key 'chat.typo' stay pending: no task consumes it "
+            "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+        ),
+        ("INFO", "no outbox events with routing key 'chat.renamed' are pending any more"),
+    ]
 
 
 def test_nacked_events_stay_pending(send_messages, scratch_broker_url):

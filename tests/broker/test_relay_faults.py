@@ -8,8 +8,10 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+from django.db import transaction
 
 from chat.models import OutboxEvent
+from chat.outbox import outbox_event_add
 from chat.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
 from chatproject.procfile import free_port
 from tests.tcp_proxy import TcpProxy
@@ -98,6 +100,26 @@ def test_broker_outage_leaves_events_pending_and_chat_working_then_they_flow(
     log = log_of(relay)
     assert log.count("broker unreachable") == 1  # state changes are logged, not every retry
     assert "reconnected to RabbitMQ" in log
+    published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
+    assert sorted(published) == sorted(str(e.event_id) for e in events)
+
+
+def test_relay_process_names_events_no_task_consumes_and_publishes_the_others(
+    start_process, send_messages, probe_queue
+):
+    with transaction.atomic():
+        outbox_event_add(routing_key="chat.renamed", payload={})
+    events = send_messages(2)
+
+    relay = start_process(RELAY)
+
+    wait_until(
+        lambda: "routing key 'chat.renamed' stay pending" in log_of(relay),
+        timeout=30,
+        message=f"the unroutable event was not reported:\n{log_of(relay)}",
+    )
+    wait_until(lambda: pending_count() == 1, timeout=30, message="routable events stayed pending")
+    assert OutboxEvent.objects.get(sent_at__isnull=True).routing_key == "chat.renamed"
     published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
     assert sorted(published) == sorted(str(e.event_id) for e in events)
 

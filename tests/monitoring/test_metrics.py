@@ -77,6 +77,30 @@ def test_outbox_pending_count_and_oldest_age(db):
     assert sample(text, "chat_outbox_oldest_pending_age_seconds") >= 180
 
 
+def test_event_no_task_consumes_keeps_the_oldest_pending_age_growing(db, broker_url):
+    # The relay never publishes it, so the OutboxLagging/OutboxStuck alerts fire on its age.
+    unroutable = OutboxEvent.objects.create(event_id=uuid.uuid4(), routing_key="chat.renamed", payload={})
+    OutboxEvent.objects.filter(pk=unroutable.pk).update(created_at=timezone.now() - timedelta(minutes=3))
+    OutboxEvent.objects.create(
+        event_id=uuid.uuid4(),
+        routing_key="chat.message.created",
+        payload={"message_id": 1, "room_id": 1, "author_id": 1, "seq": 1},
+    )
+    publisher = EventPublisher(broker_url)
+    try:
+        result = publish_pending_events(publisher=publisher)
+    finally:
+        publisher.close()
+        with Connection(broker_url) as conn:
+            ANALYTICS_QUEUE.bind(conn.channel()).purge()
+
+    text = scrape()
+
+    assert result.sent == 1
+    assert sample(text, "chat_outbox_pending_events") == 1
+    assert sample(text, "chat_outbox_oldest_pending_age_seconds") >= 180
+
+
 def test_open_sockets_count_every_process_presence(db):
     before = sample(scrape(), "chat_open_sockets")
     # Two sockets of two users, as two web processes would record them.
