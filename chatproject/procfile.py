@@ -71,11 +71,16 @@ def child_process_env() -> dict[str, str]:
 
 @dataclass
 class DaphneServer:
-    """The Procfile's `web` process on 127.0.0.1:`port`, sharing this process's database."""
+    """The Procfile's `web` process on 127.0.0.1:`port`, sharing this process's database.
+
+    With `log_path`, its stdout and stderr are appended there (across restarts), so tests can
+    read what the server logged; without, they are discarded.
+    """
 
     port: int
     process: subprocess.Popen | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
 
     @property
     def http_url(self) -> str:
@@ -94,13 +99,18 @@ class DaphneServer:
         env = child_process_env()
         env.update(HOST="127.0.0.1", PORT=str(self.port), **self.extra_env)
         env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-        self.process = subprocess.Popen(
-            ["bash", "-c", f"exec {procfile_command('web')}"],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        log = self.log_path.open("ab") if self.log_path else None
+        try:
+            self.process = subprocess.Popen(
+                ["bash", "-c", f"exec {procfile_command('web')}"],
+                cwd=ROOT,
+                env=env,
+                stdout=log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+            )
+        finally:
+            if log:
+                log.close()  # the child holds its own descriptor
         wait_for_port(self.port, process=self.process)
 
     def stop(self) -> None:

@@ -96,9 +96,12 @@ def session_cookie(user) -> str:
 
 
 @pytest.fixture
-def live_daphne(transactional_db) -> Iterator[DaphneServer]:
-    """A real daphne process serving the project against the test database."""
-    server = DaphneServer(port=free_port())
+def live_daphne(transactional_db, tmp_path) -> Iterator[DaphneServer]:
+    """A real daphne process serving the project against the test database.
+
+    Its stdout and stderr go to `server.log_path`, for tests about what the server logs.
+    """
+    server = DaphneServer(port=free_port(), log_path=tmp_path / "daphne.log")
     server.start()
     try:
         yield server

@@ -116,6 +116,42 @@ async def test_malformed_frames_get_errors_on_a_live_socket(live_daphne, people)
     await alice.close()
 
 
+async def test_server_log_never_contains_message_text_even_on_refused_frames(live_daphne, people):
+    live_daphne.extra_env.update(CHAT_RATE_BURST="1", CHAT_RATE_PER_SECOND="0.001")  # the 2nd is refused
+    await sync_to_async(live_daphne.restart)()
+    secret = f"secret-{uuid.uuid4().hex}"
+    alice = await open_socket(live_daphne, people["alice"])
+    bob = await open_socket(live_daphne, people["bob"])
+
+    await send_message(alice, f"stored {secret}")
+    assert (await next_frame(alice))["text"] == f"stored {secret}"
+    assert (await next_frame(bob))["text"] == f"stored {secret}"
+    refused = {
+        "too_long": {"type": "message", "text": secret * 200, "client_id": str(uuid.uuid4())},
+        "invalid_message": {"type": "shout", "text": secret, "client_id": str(uuid.uuid4())},
+    }
+    for code, frame in refused.items():
+        await alice.send(json.dumps(frame))
+        assert (await next_frame(alice))["code"] == code
+    for frame in (
+        {"type": "message", "text": f"{secret}\x00", "client_id": str(uuid.uuid4())},
+        {"type": "message", "text": secret, "client_id": secret},
+    ):
+        await alice.send(json.dumps(frame))
+        assert (await next_frame(alice))["code"] == "invalid_message"
+    await alice.send(f'{{"type": "message", "text": "{secret}"')
+    assert (await next_frame(alice))["code"] == "invalid_json"
+    await send_message(alice, f"too fast {secret}")
+    assert (await next_frame(alice))["code"] == "rate_limited"
+    await alice.close()
+    await bob.close()
+    await sync_to_async(live_daphne.stop)()  # everything it wrote is in the file now
+
+    log = live_daphne.log_path.read_text()
+    assert f"127.0.0.1:{live_daphne.port}" in log  # the file does hold the server's output
+    assert secret not in log
+
+
 async def test_foreign_origin_is_refused_by_live_server(live_daphne, people):
     with pytest.raises(InvalidStatus) as refused:
         await open_socket(live_daphne, people["alice"], origin="https://attacker.example")
