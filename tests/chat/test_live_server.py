@@ -17,6 +17,7 @@ from chatproject.database import database_url
 from chatproject.procfile import DaphneServer, free_port
 from tests.conftest import session_cookie
 from tests.tcp_proxy import TcpProxy
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -63,11 +64,17 @@ async def test_resend_after_lost_ack_stores_once(live_daphne, people):
     alice = await open_socket(live_daphne, people["alice"])
     sent = await send_message(alice, "did this arrive?")
     await alice.close()  # the ack may be lost with the connection
+    stored = Message.objects.filter(client_id=sent["client_id"])
+    # The frame arrived before the close, so the server stores it even though nobody hears the ack.
+    await sync_to_async(wait_until)(
+        lambda: stored.count() == 1, timeout=10, message="the first send was never stored"
+    )
+    first_id = await sync_to_async(lambda: stored.get().id)()
     alice = await open_socket(live_daphne, people["alice"])
     await alice.send(json.dumps(sent))
     ack = await next_frame(alice)
-    assert ack["client_id"] == sent["client_id"]
-    assert await sync_to_async(Message.objects.filter(client_id=sent["client_id"]).count)() == 1
+    assert ack["client_id"] == sent["client_id"] and ack["id"] == first_id
+    assert await sync_to_async(stored.count)() == 1
     await alice.close()
 
 
