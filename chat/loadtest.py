@@ -443,14 +443,19 @@ class _MessageLoad:
                 "text": f"load test message {n + 1} of client {index} ({client_id[:8]})",
                 "client_id": client_id,
             }
+            # Counted before the send: its first delivery may be read before the send returns, and
+            # the progress total must already include it.
+            deliveries = self.room_size[self.clients[index].room] - 1
             self.sent[client_id] = _Sent(sender=index, at=time.perf_counter())
+            self.report.sent += 1
+            self.report.expected_deliveries += deliveries
             try:
                 await ws.send(json.dumps(frame))
             except ConnectionClosed:
                 del self.sent[client_id]
+                self.report.sent -= 1
+                self.report.expected_deliveries -= deliveries
                 return
-            self.report.sent += 1
-            self.report.expected_deliveries += self.room_size[self.clients[index].room] - 1
             if n + 1 < messages:
                 await asyncio.sleep(random.uniform(0.5, 1.5) / rate)
 
