@@ -28,9 +28,16 @@ def _clients(*, rooms: int, per_room: int) -> tuple[list[loadtest.LoadClient], l
 
 def test_small_load_is_fully_delivered_acknowledged_and_persisted(live_daphne):
     clients, _ = _clients(rooms=2, per_room=3)
+    progress_calls: list[tuple[int, int]] = []
 
     report, client_ids = asyncio.run(
-        loadtest.load_run(target=loadtest.Target(live_daphne.http_url), clients=clients, messages=3, rate=4.0)
+        loadtest.load_run(
+            target=loadtest.Target(live_daphne.http_url),
+            clients=clients,
+            messages=3,
+            rate=4.0,
+            progress=lambda done, total: progress_calls.append((done, total)),
+        )
     )
     report.persisted = loadtest.loadtest_persisted_count(client_ids=client_ids)
     summary = report.summary()
@@ -39,6 +46,7 @@ def test_small_load_is_fully_delivered_acknowledged_and_persisted(live_daphne):
     assert summary["sent"] == 18
     assert summary["acked"] == 18
     assert summary["expected_deliveries"] == 18 * 2  # each message reaches the 2 other clients
+    assert progress_calls and progress_calls[-1] == (18 * 2, 18 * 2)  # the bar ends full
     assert summary["delivered_pct"] == 100.0
     assert summary["persisted_pct"] == 100.0
     assert summary["duplicates"] == 0
