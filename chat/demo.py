@@ -38,3 +38,14 @@ def demo_data_create() -> bool:
         room = Room.objects.get(slug=slug)
         services.message_create(room=room, author=users[author], text=text, client_id=uuid.uuid4())
     return True
+
+
+def demo_logins_working() -> list[str]:
+    """The demo usernames that exist, are active and still have DEMO_PASSWORD, in DEMO_USERS order.
+
+    `seed_demo` prints only these: on a database it did not fill, the demo names may belong to
+    real people with passwords of their own, or not exist at all.
+    """
+    users = get_user_model().objects.filter(username__in=[*DEMO_USERS, DEMO_ADMIN], is_active=True)
+    working = {user.get_username() for user in users if user.check_password(DEMO_PASSWORD)}
+    return [name for name in (*DEMO_USERS, DEMO_ADMIN) if name in working]

@@ -43,3 +43,21 @@ def test_seed_demo_leaves_a_database_with_users_alone(make_user):
     assert "not loaded" in output
     assert get_user_model().objects.count() == 1
     assert not Room.objects.exists() and not Message.objects.exists()
+    assert DEMO_PASSWORD not in output  # no login to offer: "someone" has a password of its own
+    assert "No demo logins" in output
+
+
+def test_seed_demo_run_again_prints_only_the_demo_logins_that_still_work():
+    seed_demo()
+    changed = get_user_model().objects.get(username=DEMO_USERS[0])
+    changed.set_password("chosen-by-alice-1")
+    changed.save()
+
+    output = seed_demo()
+
+    assert "not loaded" in output
+    logins = next(line for line in output.splitlines() if line.startswith("Demo logins:"))
+    assert DEMO_USERS[0] not in logins
+    for name in (*DEMO_USERS[1:], DEMO_ADMIN, DEMO_PASSWORD):
+        assert name in logins
+    assert Client().login(username=DEMO_USERS[1], password=DEMO_PASSWORD)

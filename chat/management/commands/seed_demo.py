@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand
 
-from chat.demo import DEMO_ADMIN, DEMO_PASSWORD, DEMO_USERS, demo_data_create
+from chat.demo import DEMO_ADMIN, DEMO_PASSWORD, demo_data_create, demo_logins_working
 
 
 class Command(BaseCommand):
@@ -13,5 +13,9 @@ class Command(BaseCommand):
             self.stdout.write("Created demo data.")
         else:
             self.stdout.write("Users exist already; demo data not loaded.")
-        logins = ", ".join(DEMO_USERS)
-        self.stdout.write(f"Demo logins: {logins} (and staff user {DEMO_ADMIN}), password {DEMO_PASSWORD}")
+        logins = demo_logins_working()
+        if not logins:
+            self.stdout.write("No demo logins in this database: log in with an account of your own.")
+            return
+        names = [f"staff user {name}" if name == DEMO_ADMIN else name for name in logins]
+        self.stdout.write(f"Demo logins: {', '.join(names)}; password {DEMO_PASSWORD}")
