@@ -44,7 +44,7 @@ from chat.models import OutboxEvent
 from chat.outbox import OUTBOX_NOTIFY_CHANNEL
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
 from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing, first_line
-from chatproject.database import database_connect_autocommit
+from chatproject.database import database_connect_autocommit, delete_in_chunks
 from chatproject.health import redacted_url
 from chatproject.monitoring.metrics import RELAY_PUBLISH_SECONDS
 
@@ -55,7 +55,6 @@ CRASH_HOOK_EXIT_CODE = 75
 # How many rows one transaction locks: several task messages, published before one confirm wait.
 BATCHES_PER_ROUND = 10
 MAX_BACKOFF_SECONDS = 30.0
-PRUNE_CHUNK = 10_000
 PRUNE_EVERY_SECONDS = 3600.0
 # How often the caught-up relay looks for pending events no task consumes (a cheap read then).
 UNROUTABLE_CHECK_SECONDS = 60.0
@@ -299,15 +298,7 @@ def prune_sent_events(*, older_than: timedelta | None = None) -> int:
     if older_than is None:
         older_than = timedelta(days=settings.OUTBOX_RETENTION_DAYS)
     cutoff = timezone.now() - older_than
-    total = 0
-    # In chunks, each its own short transaction: a day of a busy chat is millions of rows, and
-    # one huge DELETE would hold its locks and WAL burst for the whole of it.
-    while True:
-        chunk = OutboxEvent.objects.filter(sent_at__lt=cutoff).order_by("sent_at").values("id")[:PRUNE_CHUNK]
-        deleted, _ = OutboxEvent.objects.filter(id__in=chunk).delete()
-        total += deleted
-        if deleted < PRUNE_CHUNK:
-            return total
+    return delete_in_chunks(OutboxEvent.objects.filter(sent_at__lt=cutoff).order_by("sent_at"))
 
 
 class OutboxListener:

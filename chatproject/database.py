@@ -1,4 +1,5 @@
-"""Creating the configured PostgreSQL database when the server has none of that name."""
+"""PostgreSQL work Django's ORM does not do for us: creating the configured database, raw
+autocommit connections, and deleting a growing table's old rows in chunks (every prune)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,12 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 from django.conf import settings
+from django.db.models import QuerySet
 from psycopg2 import sql
+
+# Rows per DELETE of delete_in_chunks: small enough for a short transaction, large enough that
+# a day of a busy chat takes a few hundred statements, not millions.
+DELETE_CHUNK = 10_000
 
 
 def database_url(db: dict[str, Any]) -> str:
@@ -53,3 +59,24 @@ def database_connect_autocommit(*, dbname: str | None = None) -> psycopg2.extens
     )
     conn.autocommit = True
     return conn
+
+
+def delete_in_chunks(queryset: QuerySet, *, chunk_size: int | None = None) -> int:
+    """Delete every row of `queryset`, a chunk at a time, in its order; returns how many rows of its model.
+
+    Called by the periodic prunes. Each chunk is its own short transaction (unless the caller holds
+    one): a day of a busy chat is millions of rows, and one huge DELETE would hold its locks and
+    WAL burst for the whole of it. Rows that cascade from them go with their chunk; only the
+    chunk's primary keys are loaded, never the rows themselves.
+    """
+    model = queryset.model
+    chunk_size = chunk_size or DELETE_CHUNK
+    total = 0
+    while True:
+        chunk = queryset.values("pk")[:chunk_size]
+        _, per_model = model._default_manager.filter(pk__in=chunk).only("pk").delete()
+        deleted = per_model.get(model._meta.label, 0)
+        total += deleted
+        # Fewer than a full chunk: nothing left (or a concurrent prune is deleting the rest).
+        if deleted < chunk_size:
+            return total

@@ -33,6 +33,7 @@ from django.utils import timezone
 
 from chatproject.broker import DEAD_LETTER_EXCHANGE
 from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing
+from chatproject.database import delete_in_chunks
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 
 logger = logging.getLogger(__name__)
@@ -396,8 +397,8 @@ def task_failure_publish(
 def task_failures_prune(*, older_than: timedelta | None = None) -> int:
     """Delete failure rows no dead letter claimed (the reject never happened); returns how many."""
     older_than = older_than or timedelta(days=settings.DLQ_TASK_FAILURE_RETENTION_DAYS)
-    deleted, _ = TaskFailure.objects.filter(failed_at__lt=timezone.now() - older_than).delete()
-    return deleted
+    cutoff = timezone.now() - older_than
+    return delete_in_chunks(TaskFailure.objects.filter(failed_at__lt=cutoff).order_by("failed_at"))
 
 
 # --- replay and discard -----------------------------------------------------------------------
