@@ -5,6 +5,10 @@ after a connection was cut, or when the relay published an event twice. Counting
 idempotent instead: the ledger row of each event (analytics.ProcessedEvent) and the aggregate
 updates commit in ONE transaction, and events already in the ledger are skipped. That is
 exactly-once processing, not exactly-once delivery.
+
+The ledger is pruned (processed_events_prune), and a pruned id no longer stops a duplicate. So
+events created before the ledger horizon are never counted: whatever brings one back (a dead
+letter replayed weeks later, a very long outage), it is refused rather than risk counting it twice.
 """
 
 from __future__ import annotations
@@ -14,14 +18,21 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
+from django.utils import timezone
 
 from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
 from chat.outbox import ROUTING_MESSAGE_CREATED
+from chatproject.database import delete_in_chunks
+
+# The horizon sits this far inside the retention, so that a ledger row cannot be pruned between
+# the horizon check and the insert that would find it, whatever the clock skew between the hosts
+# stamping created_at (web), processed_at (PostgreSQL) and the prune's cutoff (the worker).
+LEDGER_HORIZON_MARGIN = timedelta(hours=1)
 
 
 class InvalidEvent(ValueError):
@@ -45,10 +56,25 @@ class ChatMessageCreated:
         return self.created_at.astimezone(UTC).date()
 
 
+class EventsPastLedgerHorizon(Exception):
+    """Events too old to count at most once: their ledger rows may have been pruned (ledger_horizon)."""
+
+    def __init__(self, *, too_old: int, batch: int, horizon: datetime) -> None:
+        super().__init__(
+            f"{too_old} of {batch} events were created before {horizon:%Y-%m-%d %H:%M:%S} UTC, past "
+            f"the ledger's retention (ANALYTICS_LEDGER_RETENTION_DAYS="
+            f"{settings.ANALYTICS_LEDGER_RETENTION_DAYS}): their ids may have been pruned, so "
+            "counting them could count them twice; they were not counted (the others were, or "
+            "already had been)"
+        )
+
+
 @dataclass(frozen=True)
 class RecordResult:
     counted: int
     duplicates: int
+    # Events created before the ledger horizon: neither counted nor recorded in the ledger.
+    too_old: int = 0
 
 
 def _positive_int(event: Mapping[str, Any], key: str) -> int:
@@ -85,19 +111,34 @@ def chat_event_parse(event: object) -> ChatMessageCreated:
     )
 
 
+def ledger_horizon() -> datetime:
+    """Events created before this time are not counted: their ledger rows may be pruned by now.
+
+    A ledger row is pruned ANALYTICS_LEDGER_RETENTION_DAYS after its event was counted, and no
+    event is counted before it was created; so the row of any event created after the horizon
+    (if it was counted before) is still there to stop a second count.
+    """
+    retention = timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
+    return timezone.now() - retention + LEDGER_HORIZON_MARGIN
+
+
 def chat_events_record(*, events: Sequence[object]) -> RecordResult:
     """Count a batch of chat.message.created events, each exactly once, in one transaction.
 
     Called by the analytics task for every task message. Every event is validated before
     anything is written: one invalid event raises InvalidEvent and the batch changes nothing.
-    Events already in the ledger (or repeated within the batch) are skipped.
+    Events already in the ledger (or repeated within the batch) are skipped; events created
+    before the ledger horizon are left out and reported in `too_old` (the task dead-letters them).
     """
     if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
         raise InvalidEvent(f"events must be a list, got {type(events).__name__}")
     parsed = [chat_event_parse(event) for event in events]
-    unique = list({event.event_id: event for event in parsed}.values())
+    horizon = ledger_horizon()
+    recent = [event for event in parsed if event.created_at >= horizon]
+    too_old = len(parsed) - len(recent)
+    unique = list({event.event_id: event for event in recent}.values())
     if not unique:
-        return RecordResult(counted=0, duplicates=0)
+        return RecordResult(counted=0, duplicates=0, too_old=too_old)
     with transaction.atomic():
         new_ids = _ledger_insert(unique)
         fresh = [event for event in unique if event.event_id in new_ids]
@@ -107,7 +148,19 @@ def chat_events_record(*, events: Sequence[object]) -> RecordResult:
             _user_counts_add(fresh)
         _fault_pause("in_transaction")
     _fault_pause("after_commit")
-    return RecordResult(counted=len(fresh), duplicates=len(parsed) - len(fresh))
+    return RecordResult(counted=len(fresh), duplicates=len(recent) - len(fresh), too_old=too_old)
+
+
+def processed_events_prune() -> int:
+    """Delete ledger rows of events counted longer ago than ANALYTICS_LEDGER_RETENTION_DAYS.
+
+    Run hourly by Celery beat (analytics.tasks.prune_processed_events). Safe at any retention:
+    chat_events_record refuses events created before ledger_horizon(), which is inside the same
+    retention (hence no `older_than` argument here), so no event whose row is gone can be
+    counted again. Returns how many rows were deleted.
+    """
+    cutoff = timezone.now() - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
+    return delete_in_chunks(ProcessedEvent.objects.filter(processed_at__lt=cutoff).order_by("processed_at"))
 
 
 def _fault_pause(point: str) -> None:

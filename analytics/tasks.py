@@ -17,7 +17,13 @@ from celery.exceptions import Reject
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from analytics.services import InvalidEvent, chat_events_record
+from analytics.services import (
+    EventsPastLedgerHorizon,
+    InvalidEvent,
+    chat_events_record,
+    ledger_horizon,
+    processed_events_prune,
+)
 from chatproject.celery import app
 
 logger = logging.getLogger(__name__)
@@ -38,7 +44,9 @@ def record_chat_events(self: Task, events: Any) -> dict[str, int]:
     """Count one relay batch of chat.message.created events; runs once per task message.
 
     Outcomes: invalid payload -> rejected without requeue (RabbitMQ dead-letters it; retrying
-    cannot help); database unavailable -> retried with backoff, and after the last retry the
+    cannot help); events created before the ledger horizon -> the others are counted, then the
+    message is rejected without requeue, so a person sees in the dead letters what was not
+    counted and why; database unavailable -> retried with backoff, and after the last retry the
     failure is rejected, so dead-lettered too (acks_on_failure_or_timeout=False); anything else
     is a bug and raises (also rejected, never acked as done).
     """
@@ -49,4 +57,20 @@ def record_chat_events(self: Task, events: Any) -> dict[str, int]:
         raise Reject(str(error), requeue=False) from error
     except (OperationalError, InterfaceError) as error:
         raise self.retry(exc=error, countdown=retry_delay(self.request.retries)) from error
+    if result.too_old:
+        # Rejected after the commit: a redelivery or replay of this message finds the counted
+        # events in the ledger and refuses the old ones again, so nothing is ever counted twice.
+        error = EventsPastLedgerHorizon(too_old=result.too_old, batch=len(events), horizon=ledger_horizon())
+        logger.warning("dead-lettering analytics events past the ledger horizon: %s", error)
+        raise Reject(str(error), requeue=False) from error
     return {"counted": result.counted, "duplicates": result.duplicates}
+
+
+# A failed prune (database down) is acked, not dead-lettered: the next beat, an hour later, is
+# the retry, and it deletes whatever this one left.
+@app.task(name="analytics.prune_processed_events", acks_on_failure_or_timeout=True)
+def prune_processed_events() -> int:
+    """Delete ledger rows past ANALYTICS_LEDGER_RETENTION_DAYS; sent hourly by Celery beat."""
+    pruned = processed_events_prune()
+    logger.info("pruned %d analytics ledger rows", pruned)
+    return pruned

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
 
@@ -154,6 +155,18 @@ RELAY_HEARTBEAT_SECONDS = env.int("RELAY_HEARTBEAT_SECONDS", default=10)
 ANALYTICS_RETRY_MAX = env.int("ANALYTICS_RETRY_MAX", default=12)
 ANALYTICS_RETRY_BASE_DELAY = env.float("ANALYTICS_RETRY_BASE_DELAY", default=1.0)
 ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
+# The ledger (analytics.ProcessedEvent) keeps each counted event's id this many days after it was
+# counted, then an hourly Celery beat task prunes it. A pruned id can no longer stop a duplicate,
+# so the worker refuses (dead-letters, uncounted) any event created longer ago than this, less an
+# hour (analytics.services.ledger_horizon): counting stays at most once whatever the value. The
+# value is how old an event may be and still be counted: redeliveries of unacked messages come
+# within minutes, retries end within ~5 minutes, a relay republishes on restart; only a long
+# outage or a dead letter replayed late comes after that, and 30 days is far longer than a dead
+# letter stays unresolved without raising a CRITICAL alert (DLQ_CRITICAL_AGE_SECONDS, a day).
+ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", default=30)
+if ANALYTICS_LEDGER_RETENTION_DAYS < 1:
+    # Less than the horizon's hour of margin would refuse every event, fresh ones included.
+    raise ImproperlyConfigured("ANALYTICS_LEDGER_RETENTION_DAYS must be at least 1")
 # Fault injection for tests/analytics only (0 in production): the worker pauses this long
 # "in_transaction" (counts written, not committed) or "after_commit" (committed, not acked),
 # so a test can SIGKILL it at that exact point.
@@ -240,6 +253,14 @@ CELERY_BEAT_SCHEDULE = {
         # A check older than its successor is useless: a stopped monitor worker does not
         # come back to a burst of stale checks (expired tasks are acked, not dead-lettered).
         "options": {"expires": ALERT_CHECK_SECONDS},
+    },
+    # Hourly, like the outbox and task-failure prunes: each run deletes about an hour's worth of
+    # ledger rows, in chunks, on the analytics queue (the analytics worker owns its ledger).
+    "analytics-prune-processed-events": {
+        "task": "analytics.prune_processed_events",
+        "schedule": 3600.0,
+        # Same reasoning: after an analytics outage one prune catches up on everything.
+        "options": {"expires": 3600.0},
     },
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from kombu import Connection, Producer
@@ -13,6 +14,7 @@ from analytics import selectors
 from chat import services
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.celery import app
+from tests.analytics.test_services import chat_event
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -80,6 +82,29 @@ def test_batch_with_invalid_event_is_dead_lettered_and_counts_nothing(
     )
     assert seen.count(task_id) == 1, "rejected once, not retried"
     assert selectors.room_message_count(room_id=room.pk) == 0
+
+
+def test_batch_with_events_past_the_ledger_horizon_counts_the_others_then_is_dead_lettered(
+    broker, start_worker, make_user, make_room, settings
+):
+    alice = make_user("alice")
+    room = make_room("general")
+    too_old = datetime.now(UTC) - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS + 1)
+    events = [
+        chat_event(room=room, author=alice, message_id=1, created_at=too_old),
+        chat_event(room=room, author=alice, message_id=2),
+    ]
+    worker = start_worker()
+    task_id = publish_task(broker, args=[events])
+    seen: list[str] = []
+    wait_until(
+        lambda: seen.extend(dead_letter_task_ids(broker)) or task_id in seen,
+        timeout=DEADLINE,
+        message=f"the batch was not dead-lettered; worker log:\n{worker.log_text()[-2000:]}",
+    )
+    assert seen.count(task_id) == 1, "rejected once, not retried"
+    assert selectors.room_message_count(room_id=room.pk) == 1, "the recent event is counted, the old one not"
+    assert "1 of 2 events were created before" in worker.log_text()
 
 
 def test_undecodable_task_message_is_dead_lettered(broker, start_worker):

@@ -1,10 +1,14 @@
+import subprocess
+import sys
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.utils import timezone
 
 from analytics import selectors, services
 from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
+from chatproject.procfile import ROOT, child_process_env
 
 
 def chat_event(*, room, author, message_id: int, created_at: datetime | None = None) -> dict:
@@ -34,7 +38,8 @@ def aggregates_snapshot() -> tuple:
 def test_batch_is_counted_per_room_minute_user_and_day(make_user, make_room):
     alice, bob = make_user("alice"), make_user("bob")
     general, random = make_room("general"), make_room("random")
-    minute = datetime(2026, 11, 27, 10, 15, tzinfo=UTC)
+    # A fixed minute of yesterday: recent enough to count (events past the ledger horizon do not).
+    minute = (datetime.now(UTC) - timedelta(days=1)).replace(hour=10, minute=15, second=0, microsecond=0)
     events = [
         chat_event(room=general, author=alice, message_id=1, created_at=minute.replace(second=1)),
         chat_event(room=general, author=bob, message_id=2, created_at=minute.replace(second=59)),
@@ -131,7 +136,7 @@ def test_payload_that_is_not_a_list_of_events_raises_invalid_event(payload):
 def test_ledger_keeps_created_and_processed_times_for_lag(make_user, make_room):
     alice = make_user("alice")
     general = make_room("general")
-    created_at = datetime(2026, 11, 27, 10, 0, tzinfo=UTC)
+    created_at = (datetime.now(UTC) - timedelta(hours=2)).replace(microsecond=0)
     event = chat_event(room=general, author=alice, message_id=1, created_at=created_at)
 
     services.chat_events_record(events=[event])
@@ -139,3 +144,134 @@ def test_ledger_keeps_created_and_processed_times_for_lag(make_user, make_room):
     row = ProcessedEvent.objects.get(event_id=event["event_id"])
     assert row.created_at == created_at
     assert row.processed_at >= created_at
+
+
+# --- the ledger's retention ---------------------------------------------------------------------
+
+
+def _count_events_counted_days_ago(events: list[dict], *, days: float, settings) -> None:
+    """Count `events` as the worker did `days` ago: within the retention then, backdated now."""
+    retention = settings.ANALYTICS_LEDGER_RETENTION_DAYS
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 3650
+    services.chat_events_record(events=events)
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = retention
+    ProcessedEvent.objects.filter(event_id__in=[e["event_id"] for e in events]).update(
+        processed_at=timezone.now() - timedelta(days=days)
+    )
+
+
+@pytest.mark.django_db
+def test_ledger_rows_counted_before_the_retention_are_pruned_and_recent_ones_stay(
+    make_user, make_room, settings
+):
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 30
+    alice = make_user("alice")
+    general = make_room("general")
+    old = chat_event(
+        room=general, author=alice, message_id=1, created_at=datetime.now(UTC) - timedelta(days=31)
+    )
+    recent = chat_event(
+        room=general, author=alice, message_id=2, created_at=datetime.now(UTC) - timedelta(days=29)
+    )
+    _count_events_counted_days_ago([old], days=31, settings=settings)
+    _count_events_counted_days_ago([recent], days=29, settings=settings)
+
+    assert services.processed_events_prune() == 1
+
+    assert list(ProcessedEvent.objects.values_list("event_id", flat=True)) == [uuid.UUID(recent["event_id"])]
+    assert selectors.room_message_count(room_id=general.pk) == 2, "pruning the ledger keeps the counts"
+
+
+@pytest.mark.django_db
+def test_ledger_prune_deletes_in_chunks_until_every_old_row_is_gone(
+    make_user, make_room, settings, monkeypatch
+):
+    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    alice = make_user("alice")
+    general = make_room("general")
+    events = [chat_event(room=general, author=alice, message_id=i) for i in range(1, 6)]
+    _count_events_counted_days_ago(
+        events, days=settings.ANALYTICS_LEDGER_RETENTION_DAYS + 1, settings=settings
+    )
+
+    assert services.processed_events_prune() == 5
+
+    assert not ProcessedEvent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_event_created_before_the_ledger_horizon_is_not_counted(make_user, make_room, settings):
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 30
+    alice = make_user("alice")
+    general = make_room("general")
+    # Inside the retention, but within the horizon's margin of it: its row could be pruned soon.
+    created_at = datetime.now(UTC) - timedelta(days=30) + timedelta(minutes=30)
+    event = chat_event(room=general, author=alice, message_id=1, created_at=created_at)
+
+    result = services.chat_events_record(events=[event])
+
+    assert result == services.RecordResult(counted=0, duplicates=0, too_old=1)
+    assert aggregates_snapshot() == ([], [], [], 0)
+
+
+@pytest.mark.django_db
+def test_event_created_just_after_the_ledger_horizon_is_counted(make_user, make_room, settings):
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 30
+    alice = make_user("alice")
+    general = make_room("general")
+    created_at = services.ledger_horizon() + timedelta(minutes=5)
+    event = chat_event(room=general, author=alice, message_id=1, created_at=created_at)
+
+    assert services.chat_events_record(events=[event]) == services.RecordResult(counted=1, duplicates=0)
+
+
+@pytest.mark.django_db
+def test_batch_mixing_old_and_recent_events_counts_only_the_recent_ones(make_user, make_room, settings):
+    alice = make_user("alice")
+    general = make_room("general")
+    too_old = datetime.now(UTC) - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS + 1)
+    events = [
+        chat_event(room=general, author=alice, message_id=1, created_at=too_old),
+        chat_event(room=general, author=alice, message_id=2),
+        chat_event(room=general, author=alice, message_id=3),
+    ]
+
+    result = services.chat_events_record(events=events)
+
+    assert result == services.RecordResult(counted=2, duplicates=0, too_old=1)
+    assert selectors.room_message_count(room_id=general.pk) == 2
+    assert not ProcessedEvent.objects.filter(event_id=events[0]["event_id"]).exists()
+
+
+@pytest.mark.django_db
+def test_event_coming_back_after_its_ledger_row_was_pruned_is_not_counted_twice(
+    make_user, make_room, settings
+):
+    """A dead letter replayed weeks later: the ledger no longer knows the event, the horizon does."""
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 30
+    alice = make_user("alice")
+    general = make_room("general")
+    event = chat_event(
+        room=general, author=alice, message_id=1, created_at=datetime.now(UTC) - timedelta(days=40)
+    )
+    _count_events_counted_days_ago([event], days=40, settings=settings)
+    assert services.processed_events_prune() == 1
+
+    again = services.chat_events_record(events=[event])
+
+    assert again == services.RecordResult(counted=0, duplicates=0, too_old=1)
+    assert selectors.room_message_count(room_id=general.pk) == 1
+
+
+def test_ledger_retention_under_a_day_is_refused_at_start_up():
+    # Under the horizon's margin every event, fresh ones too, would be refused.
+    env = {**child_process_env(), "ANALYTICS_LEDGER_RETENTION_DAYS": "0"}
+    done = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "ANALYTICS_LEDGER_RETENTION_DAYS must be at least 1" in done.stderr
