@@ -178,6 +178,12 @@ ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_trans
 # test-only pause between commit and ack so tests/deadletters can SIGKILL the archiver there.
 DLQ_ARCHIVER_PREFETCH = env.int("DLQ_ARCHIVER_PREFETCH", default=50)
 DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", default=7)
+# Resolved (replayed or discarded) dead letters are deleted, with their audit rows, this many days
+# after their last replay or discard; `new` ones never are. Safe: a person has decided on each,
+# and a month keeps it, its error and who acted on it through any post-mortem or monthly review.
+# Deleting one loses only the option to replay it again, which a person already used (replayed)
+# or declined (discarded).
+DLQ_RESOLVED_RETENTION_DAYS = env.int("DLQ_RESOLVED_RETENTION_DAYS", default=30)
 RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
 DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS", default=0.0)
 

@@ -4,6 +4,9 @@ Manual acks: a batch of deliveries is acked only after `dead_letters_archive` co
 so a crash (SIGKILL included) at any point leaves them unacked and RabbitMQ redelivers them; each
 row's fingerprint makes that redelivery a no-op. Survives broker and database outages by reconnecting
 with backoff; the unacked messages of a dropped connection come back by themselves.
+
+Hourly (and once at start) it also prunes what the archive no longer needs: failure details no
+dead letter claimed, and resolved dead letters past their retention.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from django.db import DatabaseError, close_old_connections
 from kombu import Connection
 
 from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
-from chatproject.deadletters.services import dead_letters_archive, task_failures_prune
+from chatproject.deadletters.services import dead_letters_archive, dead_letters_prune, task_failures_prune
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +59,7 @@ def dead_letter_archiver_run(
                 backoff = 0.5
                 while not should_stop():
                     if time.monotonic() >= next_prune:
-                        pruned = task_failures_prune()
-                        if pruned:
-                            logger.info("pruned %d task failures no dead letter claimed", pruned)
+                        _prune()
                         next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
                     try:
                         conn.drain_events(timeout=1.0)
@@ -81,6 +82,15 @@ def dead_letter_archiver_run(
             close_old_connections()
         time.sleep(backoff)
         backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+
+def _prune() -> None:
+    pruned = task_failures_prune()
+    if pruned:
+        logger.info("pruned %d task failures no dead letter claimed", pruned)
+    pruned = dead_letters_prune()
+    if pruned:
+        logger.info("pruned %d resolved dead letters past DLQ_RESOLVED_RETENTION_DAYS", pruned)
 
 
 def _archive_and_ack(channel: amqp.Channel, batch: list[amqp.Message]) -> None:

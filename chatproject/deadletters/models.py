@@ -21,6 +21,10 @@ class DeadLetter(models.Model):
         REPLAYED = "replayed", "replayed"
         DISCARDED = "discarded", "discarded"
 
+    # Statuses a person has decided on: only letters in one of these are ever pruned
+    # (dead_letters_prune); a status added later stays until it is listed here.
+    RESOLVED_STATUSES = (Status.REPLAYED, Status.DISCARDED)
+
     class BodyEncoding(models.TextChoices):
         UTF8 = "utf-8", "UTF-8 text"
         BASE64 = "base64", "base64 (binary)"

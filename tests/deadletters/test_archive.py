@@ -5,17 +5,25 @@ from __future__ import annotations
 import os
 import signal
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from django.urls import reverse
+from django.utils import timezone
 from kombu import Connection, Queue
 
 from chat.relay import task_message_build
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter
-from tests.deadletters.conftest import analytics_task_message, chat_event, publish, queue_depth
+from tests.deadletters.conftest import (
+    analytics_task_message,
+    archive_letter,
+    chat_event,
+    publish,
+    queue_depth,
+)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -209,3 +217,24 @@ def test_retries_exhausted_while_the_database_is_down_still_archive_the_error(
     assert letter.attempts == 2
     assert "127.0.0.1" in letter.error_message
     assert "OperationalError" in letter.traceback
+
+
+def test_archiver_prunes_resolved_dead_letters_past_the_retention(broker_url, start_archiver, settings):
+    long_ago = timezone.now() - timedelta(days=settings.DLQ_RESOLVED_RETENTION_DAYS + 1)
+    discarded, unresolved = archive_letter(), archive_letter()
+    DeadLetter.objects.filter(pk=discarded.pk).update(status=DeadLetter.Status.DISCARDED, updated_at=long_ago)
+    DeadLetter.objects.filter(pk=unresolved.pk).update(updated_at=long_ago, archived_at=long_ago)
+
+    archiver = start_archiver()
+
+    wait_until(
+        lambda: not DeadLetter.objects.filter(pk=discarded.pk).exists(),
+        timeout=60,
+        message="the archiver did not prune the old discarded letter",
+    )
+    assert DeadLetter.objects.filter(pk=unresolved.pk).exists()
+    wait_until(
+        lambda: "pruned 1 resolved dead letters" in Path(archiver.log_path).read_text(),
+        timeout=10,
+        message="the prune was not logged",
+    )

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
 
 from chatproject.deadletters import services
-from chatproject.deadletters.models import DeadLetter, TaskFailure
+from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 from chatproject.deadletters.retrying import DeadLetteringTask
-from tests.deadletters.conftest import analytics_task_message, chat_event, x_death
+from tests.deadletters.conftest import analytics_task_message, archive_letter, chat_event, x_death
 
 pytestmark = pytest.mark.django_db
 
@@ -137,6 +141,58 @@ def test_orphan_task_failures_are_pruned_after_the_retention():
     TaskFailure.objects.create(task_id=str(uuid.uuid4()))
     assert services.task_failures_prune(older_than=timedelta(days=7)) == 1
     assert TaskFailure.objects.count() == 1
+
+
+def _letter(*, status: str, resolved_days_ago: float) -> DeadLetter:
+    """An archived letter, replayed or discarded (or left new) that many days ago."""
+    letter = archive_letter()
+    if status == DeadLetter.Status.REPLAYED:
+        # The audit row a replay leaves (replaying needs the broker; test_replay.py does that).
+        DeadLetterAction.objects.create(dead_letter=letter, kind="replayed", actor_label="cli:ops")
+    elif status == DeadLetter.Status.DISCARDED:
+        services.dead_letter_discard(dead_letters=[letter], actor_label="cli:ops")
+    when = timezone.now() - timedelta(days=resolved_days_ago)
+    DeadLetter.objects.filter(pk=letter.pk).update(status=status, updated_at=when, archived_at=when)
+    return letter
+
+
+def test_resolved_dead_letters_past_the_retention_are_pruned_with_their_audit_rows(settings):
+    settings.DLQ_RESOLVED_RETENTION_DAYS = 30
+    old_replayed = _letter(status=DeadLetter.Status.REPLAYED, resolved_days_ago=31)
+    old_discarded = _letter(status=DeadLetter.Status.DISCARDED, resolved_days_ago=31)
+    recent_replayed = _letter(status=DeadLetter.Status.REPLAYED, resolved_days_ago=29)
+    recent_discarded = _letter(status=DeadLetter.Status.DISCARDED, resolved_days_ago=1)
+
+    assert services.dead_letters_prune() == 2
+
+    assert set(DeadLetter.objects.values_list("pk", flat=True)) == {recent_replayed.pk, recent_discarded.pk}
+    assert not DeadLetterAction.objects.filter(
+        dead_letter_id__in=[old_replayed.pk, old_discarded.pk]
+    ).exists()
+
+
+def test_unresolved_dead_letters_are_never_pruned_however_old():
+    ancient = _letter(status=DeadLetter.Status.NEW, resolved_days_ago=3650)
+
+    assert services.dead_letters_prune() == 0
+
+    assert DeadLetter.objects.filter(pk=ancient.pk).exists()
+
+
+def test_dead_letter_prune_deletes_in_chunks_loading_only_primary_keys(monkeypatch):
+    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    for _ in range(5):
+        _letter(status=DeadLetter.Status.DISCARDED, resolved_days_ago=365)
+    keep = _letter(status=DeadLetter.Status.NEW, resolved_days_ago=365)
+
+    with CaptureQueriesContext(connection) as queries:
+        assert services.dead_letters_prune() == 5
+
+    assert list(DeadLetter.objects.values_list("pk", flat=True)) == [keep.pk]
+    assert not DeadLetterAction.objects.exists()
+    # A letter's body can be a 200-event batch: a chunk must not load thousands of them.
+    loaded = [q["sql"] for q in queries.captured_queries if q["sql"].startswith("SELECT")]
+    assert loaded and not any('"body"' in sql for sql in loaded)
 
 
 def test_dead_lettering_task_retries_transient_errors_with_jittered_backoff():
