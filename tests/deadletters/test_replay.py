@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import pytest
+from django.utils import timezone
 from kombu import Connection
 
 from analytics import selectors as analytics_selectors
+from analytics import services as analytics_services
+from analytics.models import ProcessedEvent
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
 from tests.deadletters.conftest import analytics_task_message, archive_letter, chat_event, log_text, publish
@@ -51,6 +56,39 @@ def test_replay_after_the_fix_counts_the_event_once_however_often(
     assert analytics_selectors.room_message_count(room_id=room.pk) == 1
     letter.refresh_from_db()
     assert (letter.status, letter.replay_count) == (DeadLetter.Status.REPLAYED, 2)
+
+
+def test_replay_after_the_ledger_was_pruned_counts_nothing_twice_and_says_why(
+    broker_url, make_user, make_room, start_archiver, start_worker, settings
+):
+    alice = make_user("alice")
+    room = make_room("general")
+    retention = settings.ANALYTICS_LEDGER_RETENTION_DAYS
+    event = chat_event(room_id=room.pk, author_id=alice.pk)
+    event["created_at"] = (datetime.now(UTC) - timedelta(days=retention + 10)).isoformat()
+    # Weeks ago: the event was counted, and a second copy of its batch was dead-lettered.
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = retention + 100
+    analytics_services.chat_events_record(events=[event])
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = retention
+    ProcessedEvent.objects.update(processed_at=timezone.now() - timedelta(days=retention + 10))
+    start_archiver()
+    letter = _expired_letter(broker_url, [event])
+    # Since then, the hourly prune removed the event's ledger row.
+    assert analytics_services.processed_events_prune() == 1
+
+    start_worker()
+    result = services.dead_letter_replay(dead_letters=[letter], actor_label="cli:ops")
+
+    assert result.done == [letter.pk]
+    refused = wait_until(
+        lambda: DeadLetter.objects.exclude(pk=letter.pk).filter(task_id=letter.task_id).first(),
+        timeout=60,
+        message="the replayed batch was not dead-lettered again",
+    )
+    assert refused.headers[services.REPLAY_HEADER] == letter.pk
+    assert refused.error_class == "analytics.services.EventsPastLedgerHorizon"
+    assert "could count them twice" in refused.error_message
+    assert analytics_selectors.room_message_count(room_id=room.pk) == 1
 
 
 def test_replay_republishes_to_the_origin_without_the_death_history(broker_url, start_archiver):
