@@ -28,6 +28,20 @@ class ProcessedEvent(models.Model):
         return str(self.event_id)
 
 
+class LedgerPrune(models.Model):
+    """How far the ledger has been pruned: rows of events counted before `pruned_before` may be gone.
+
+    A single row (id 1), moved forward by processed_events_prune before it deletes anything. It
+    keeps ledger_horizon() from moving back when ANALYTICS_LEDGER_RETENTION_DAYS is raised: rows
+    an earlier, shorter retention deleted stay deleted, so their events must stay refused.
+    """
+
+    pruned_before = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"ledger pruned before {self.pruned_before:%Y-%m-%d %H:%M}"
+
+
 class RoomMinuteCount(models.Model):
     """Messages stored in a room during one UTC minute (`minute` is the minute's start)."""
 

@@ -25,7 +25,7 @@ from django.conf import settings
 from django.db import connection, transaction
 from django.utils import timezone
 
-from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
+from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
 from chat.outbox import ROUTING_MESSAGE_CREATED
 from chatproject.database import delete_in_chunks
 
@@ -114,12 +114,14 @@ def chat_event_parse(event: object) -> ChatMessageCreated:
 def ledger_horizon() -> datetime:
     """Events created before this time are not counted: their ledger rows may be pruned by now.
 
-    A ledger row is pruned ANALYTICS_LEDGER_RETENTION_DAYS after its event was counted, and no
-    event is counted before it was created; so the row of any event created after the horizon
-    (if it was counted before) is still there to stop a second count.
+    A ledger row is pruned ANALYTICS_LEDGER_RETENTION_DAYS after its event was counted (and never
+    before the last prune's cutoff, whatever the setting says now), and no event is counted
+    before it was created; so the row of any event created after the horizon, if it was counted
+    before, is still there to stop a second count.
     """
-    retention = timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
-    return timezone.now() - retention + LEDGER_HORIZON_MARGIN
+    pruned_before = LedgerPrune.objects.values_list("pruned_before", flat=True).first()
+    by_retention = timezone.now() - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
+    return max(by_retention, pruned_before or by_retention) + LEDGER_HORIZON_MARGIN
 
 
 def chat_events_record(*, events: Sequence[object]) -> RecordResult:
@@ -156,10 +158,20 @@ def processed_events_prune() -> int:
 
     Run hourly by Celery beat (analytics.tasks.prune_processed_events). Safe at any retention:
     chat_events_record refuses events created before ledger_horizon(), which is inside the same
-    retention (hence no `older_than` argument here), so no event whose row is gone can be
-    counted again. Returns how many rows were deleted.
+    retention (hence no `older_than` argument here) and after every cutoff used so far (the
+    LedgerPrune mark), so no event whose row is gone can be counted again. Returns how many rows
+    were deleted.
     """
     cutoff = timezone.now() - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
+    # The mark first, committed before any row goes: a worker that could still find a row
+    # about to be deleted already refuses its event. Never moved back (a raised retention).
+    with transaction.atomic():
+        mark, created = LedgerPrune.objects.select_for_update().get_or_create(
+            pk=1, defaults={"pruned_before": cutoff}
+        )
+        if not created and mark.pruned_before < cutoff:
+            mark.pruned_before = cutoff
+            mark.save(update_fields=["pruned_before"])
     return delete_in_chunks(ProcessedEvent.objects.filter(processed_at__lt=cutoff).order_by("processed_at"))
 
 

@@ -158,7 +158,8 @@ ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
 # The ledger (analytics.ProcessedEvent) keeps each counted event's id this many days after it was
 # counted, then an hourly Celery beat task prunes it. A pruned id can no longer stop a duplicate,
 # so the worker refuses (dead-letters, uncounted) any event created longer ago than this, less an
-# hour (analytics.services.ledger_horizon): counting stays at most once whatever the value. The
+# hour (analytics.services.ledger_horizon): counting stays at most once whatever the value, and
+# raising it never brings back events whose rows a shorter one pruned (analytics.LedgerPrune). The
 # value is how old an event may be and still be counted: redeliveries of unacked messages come
 # within minutes, retries end within ~5 minutes, a relay republishes on restart; only a long
 # outage or a dead letter replayed late comes after that, and 30 days is far longer than a dead

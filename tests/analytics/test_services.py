@@ -7,7 +7,7 @@ import pytest
 from django.utils import timezone
 
 from analytics import selectors, services
-from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
+from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
 from chatproject.procfile import ROOT, child_process_env
 
 
@@ -261,6 +261,42 @@ def test_event_coming_back_after_its_ledger_row_was_pruned_is_not_counted_twice(
 
     assert again == services.RecordResult(counted=0, duplicates=0, too_old=1)
     assert selectors.room_message_count(room_id=general.pk) == 1
+
+
+@pytest.mark.django_db
+def test_raising_the_retention_keeps_refusing_events_whose_rows_were_pruned(make_user, make_room, settings):
+    """Raised to replay an old dead letter: the rows a shorter retention deleted stay deleted."""
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 30
+    alice = make_user("alice")
+    general = make_room("general")
+    event = chat_event(
+        room=general, author=alice, message_id=1, created_at=datetime.now(UTC) - timedelta(days=40)
+    )
+    _count_events_counted_days_ago([event], days=40, settings=settings)
+    services.processed_events_prune()
+
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 60
+    again = services.chat_events_record(events=[event])
+
+    assert again == services.RecordResult(counted=0, duplicates=0, too_old=1)
+    assert selectors.room_message_count(room_id=general.pk) == 1
+    recent = chat_event(room=general, author=alice, message_id=2)
+    assert services.chat_events_record(events=[recent]).counted == 1
+
+
+@pytest.mark.django_db
+def test_prune_mark_never_moves_back_when_the_retention_is_raised(settings):
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 30
+    services.processed_events_prune()
+    first = LedgerPrune.objects.get().pruned_before
+
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 60
+    services.processed_events_prune()
+
+    assert LedgerPrune.objects.get().pruned_before == first
+    settings.ANALYTICS_LEDGER_RETENTION_DAYS = 7
+    services.processed_events_prune()
+    assert LedgerPrune.objects.get().pruned_before > first
 
 
 def test_ledger_retention_under_a_day_is_refused_at_start_up():
