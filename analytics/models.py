@@ -31,14 +31,18 @@ class ProcessedEvent(models.Model):
 class LedgerPrune(models.Model):
     """How far the ledger has been pruned: rows of events counted before `pruned_before` may be gone.
 
-    A single row (id 1), moved forward by processed_events_prune before it deletes anything. It
-    keeps ledger_horizon() from moving back when ANALYTICS_LEDGER_RETENTION_DAYS is raised: rows
-    an earlier, shorter retention deleted stay deleted, so their events must stay refused.
+    A single row (id 1, created by the migration; null until the first prune), moved forward by
+    processed_events_prune before it deletes anything. It keeps ledger_horizon() from moving
+    back when ANALYTICS_LEDGER_RETENTION_DAYS is raised: rows an earlier, shorter retention
+    deleted stay deleted, so their events must stay refused. Counting transactions hold it FOR
+    SHARE, so a prune cannot move it under them.
     """
 
-    pruned_before = models.DateTimeField()
+    pruned_before = models.DateTimeField(null=True)
 
     def __str__(self) -> str:
+        if self.pruned_before is None:
+            return "ledger never pruned"
         return f"ledger pruned before {self.pruned_before:%Y-%m-%d %H:%M}"
 
 

@@ -111,15 +111,24 @@ def chat_event_parse(event: object) -> ChatMessageCreated:
     )
 
 
-def ledger_horizon() -> datetime:
+def ledger_horizon(*, hold_prune: bool = False) -> datetime:
     """Events created before this time are not counted: their ledger rows may be pruned by now.
 
     A ledger row is pruned ANALYTICS_LEDGER_RETENTION_DAYS after its event was counted (and never
     before the last prune's cutoff, whatever the setting says now), and no event is counted
     before it was created; so the row of any event created after the horizon, if it was counted
-    before, is still there to stop a second count.
+    before, is still there to stop a second count. With `hold_prune` (in the counting
+    transaction) the prune mark is read FOR SHARE: a prune moving it waits for this transaction
+    to commit, so no row the batch could find is deleted under it, and a batch that waited for a
+    prune reads the mark that prune committed.
     """
-    pruned_before = LedgerPrune.objects.values_list("pruned_before", flat=True).first()
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"SELECT pruned_before FROM {LedgerPrune._meta.db_table} WHERE id = 1"
+            + (" FOR SHARE" if hold_prune else "")
+        )
+        row = cursor.fetchone()
+    pruned_before = row[0] if row else None
     by_retention = timezone.now() - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
     return max(by_retention, pruned_before or by_retention) + LEDGER_HORIZON_MARGIN
 
@@ -135,13 +144,13 @@ def chat_events_record(*, events: Sequence[object]) -> RecordResult:
     if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
         raise InvalidEvent(f"events must be a list, got {type(events).__name__}")
     parsed = [chat_event_parse(event) for event in events]
-    horizon = ledger_horizon()
-    recent = [event for event in parsed if event.created_at >= horizon]
-    too_old = len(parsed) - len(recent)
-    unique = list({event.event_id: event for event in recent}.values())
-    if not unique:
-        return RecordResult(counted=0, duplicates=0, too_old=too_old)
     with transaction.atomic():
+        horizon = ledger_horizon(hold_prune=True)
+        recent = [event for event in parsed if event.created_at >= horizon]
+        too_old = len(parsed) - len(recent)
+        unique = list({event.event_id: event for event in recent}.values())
+        if not unique:
+            return RecordResult(counted=0, duplicates=0, too_old=too_old)
         new_ids = _ledger_insert(unique)
         fresh = [event for event in unique if event.event_id in new_ids]
         if fresh:
@@ -163,13 +172,14 @@ def processed_events_prune() -> int:
     were deleted.
     """
     cutoff = timezone.now() - timedelta(days=settings.ANALYTICS_LEDGER_RETENTION_DAYS)
-    # The mark first, committed before any row goes: a worker that could still find a row
-    # about to be deleted already refuses its event. Never moved back (a raised retention).
+    # The mark first, committed before any row goes. FOR UPDATE waits for the counting
+    # transactions that read the old mark (FOR SHARE); later ones read the new mark and refuse
+    # the events whose rows are about to go. Never moved back (a raised retention).
     with transaction.atomic():
         mark, created = LedgerPrune.objects.select_for_update().get_or_create(
             pk=1, defaults={"pruned_before": cutoff}
         )
-        if not created and mark.pruned_before < cutoff:
+        if not created and (mark.pruned_before is None or mark.pruned_before < cutoff):
             mark.pruned_before = cutoff
             mark.save(update_fields=["pruned_before"])
     return delete_in_chunks(ProcessedEvent.objects.filter(processed_at__lt=cutoff).order_by("processed_at"))

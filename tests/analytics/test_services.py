@@ -1,14 +1,17 @@
 import subprocess
 import sys
+import threading
 import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from django.db import connection, transaction
 from django.utils import timezone
 
 from analytics import selectors, services
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
 from chatproject.procfile import ROOT, child_process_env
+from tests.waiting import wait_until
 
 
 def chat_event(*, room, author, message_id: int, created_at: datetime | None = None) -> dict:
@@ -297,6 +300,52 @@ def test_prune_mark_never_moves_back_when_the_retention_is_raised(settings):
     settings.ANALYTICS_LEDGER_RETENTION_DAYS = 7
     services.processed_events_prune()
     assert LedgerPrune.objects.get().pruned_before > first
+
+
+@pytest.mark.django_db(transaction=True)
+def test_prune_waits_for_a_counting_transaction_that_read_the_previous_mark(make_user, make_room, settings):
+    """Else a batch that passed the horizon could miss a row deleted before its insert."""
+    alice = make_user("alice")
+    general = make_room("general")
+    services.processed_events_prune()  # the mark exists (the migration's row is flushed between tests)
+    event = chat_event(room=general, author=alice, message_id=1)
+    _count_events_counted_days_ago(
+        [event], days=settings.ANALYTICS_LEDGER_RETENTION_DAYS + 1, settings=settings
+    )
+    counting, release = threading.Event(), threading.Event()
+
+    def counting_transaction() -> None:
+        with transaction.atomic():
+            services.ledger_horizon(hold_prune=True)
+            counting.set()
+            release.wait(30)
+        connection.close()
+
+    def prune() -> None:
+        services.processed_events_prune()
+        connection.close()
+
+    threads = [threading.Thread(target=counting_transaction), threading.Thread(target=prune)]
+    threads[0].start()
+    counting.wait(30)
+    threads[1].start()
+    try:
+        wait_until(_a_session_waits_for_a_lock, timeout=30, message="the prune did not wait for the mark")
+        assert ProcessedEvent.objects.filter(event_id=event["event_id"]).exists()
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert not ProcessedEvent.objects.filter(event_id=event["event_id"]).exists()
+
+
+def _a_session_waits_for_a_lock() -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        return cursor.fetchone()[0] > 0
 
 
 def test_ledger_retention_under_a_day_is_refused_at_start_up():
