@@ -29,9 +29,14 @@ class DeadLetter(models.Model):
         UTF8 = "utf-8", "UTF-8 text"
         BASE64 = "base64", "base64 (binary)"
 
-    # sha256 of the message as delivered (properties, headers, body): a redelivery of the same
-    # dead letter after an archiver crash finds its row instead of creating a second one.
-    fingerprint = models.CharField(max_length=64, unique=True)
+    # sha256 of the message as delivered (properties, headers, body, x-death included). Not unique:
+    # two deaths of identical content are two rows. With ack_pending, it finds the row a redelivery
+    # of the same delivery left.
+    fingerprint = models.CharField(max_length=64)
+    # True from the archiver's commit until RabbitMQ has handled the ack of the delivery the row came
+    # from. A redelivered delivery (the archiver died in between) takes over such a row of its
+    # fingerprint instead of adding one; see services.dead_letters_archive.
+    ack_pending = models.BooleanField(default=True, db_default=True)
     origin_queue = models.CharField(max_length=255, db_index=True)
     origin_exchange = models.CharField(max_length=255, blank=True)
     routing_key = models.CharField(max_length=255, blank=True)
@@ -60,7 +65,13 @@ class DeadLetter(models.Model):
 
     class Meta:
         ordering = ["-last_death_at", "-id"]
-        indexes = [models.Index(fields=["status", "-last_death_at"], name="deadletter_status_death_idx")]
+        indexes = [
+            models.Index(fields=["status", "-last_death_at"], name="deadletter_status_death_idx"),
+            # Only rows still waiting for their ack are looked up by fingerprint.
+            models.Index(
+                fields=["fingerprint"], condition=models.Q(ack_pending=True), name="deadletter_pending_fp_idx"
+            ),
+        ]
 
     def __str__(self) -> str:
         what = self.task_name or self.routing_key or "message"
