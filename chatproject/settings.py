@@ -187,6 +187,11 @@ DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", def
 DLQ_RESOLVED_RETENTION_DAYS = env.int("DLQ_RESOLVED_RETENTION_DAYS", default=30)
 RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
 DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS", default=0.0)
+# A dead letter the database refuses even in minimal form (in practice it refuses every row: a missing
+# migration, a read-only database) is held unacked this long, then handed back to RabbitMQ to be
+# tried again: once per interval, not a hot loop, and never dropped. Keep it under RabbitMQ's
+# consumer_timeout (30 min by default), which would close the channel instead.
+DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS = env.float("DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS", default=600.0)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -1,8 +1,11 @@
 """The dead-letter archiver loop (`manage.py run_dlq_archiver`): `dead_letters` -> PostgreSQL.
 
 Manual acks: a batch of deliveries is acked only after `dead_letters_archive` committed its rows,
-so a crash (SIGKILL included) at any point leaves them unacked and RabbitMQ redelivers them; each
-row's fingerprint makes that redelivery a no-op. Survives broker and database outages by reconnecting
+so a crash (SIGKILL included) at any point leaves them unacked and RabbitMQ redelivers them; the
+rows stay `ack_pending` until RabbitMQ has handled the ack, and a redelivery takes over such a row
+instead of adding one. A letter the database refuses does not hold back the others: it is stored
+in minimal form, and one that cannot even be stored so is held unacked and handed back to RabbitMQ
+after DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS. Survives broker and database outages by reconnecting
 with backoff; the unacked messages of a dropped connection come back by themselves.
 
 Hourly (and once at start) it also prunes what the archive no longer needs: failure details no
@@ -22,7 +25,13 @@ from django.db import DatabaseError, close_old_connections
 from kombu import Connection
 
 from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
-from chatproject.deadletters.services import dead_letters_archive, dead_letters_prune, task_failures_prune
+from chatproject.deadletters.services import (
+    ArchiveOutcome,
+    dead_letters_archive,
+    dead_letters_mark_acked,
+    dead_letters_prune,
+    task_failures_prune,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +60,10 @@ def dead_letter_archiver_run(
                 channel: amqp.Channel = conn.default_channel
                 # Bounded prefetch: a crash redelivers at most this many, each archived once.
                 channel.basic_qos(0, prefetch, False)
-                pending: list[amqp.Message] = []
-                channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=pending.append, no_ack=False)
+                arrived: list[amqp.Message] = []
+                # Delivery tag -> when it was found unstorable; these stay unacked on this channel.
+                held: dict[int, float] = {}
+                channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=arrived.append, no_ack=False)
                 logger.info(
                     "dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, prefetch
                 )
@@ -61,23 +72,28 @@ def dead_letter_archiver_run(
                     if time.monotonic() >= next_prune:
                         _prune()
                         next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-                    try:
-                        conn.drain_events(timeout=1.0)
-                    except TimeoutError:
-                        conn.heartbeat_check()
-                        continue
+                    _requeue_held_when_due(channel, held)
+                    # Deliveries can arrive while a batch is acked; those are archived without waiting.
+                    if not arrived:
+                        try:
+                            conn.drain_events(timeout=1.0)
+                        except TimeoutError:
+                            conn.heartbeat_check()
+                            continue
                     # Whatever the broker has already pushed joins the batch: one commit for many.
-                    while len(pending) < prefetch:
+                    while len(arrived) < prefetch:
                         try:
                             conn.drain_events(timeout=BATCH_GATHER_SECONDS)
                         except TimeoutError:
                             break
-                    _archive_and_ack(channel, pending)
-                    pending.clear()
+                    batch = arrived[:]
+                    arrived.clear()
+                    _archive_and_ack(channel, batch, held=held, prefetch=prefetch)
         except (OSError, AMQPError) as error:
             logger.warning("broker unreachable (%s); the archiver retries in %.1fs", error, backoff)
         except DatabaseError as error:
-            # Closing the connection hands the unacked deliveries back to RabbitMQ.
+            # Only a lost connection gets here (services.CONNECTION_ERRORS). Closing the broker
+            # connection hands the unacked deliveries back to RabbitMQ.
             logger.warning("database unavailable (%s); the archiver retries in %.1fs", error, backoff)
             close_old_connections()
         time.sleep(backoff)
@@ -93,7 +109,9 @@ def _prune() -> None:
         logger.info("pruned %d resolved dead letters past DLQ_RESOLVED_RETENTION_DAYS", pruned)
 
 
-def _archive_and_ack(channel: amqp.Channel, batch: list[amqp.Message]) -> None:
+def _archive_and_ack(
+    channel: amqp.Channel, batch: list[amqp.Message], *, held: dict[int, float], prefetch: int
+) -> None:
     if not batch:
         return
     deliveries = []
@@ -106,17 +124,31 @@ def _archive_and_ack(channel: amqp.Channel, batch: list[amqp.Message]) -> None:
                 "properties": properties,
                 "exchange": message.delivery_info.get("exchange", ""),
                 "routing_key": message.delivery_info.get("routing_key", ""),
+                "redelivered": bool(message.delivery_info.get("redelivered")),
             }
         )
     results = dead_letters_archive(deliveries=deliveries)
     if settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS:
         # tests/deadletters: committed, not yet acked -- the worst moment to be SIGKILLed.
+        logger.warning("fault injection: batch committed, pausing before its ack")
         time.sleep(settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS)
-    # Delivery tags grow on a channel and the batch holds every unacked one: ack them all at once.
-    channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+    unstorable = [m for m, r in zip(batch, results, strict=True) if not r.stored]
+    if held or unstorable:
+        # A multiple ack would take the held deliveries with it.
+        for message, result in zip(batch, results, strict=True):
+            if result.stored:
+                channel.basic_ack(message.delivery_tag)
+    else:
+        # Delivery tags grow on a channel and the batch holds every unacked one: ack them all at once.
+        channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+    held.update(dict.fromkeys((m.delivery_tag for m in unstorable), time.monotonic()))
+    # RabbitMQ answers basic.qos only after it handled the acks sent before it on this channel: from
+    # then on these deliveries cannot come back, and no redelivery may take their rows over.
+    channel.basic_qos(0, prefetch, False)
+    dead_letters_mark_acked(dead_letters=[r.dead_letter for r in results if r.dead_letter is not None])
     for result in results:
-        if result.created:
-            dl = result.dead_letter
+        dl = result.dead_letter
+        if result.outcome is ArchiveOutcome.ARCHIVED and dl is not None:
             logger.info(
                 "archived dead letter #%d: %s from %s (%s)",
                 dl.pk,
@@ -124,3 +156,23 @@ def _archive_and_ack(channel: amqp.Channel, batch: list[amqp.Message]) -> None:
                 dl.origin_queue,
                 dl.reason,
             )
+    if unstorable:
+        logger.error(
+            "holding %d dead letters that could not be stored at all (%d held); they go back to the "
+            "queue in %.0fs",
+            len(unstorable),
+            len(held),
+            settings.DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS,
+        )
+
+
+def _requeue_held_when_due(channel: amqp.Channel, held: dict[int, float]) -> None:
+    """Hand the deliveries held for DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS back to RabbitMQ: each is
+    tried again once per that interval, never in a loop, and never dropped."""
+    due_before = time.monotonic() - settings.DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS
+    due = [tag for tag, since in held.items() if since <= due_before]
+    for tag in due:
+        channel.basic_reject(tag, requeue=True)
+        del held[tag]
+    if due:
+        logger.warning("handed %d unstorable dead letters back to the queue to try them again", len(due))

@@ -18,16 +18,20 @@ import getpass
 import hashlib
 import json
 import logging
+import math
+import traceback
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from enum import StrEnum
 from typing import Any
 
 import amqp
 from django.conf import settings
 from django.contrib.admin.models import CHANGE, LogEntry
-from django.db import IntegrityError, connection, transaction
+from django.db import InterfaceError, OperationalError, connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
@@ -56,16 +60,47 @@ REPLAY_CHUNK = 200
 # --- archiving --------------------------------------------------------------------------------
 
 
+class ArchiveOutcome(StrEnum):
+    ARCHIVED = "archived"
+    # A redelivery of a delivery whose row was committed, but whose ack RabbitMQ never handled.
+    ALREADY_ARCHIVED = "already archived"
+    # The database refused the full row: the raw message and that error were stored instead.
+    ARCHIVED_MINIMAL = "archived minimal"
+    # A failure note (see task_failure_publish), recorded as a TaskFailure.
+    FAILURE_RECORDED = "failure recorded"
+    # Nothing could be stored, not even the minimal row: the caller must not ack it.
+    UNSTORABLE = "unstorable"
+
+
 @dataclass(frozen=True)
 class ArchiveResult:
-    dead_letter: DeadLetter
-    created: bool
+    """What became of one delivery; `dead_letter` is None for failure notes and unstorable ones."""
+
+    outcome: ArchiveOutcome
+    dead_letter: DeadLetter | None
+
+    @property
+    def created(self) -> bool:
+        return self.outcome in (ArchiveOutcome.ARCHIVED, ArchiveOutcome.ARCHIVED_MINIMAL)
+
+    @property
+    def stored(self) -> bool:
+        """Safe to ack: the delivery is in the database, as a row or as a failure record."""
+        return self.outcome is not ArchiveOutcome.UNSTORABLE
+
+
+# The database connection is gone, or the server aborted the transaction (deadlock, shutdown,
+# timeout): the batch is retried whole after a reconnect. Any other error is taken to come from the
+# content of a message, and the batch falls back to one transaction per letter.
+CONNECTION_ERRORS = (OperationalError, InterfaceError)
+# Room kept for the storage error in a minimal row; a driver message can quote a huge value.
+MINIMAL_ROW_ERROR_CHARS = 4000
 
 
 def json_safe(value: Any) -> Any:
     """AMQP header and property values as JSON: times as ISO strings, bytes as text or base64."""
     if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
+        return {_json_text(str(k)): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [json_safe(v) for v in value]
     if isinstance(value, datetime):
@@ -75,9 +110,23 @@ def json_safe(value: Any) -> Any:
     if isinstance(value, (bytes, bytearray, memoryview)):
         text = _storable_text(bytes(value))
         return text if text is not None else base64.b64encode(bytes(value)).decode("ascii")
-    if isinstance(value, str) and "\x00" in value:
-        return value.replace("\x00", "\ufffd")  # jsonb cannot hold NUL; the letter is still shown
+    if isinstance(value, str):
+        return _json_text(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # jsonb has no NaN or Infinity
     return value
+
+
+def _json_text(text: str) -> str:
+    """`text` as jsonb and text columns take it: no NUL, no lone surrogate (py-amqp decodes header
+    strings with surrogatepass). The letter is still shown, with U+FFFD or ? in their place."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode("utf-8")
+    return text
 
 
 def _storable_text(raw: bytes) -> str | None:
@@ -131,42 +180,53 @@ def _undecodable_error(raw: bytes, properties: Mapping[str, Any]) -> tuple[str, 
     return "", ""
 
 
-def _dead_letter_from_delivery(
-    *,
-    body: bytes | str | None,
-    headers: Mapping[str, Any] | None,
-    properties: Mapping[str, Any] | None,
-    exchange: str = "",
-    routing_key: str = "",
-) -> DeadLetter:
-    """The (unsaved) row for one delivery from `dead_letters`; the origin comes from x-death."""
-    headers = dict(headers or {})
-    properties = {k: v for k, v in (properties or {}).items() if k != "application_headers"}
-    raw = _as_bytes(body, properties.get("content_encoding"))
+@dataclass(frozen=True)
+class _StoredMessage:
+    """A delivery's message as the archive stores it, and the fingerprint of that form."""
+
+    raw: bytes
+    body: str
+    body_encoding: str
+    headers: dict[str, Any]
+    properties: dict[str, Any]
+    fingerprint: str
+
+
+def _stored_message(delivery: Mapping[str, Any]) -> _StoredMessage:
+    properties = {k: v for k, v in (delivery.get("properties") or {}).items() if k != "application_headers"}
+    raw = _as_bytes(delivery.get("body"), properties.get("content_encoding"))
     body_text = _storable_text(raw)
     if body_text is not None:
         body_encoding = DeadLetter.BodyEncoding.UTF8
     else:
         body_text, body_encoding = base64.b64encode(raw).decode("ascii"), DeadLetter.BodyEncoding.BASE64
-    safe_headers = json_safe(headers)
+    safe_headers = json_safe(dict(delivery.get("headers") or {}))
     safe_properties = json_safe(properties)
+    # RabbitMQ redelivers a message unchanged, so every delivery of one dead letter has the same.
     fingerprint = hashlib.sha256(
         json.dumps([safe_properties, safe_headers, body_text], sort_keys=True, default=str).encode()
     ).hexdigest()
+    return _StoredMessage(raw, body_text, body_encoding, safe_headers, safe_properties, fingerprint)
 
+
+def _dead_letter_from_delivery(delivery: Mapping[str, Any]) -> DeadLetter:
+    """The (unsaved) row for one delivery from `dead_letters`; the origin comes from x-death."""
+    stored = _stored_message(delivery)
+    headers = dict(delivery.get("headers") or {})
+    properties = delivery.get("properties") or {}
     x_death = [entry for entry in headers.get("x-death") or [] if isinstance(entry, Mapping)]
     # x-death lists the most recent death first, one entry per (queue, reason).
     latest = x_death[0] if x_death else {}
-    routing_keys = latest.get("routing-keys") or [routing_key]
+    routing_keys = latest.get("routing-keys") or [delivery.get("routing_key", "")]
     times = [t for t in (_death_time(entry) for entry in x_death) if t is not None]
     reason = str(latest.get("reason") or headers.get("x-first-death-reason") or "unknown")
     origin_queue = str(latest.get("queue") or headers.get("x-first-death-queue") or "")
     retries = headers.get("retries")
-    error_class, error_message = _undecodable_error(raw, properties)
+    error_class, error_message = _undecodable_error(stored.raw, properties)
     return DeadLetter(
-        fingerprint=fingerprint,
+        fingerprint=stored.fingerprint,
         origin_queue=origin_queue,
-        origin_exchange=str(latest.get("exchange", exchange) or ""),
+        origin_exchange=str(latest.get("exchange", delivery.get("exchange", "")) or ""),
         routing_key=str(json_safe(routing_keys[0]) if routing_keys else ""),
         reason=reason,
         task_name=str(headers.get("task") or ""),
@@ -179,11 +239,65 @@ def _dead_letter_from_delivery(
         first_death_at=min(times) if times else None,
         last_death_at=max(times) if times else timezone.now(),
         x_death=json_safe(x_death),
-        headers=safe_headers,
-        properties=safe_properties,
-        body=body_text,
-        body_encoding=body_encoding,
+        headers=stored.headers,
+        properties=stored.properties,
+        body=stored.body,
+        body_encoding=stored.body_encoding,
+        ack_pending=True,
     )
+
+
+def _minimal_dead_letter(delivery: Mapping[str, Any], *, error: BaseException) -> DeadLetter:
+    """The row for a delivery whose full row could not be stored: the raw body as base64 (replayable
+    byte for byte), the headers and properties as json_safe makes them, and the storage error.
+    Every value taken from the message is cleaned and cut to its column, so that what made the
+    full row fail cannot make this one fail too."""
+    stored = _stored_message(delivery)
+    x_death = stored.headers.get("x-death")
+    x_death = [entry for entry in x_death if isinstance(entry, dict)] if isinstance(x_death, list) else []
+    latest = x_death[0] if x_death else {}
+    routing_keys = latest.get("routing-keys")
+    routing_key = routing_keys[0] if isinstance(routing_keys, list) and routing_keys else None
+    trace = "".join(traceback.format_exception(error))
+    return DeadLetter(
+        fingerprint=stored.fingerprint,
+        origin_queue=_column_text("origin_queue", latest.get("queue")),
+        origin_exchange=_column_text("origin_exchange", latest.get("exchange", delivery.get("exchange"))),
+        routing_key=_column_text("routing_key", routing_key or delivery.get("routing_key")),
+        reason=_column_text("reason", latest.get("reason") or "unknown"),
+        task_name=_column_text("task_name", stored.headers.get("task")),
+        task_id=_column_text("task_id", stored.headers.get("id") or stored.properties.get("correlation_id")),
+        message_id=_column_text("message_id", stored.properties.get("message_id")),
+        error_class=_column_text("error_class", _error_class_path(error)),
+        error_message=_json_text(
+            "Archived in minimal form (body as base64, without the worker's error): the full row "
+            f"was refused with {_error_class_path(error)}: {error}"
+        )[:MINIMAL_ROW_ERROR_CHARS],
+        traceback=_json_text(trace)[-MINIMAL_ROW_ERROR_CHARS:],
+        last_death_at=timezone.now(),
+        x_death=x_death,
+        headers=stored.headers,
+        properties=stored.properties,
+        body=base64.b64encode(stored.raw).decode("ascii"),
+        body_encoding=DeadLetter.BodyEncoding.BASE64,
+        ack_pending=True,
+    )
+
+
+def _column_text(field_name: str, value: Any) -> str:
+    text = "" if value is None else _json_text(str(value))
+    return text[: DeadLetter._meta.get_field(field_name).max_length]
+
+
+def _error_class_path(error: BaseException) -> str:
+    return f"{type(error).__module__}.{type(error).__qualname__}"
+
+
+def _error_label(error: BaseException) -> str:
+    """What a log line may say about a storage error: its class and SQLSTATE, never its text,
+    which can quote the message's content."""
+    sqlstate = getattr(error.__cause__, "pgcode", None)  # psycopg2's name for it
+    return f"{_error_class_path(error)}, SQLSTATE {sqlstate}" if sqlstate else _error_class_path(error)
 
 
 def dead_letter_archive(
@@ -193,62 +307,122 @@ def dead_letter_archive(
     properties: Mapping[str, Any] | None,
     exchange: str = "",
     routing_key: str = "",
+    redelivered: bool = False,
 ) -> ArchiveResult:
-    """Store one message received from `dead_letters`; idempotent, so a redelivery changes nothing."""
+    """Store one message received from `dead_letters` (see dead_letters_archive)."""
     delivery = {"body": body, "headers": headers, "properties": properties, "exchange": exchange}
-    return dead_letters_archive(deliveries=[{**delivery, "routing_key": routing_key}])[0]
+    return dead_letters_archive(
+        deliveries=[{**delivery, "routing_key": routing_key, "redelivered": redelivered}]
+    )[0]
 
 
 def dead_letters_archive(*, deliveries: Sequence[Mapping[str, Any]]) -> list[ArchiveResult]:
-    """Archive a batch of deliveries (dead_letter_archive's keyword arguments) in ONE transaction.
+    """Archive a batch of deliveries (dead_letter_archive's keyword arguments); one result each.
 
-    Called by the archiver, which acks the batch only after this returned: a crash before that
-    redelivers all of it, and each letter's fingerprint makes archiving it again a no-op. A
-    handful of queries per batch, not per letter. Failure notes (see task_failure_publish) in the
-    batch are recorded, not archived; the results are those of the dead letters, in order.
+    Called by the archiver, which acks what this stored only after it returned. Once only: a
+    delivery RabbitMQ flags `redelivered` may have been archived by an archiver that died before
+    its ack was handled, so it takes over a row of its fingerprint still `ack_pending`; a first
+    delivery never was (RabbitMQ guarantees an unflagged delivery was never delivered before), so
+    it always gets a row of its own, and two deaths of identical content stay two rows.
+
+    One transaction and a handful of queries for the whole batch. When that fails for any reason
+    but a lost connection (CONNECTION_ERRORS propagate: the caller retries the batch), each
+    delivery is archived in a transaction of its own, and one the database refuses in full gets a
+    minimal row (_minimal_dead_letter); one that cannot even have that comes back UNSTORABLE.
+    Failure notes (see task_failure_publish) are recorded as TaskFailure rows, not archived.
     """
-    notes = [_failure_note(delivery) for delivery in deliveries if _is_failure_note(delivery)]
-    letters = [
-        _dead_letter_from_delivery(**delivery) for delivery in deliveries if not _is_failure_note(delivery)
-    ]
-    with transaction.atomic():
-        _lock_tasks(({letter.task_id for letter in letters} | {note["task_id"] for note in notes}) - {""})
-        # Notes first: a worker sends its note before rejecting, so it precedes its letter.
-        for note in notes:
-            task_failure_record(**note)
-        existing = {
-            letter.fingerprint: letter
-            for letter in DeadLetter.objects.filter(
-                fingerprint__in=[letter.fingerprint for letter in letters]
-            )
-        }
-        fresh: dict[str, DeadLetter] = {}
-        for letter in letters:
-            if letter.fingerprint not in existing:
-                fresh.setdefault(letter.fingerprint, letter)
-        _join_failures(
-            [letter for letter in fresh.values() if letter.reason == "rejected" and letter.task_id]
+    try:
+        return _archive_together(deliveries)
+    except CONNECTION_ERRORS:
+        raise
+    except Exception as error:
+        if len(deliveries) == 1:
+            return [_archive_minimal(deliveries[0], error=error)]
+        logger.warning(
+            "archiving %d dead letters together failed (%s); archiving them one at a time",
+            len(deliveries),
+            _error_label(error),
         )
-        try:
-            with transaction.atomic():
-                DeadLetter.objects.bulk_create(fresh.values())
-        except IntegrityError:
-            # Another archiver stored some of them meanwhile: store the rest one by one.
-            for fingerprint, letter in list(fresh.items()):
-                try:
-                    with transaction.atomic():
-                        letter.save()
-                except IntegrityError:
-                    existing[fingerprint] = DeadLetter.objects.get(fingerprint=fingerprint)
-                    del fresh[fingerprint]
-    results = []
-    reported: set[str] = set()
-    for letter in letters:
-        created = letter.fingerprint in fresh and letter.fingerprint not in reported
-        reported.add(letter.fingerprint)
-        stored = fresh.get(letter.fingerprint) or existing[letter.fingerprint]
-        results.append(ArchiveResult(stored, created=created))
-    return results
+    return [result for delivery in deliveries for result in dead_letters_archive(deliveries=[delivery])]
+
+
+def _archive_together(deliveries: Sequence[Mapping[str, Any]]) -> list[ArchiveResult]:
+    notes = {i: _failure_note(d) for i, d in enumerate(deliveries) if _is_failure_note(d)}
+    letters = {i: _dead_letter_from_delivery(d) for i, d in enumerate(deliveries) if i not in notes}
+    redelivered = {i for i in letters if deliveries[i].get("redelivered")}
+    results: dict[int, ArchiveResult] = {}
+    with transaction.atomic():
+        _lock_tasks(({dl.task_id for dl in letters.values()} | {n["task_id"] for n in notes.values()}) - {""})
+        # Notes first: a worker sends its note before rejecting, so it precedes its letter.
+        for i, note in notes.items():
+            task_failure_record(**note)
+            results[i] = ArchiveResult(ArchiveOutcome.FAILURE_RECORDED, None)
+        pending = _pending_rows(Counter(letters[i].fingerprint for i in redelivered))
+        fresh: list[DeadLetter] = []
+        for i, letter in letters.items():
+            left_behind = pending.get(letter.fingerprint) if i in redelivered else None
+            if left_behind:
+                results[i] = ArchiveResult(ArchiveOutcome.ALREADY_ARCHIVED, left_behind.pop())
+            else:
+                fresh.append(letter)
+                results[i] = ArchiveResult(ArchiveOutcome.ARCHIVED, letter)
+        _join_failures([letter for letter in fresh if letter.reason == "rejected" and letter.task_id])
+        DeadLetter.objects.bulk_create(fresh)
+    return [results[i] for i in range(len(deliveries))]
+
+
+def _archive_minimal(delivery: Mapping[str, Any], *, error: Exception) -> ArchiveResult:
+    """Store the minimal row of a delivery whose full row failed with `error`, in its own transaction."""
+    try:
+        with transaction.atomic():
+            letter = _minimal_dead_letter(delivery, error=error)
+            if delivery.get("redelivered"):
+                left_behind = _pending_rows(Counter([letter.fingerprint])).get(letter.fingerprint)
+                if left_behind:
+                    return ArchiveResult(ArchiveOutcome.ALREADY_ARCHIVED, left_behind[0])
+            letter.save()
+    except CONNECTION_ERRORS:
+        raise
+    except Exception as second_error:
+        logger.error(
+            "a dead letter could not be stored, not even in minimal form (%s, then %s)",
+            _error_label(error),
+            _error_label(second_error),
+        )
+        return ArchiveResult(ArchiveOutcome.UNSTORABLE, None)
+    logger.warning(
+        "dead letter #%d archived in minimal form: its full row was refused (%s)",
+        letter.pk,
+        _error_label(error),
+    )
+    return ArchiveResult(ArchiveOutcome.ARCHIVED_MINIMAL, letter)
+
+
+def _pending_rows(wanted: Counter[str]) -> dict[str, list[DeadLetter]]:
+    """Up to `wanted[f]` rows of fingerprint f still waiting for their ack, locked for this
+    transaction. SKIP LOCKED: a row another archiver is taking over (or marking acked) belongs to
+    another delivery, so this one looks for a further row or gets a new one."""
+    if not wanted:
+        return {}
+    table = DeadLetter._meta.db_table
+    rows = DeadLetter.objects.raw(
+        "SELECT d.* FROM unnest(%s::text[], %s::int[]) AS wanted(fingerprint, n) "
+        f"CROSS JOIN LATERAL (SELECT * FROM {table} WHERE fingerprint = wanted.fingerprint "
+        "AND ack_pending ORDER BY id LIMIT wanted.n FOR UPDATE SKIP LOCKED) AS d",
+        [list(wanted), list(wanted.values())],
+    )
+    found: dict[str, list[DeadLetter]] = {}
+    for row in rows:
+        found.setdefault(row.fingerprint, []).append(row)
+    return found
+
+
+def dead_letters_mark_acked(*, dead_letters: Iterable[DeadLetter]) -> None:
+    """Called by the archiver once RabbitMQ has handled the acks of these letters' deliveries:
+    they cannot be redelivered any more, so no redelivery may take their rows over."""
+    ids = [dead_letter.pk for dead_letter in dead_letters]
+    if ids:
+        DeadLetter.objects.filter(pk__in=ids, ack_pending=True).update(ack_pending=False)
 
 
 def _is_failure_note(delivery: Mapping[str, Any]) -> bool:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import amqp
 import pytest
+from django.db import connection
 from kombu import Connection
 
 from chat.relay import task_message_build
@@ -57,11 +58,14 @@ def publish(
     *,
     exchange: str = CHAT_EVENTS_EXCHANGE.name,
     routing_key: str = ROUTING_KEY,
+    copies: int = 1,
 ) -> None:
-    """Publish with a confirm, so the message is in its queue when this returns."""
+    """Publish with a confirm, so the message is in its queue when this returns; `copies` publishes
+    that many byte-identical messages on one channel, so that they die in the same second."""
     with Connection(broker_url) as conn:
         channel = conn.default_channel
-        channel.basic_publish_confirm(message, exchange=exchange, routing_key=routing_key, mandatory=True)
+        for _ in range(copies):
+            channel.basic_publish_confirm(message, exchange=exchange, routing_key=routing_key, mandatory=True)
 
 
 def analytics_task_message(events: list[Any], *, expiration_ms: int | None = None) -> amqp.Message:
@@ -90,6 +94,41 @@ def _empty_queues(request: pytest.FixtureRequest) -> None:
     with Connection(broker_url) as conn:
         for queue in topology_queues():
             conn.default_channel.queue_purge(queue.name)
+
+
+# A header whose presence makes the database refuse a DeadLetter row, whatever its form.
+REFUSED_HEADER = "x-test-refused"
+
+
+@pytest.fixture
+def refuse_dead_letters(django_db_blocker) -> Iterator[Callable[..., None]]:
+    """`refuse_dead_letters(sqlstate)`: from then on, inserting a DeadLetter row whose headers hold
+    REFUSED_HEADER fails with that SQLSTATE (a trigger), full row and minimal row alike.
+    `refuse_dead_letters(None)` lifts it. In a transactional_db test, child processes see it too."""
+
+    def drop(cursor) -> None:
+        cursor.execute("DROP TRIGGER IF EXISTS test_refuse_dead_letter ON deadletters_deadletter")
+        cursor.execute("DROP FUNCTION IF EXISTS test_refuse_dead_letter()")
+
+    def refuse(sqlstate: str | None = "P0001") -> None:
+        with connection.cursor() as cursor:
+            drop(cursor)
+            if sqlstate is None:
+                return
+            cursor.execute(
+                "CREATE FUNCTION test_refuse_dead_letter() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF NEW.headers ? '{REFUSED_HEADER}' THEN "
+                "RAISE EXCEPTION 'test: this row is refused' USING ERRCODE = TG_ARGV[0]; "
+                "END IF; RETURN NEW; END $$"
+            )
+            cursor.execute(
+                "CREATE TRIGGER test_refuse_dead_letter BEFORE INSERT ON deadletters_deadletter "
+                f"FOR EACH ROW EXECUTE FUNCTION test_refuse_dead_letter('{sqlstate}')"
+            )
+
+    yield refuse
+    with django_db_blocker.unblock(), connection.cursor() as cursor:
+        drop(cursor)
 
 
 @pytest.fixture

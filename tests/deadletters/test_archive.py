@@ -18,11 +18,14 @@ from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter
 from tests.deadletters.conftest import (
+    REFUSED_HEADER,
     analytics_task_message,
     archive_letter,
     chat_event,
+    log_text,
     publish,
     queue_depth,
+    wait_for_log,
 )
 from tests.waiting import wait_until
 
@@ -238,3 +241,128 @@ def test_archiver_prunes_resolved_dead_letters_past_the_retention(broker_url, st
         timeout=10,
         message="the prune was not logged",
     )
+
+
+def test_identical_letters_that_die_together_are_archived_once_each_across_a_kill(broker_url, start_archiver):
+    # Byte-identical messages (same body, headers, task id) that expire together: their x-death
+    # entries are identical too, down to the second. Content cannot tell them apart.
+    total = 60
+    message = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+    publish(broker_url, message, copies=total)
+    wait_until(
+        lambda: queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == total,
+        timeout=60,
+        message="the expired copies did not all reach dead_letters",
+    )
+
+    archiver = start_archiver(DLQ_ARCHIVER_FAULT_PAUSE_SECONDS="30", DLQ_ARCHIVER_PREFETCH="20")
+    wait_for_log(archiver, "fault injection: batch committed")
+    os.killpg(archiver.pid, signal.SIGKILL)  # its first batch committed, not acked
+    archiver.wait()
+    archived_at_kill = DeadLetter.objects.count()
+    assert 0 < archived_at_kill < total
+
+    start_archiver()
+    wait_until(
+        lambda: DeadLetter.objects.count() >= total and queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == 0,
+        timeout=90,
+        message="the restarted archiver did not archive every copy",
+    )
+    assert DeadLetter.objects.count() == total
+    assert DeadLetter.objects.values("fingerprint").distinct().count() < total
+    # Every ack was handled, so no row may be taken over by a later redelivery.
+    assert not DeadLetter.objects.filter(ack_pending=True).exists()
+
+
+def test_a_letter_the_database_refuses_is_archived_minimal_and_the_rest_are_not_held_back(
+    broker_url, start_archiver
+):
+    marker = f"poison-{uuid.uuid4().hex}"
+    poison = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+    # Too long for the task_name column: the INSERT of its full row fails, whenever it is tried.
+    poison.properties["application_headers"]["task"] = f"analytics.{marker}" * 10
+    publish(broker_url, poison)
+    good = [analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0) for _ in range(3)]
+    for message in good:
+        publish(broker_url, message)
+    wait_until(
+        lambda: queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == 4,
+        timeout=60,
+        message="the expired messages did not all reach dead_letters",
+    )
+
+    archiver = start_archiver()
+    wait_until(
+        lambda: DeadLetter.objects.count() == 4 and queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == 0,
+        timeout=60,
+        message="the poison held back the other letters",
+    )
+    for message in good:
+        letter = DeadLetter.objects.get(task_id=message.properties["correlation_id"])
+        assert (letter.reason, letter.body_encoding) == ("expired", DeadLetter.BodyEncoding.UTF8)
+    minimal = DeadLetter.objects.get(task_id=poison.properties["correlation_id"])
+    assert minimal.error_class == "django.db.utils.DataError"
+    assert services.replay_message(minimal)[0] == poison.body.encode()
+    wait_for_log(archiver, f"dead letter #{minimal.pk} archived in minimal form")
+    assert marker not in log_text(archiver)
+
+
+def test_a_letter_no_row_can_hold_is_held_without_looping_and_archived_after_a_restart(
+    broker_url, start_archiver, refuse_dead_letters
+):
+    refuse_dead_letters("P0001")
+    refused = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+    refused.properties["application_headers"][REFUSED_HEADER] = 1
+    publish(broker_url, refused)
+    good = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+    publish(broker_url, good)
+
+    archiver = start_archiver(DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS="3600")
+    wait_until(
+        lambda: _archived(task_id=good.properties["correlation_id"]),
+        timeout=60,
+        message="the unstorable letter held back the other one",
+    )
+    wait_for_log(archiver, "holding 1 dead letters that could not be stored at all")
+    more = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+    publish(broker_url, more)
+    wait_until(
+        lambda: _archived(task_id=more.properties["correlation_id"]),
+        timeout=60,
+        message="a letter that came after the unstorable one was not archived",
+    )
+    # Tried once, then held unacked: not requeued in a loop, not dropped.
+    assert log_text(archiver).count("not even in minimal form") == 1
+    assert queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == 0
+
+    refuse_dead_letters(None)
+    os.killpg(archiver.pid, signal.SIGKILL)
+    archiver.wait()
+    start_archiver()
+    letter = wait_until(
+        lambda: _archived(task_id=refused.properties["correlation_id"]),
+        timeout=60,
+        message="the held letter was lost",
+    )
+    assert letter.body_encoding == DeadLetter.BodyEncoding.UTF8  # stored in full now
+    assert DeadLetter.objects.count() == 3
+
+
+def test_a_held_letter_is_tried_again_after_the_retry_interval(
+    broker_url, start_archiver, refuse_dead_letters
+):
+    refuse_dead_letters("P0001")
+    refused = analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0)
+    refused.properties["application_headers"][REFUSED_HEADER] = 1
+    publish(broker_url, refused)
+
+    archiver = start_archiver(DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS="1")
+    wait_for_log(archiver, "holding 1 dead letters that could not be stored at all")
+    refuse_dead_letters(None)
+    wait_until(
+        lambda: _archived(task_id=refused.properties["correlation_id"]),
+        timeout=60,
+        message="the held letter was not tried again",
+    )
+    assert "handed 1 unstorable dead letters back to the queue" in log_text(archiver)
+    assert DeadLetter.objects.count() == 1

@@ -13,7 +13,14 @@ from django.utils import timezone
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 from chatproject.deadletters.retrying import DeadLetteringTask
-from tests.deadletters.conftest import analytics_task_message, archive_letter, chat_event, x_death
+from chatproject.deadletters.services import ArchiveOutcome
+from tests.deadletters.conftest import (
+    REFUSED_HEADER,
+    analytics_task_message,
+    archive_letter,
+    chat_event,
+    x_death,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -36,13 +43,47 @@ def _record_failure(task_id: str) -> None:
     )
 
 
-def test_archiving_the_same_delivery_twice_keeps_one_row():
+def test_a_redelivery_takes_over_the_row_its_unacked_first_delivery_left():
+    delivery = _delivery()
+    first = services.dead_letter_archive(**delivery)
+    second = services.dead_letter_archive(**delivery, redelivered=True)
+    assert first.created and not second.created
+    assert second.outcome is ArchiveOutcome.ALREADY_ARCHIVED
+    assert second.dead_letter.pk == first.dead_letter.pk
+    assert DeadLetter.objects.count() == 1
+
+
+def test_identical_first_deliveries_are_two_dead_letters():
+    # RabbitMQ never flags a first delivery as redelivered: it cannot have been archived before.
     delivery = _delivery()
     first = services.dead_letter_archive(**delivery)
     second = services.dead_letter_archive(**delivery)
-    assert first.created and not second.created
-    assert second.dead_letter.pk == first.dead_letter.pk
-    assert DeadLetter.objects.count() == 1
+    assert first.created and second.created
+    assert first.dead_letter.fingerprint == second.dead_letter.fingerprint
+    assert DeadLetter.objects.count() == 2
+
+
+def test_a_redelivered_twin_of_an_acked_letter_is_a_new_dead_letter():
+    delivery = _delivery()
+    first = services.dead_letter_archive(**delivery)
+    services.dead_letters_mark_acked(dead_letters=[first.dead_letter])
+    twin = services.dead_letter_archive(**delivery, redelivered=True)
+    assert twin.created
+    assert twin.dead_letter.pk != first.dead_letter.pk
+    assert DeadLetter.objects.count() == 2
+
+
+def test_each_redelivery_takes_over_one_row_and_those_beyond_get_rows_of_their_own():
+    delivery = _delivery()
+    services.dead_letters_archive(deliveries=[delivery, delivery])
+    results = services.dead_letters_archive(deliveries=[{**delivery, "redelivered": True}] * 3)
+    assert [r.outcome for r in results] == [
+        ArchiveOutcome.ALREADY_ARCHIVED,
+        ArchiveOutcome.ALREADY_ARCHIVED,
+        ArchiveOutcome.ARCHIVED,
+    ]
+    assert len({r.dead_letter.pk for r in results}) == 3
+    assert DeadLetter.objects.count() == 3
 
 
 def test_archive_reads_origin_reason_and_task_from_the_message():
@@ -233,7 +274,7 @@ def test_dead_lettering_task_rejects_never_succeeding_errors_without_requeue():
 def test_archiving_a_batch_stores_each_letter_once_even_when_delivered_again():
     deliveries = [_delivery() for _ in range(3)]
     first = services.dead_letters_archive(deliveries=deliveries)
-    again = services.dead_letters_archive(deliveries=[deliveries[1], _delivery()])
+    again = services.dead_letters_archive(deliveries=[{**deliveries[1], "redelivered": True}, _delivery()])
     assert [r.created for r in first] == [True, True, True]
     assert [r.created for r in again] == [False, True]
     assert DeadLetter.objects.count() == 4
@@ -258,8 +299,130 @@ def test_failure_note_in_the_same_batch_is_joined_to_its_letter_and_not_archived
         "properties": {"content_type": "application/json"},
     }
     results = services.dead_letters_archive(deliveries=[note, delivery])
-    assert len(results) == 1
-    letter = results[0].dead_letter
+    assert [r.outcome for r in results] == [ArchiveOutcome.FAILURE_RECORDED, ArchiveOutcome.ARCHIVED]
+    letter = results[1].dead_letter
     assert (letter.error_class, letter.attempts) == ("django.db.utils.OperationalError", 13)
     assert DeadLetter.objects.count() == 1
     assert not TaskFailure.objects.exists()
+
+
+# --- letters the database refuses -----------------------------------------------------------
+
+
+def _poisoned(how: str) -> dict:
+    delivery = _delivery()
+    headers = delivery["headers"]
+    if how == "task name too long for its column":
+        headers["task"] = "analytics." + "x" * 300
+    elif how == "reason too long for its column":
+        headers["x-death"][0]["reason"] = "r" * 40
+    elif how == "negative retries break a check constraint":
+        headers["retries"] = -5
+    elif how == "NUL in the task id":
+        headers["id"] = "task\x00id"
+    elif how == "x-death count that is no number":
+        headers["x-death"][0]["count"] = "many"
+    elif how == "failure note that is no JSON":
+        delivery["headers"] = {services.FAILURE_NOTE_HEADER: 1}
+        delivery["body"] = b"{not json"
+    return delivery
+
+
+@pytest.mark.parametrize(
+    "how",
+    [
+        "task name too long for its column",
+        "reason too long for its column",
+        "negative retries break a check constraint",
+        "NUL in the task id",
+        "x-death count that is no number",
+        "failure note that is no JSON",
+    ],
+)
+def test_a_letter_the_database_refuses_gets_a_minimal_row_and_does_not_hold_back_its_batch(how):
+    good = [_delivery(), _delivery()]
+    poison = _poisoned(how)
+    results = services.dead_letters_archive(deliveries=[good[0], poison, good[1]])
+
+    assert [r.outcome for r in results] == [
+        ArchiveOutcome.ARCHIVED,
+        ArchiveOutcome.ARCHIVED_MINIMAL,
+        ArchiveOutcome.ARCHIVED,
+    ]
+    for result, delivery in zip([results[0], results[2]], good, strict=True):
+        assert result.dead_letter.body_encoding == DeadLetter.BodyEncoding.UTF8
+        assert result.dead_letter.task_id == delivery["headers"]["id"]
+    minimal = DeadLetter.objects.get(pk=results[1].dead_letter.pk)
+    assert minimal.body_encoding == DeadLetter.BodyEncoding.BASE64
+    assert services.replay_message(minimal)[0] == services._as_bytes(poison["body"], "utf-8")
+    assert minimal.error_message.startswith("Archived in minimal form")
+    assert minimal.error_class
+    assert DeadLetter.objects.count() == 3
+
+
+def test_a_minimal_row_keeps_what_replay_needs():
+    poison = _poisoned("task name too long for its column")
+    minimal = services.dead_letter_archive(**poison).dead_letter
+    minimal.refresh_from_db()
+    assert minimal.error_class == "django.db.utils.DataError"
+    assert (minimal.origin_queue, minimal.origin_exchange, minimal.routing_key, minimal.reason) == (
+        "analytics",
+        "chat_events",
+        "chat.message.created",
+        "rejected",
+    )
+    _, properties = services.replay_message(minimal)
+    # The header the column could not hold is kept whole in the headers.
+    assert properties["application_headers"]["task"] == poison["headers"]["task"]
+    assert properties["application_headers"]["id"] == poison["headers"]["id"]
+
+
+def test_a_redelivery_of_a_minimal_letter_takes_over_its_row():
+    poison = _poisoned("x-death count that is no number")
+    first = services.dead_letter_archive(**poison)
+    again = services.dead_letter_archive(**poison, redelivered=True)
+    assert (first.outcome, again.outcome) == (
+        ArchiveOutcome.ARCHIVED_MINIMAL,
+        ArchiveOutcome.ALREADY_ARCHIVED,
+    )
+    assert again.dead_letter.pk == first.dead_letter.pk
+    assert DeadLetter.objects.count() == 1
+
+
+def test_headers_jsonb_cannot_hold_are_cleaned_up_not_refused():
+    delivery = _delivery()
+    delivery["headers"].update({"nan": float("nan"), "nul\x00key": 1, "surrogate": "a\ud800b"})
+    result = services.dead_letter_archive(**delivery)
+    assert result.outcome is ArchiveOutcome.ARCHIVED
+    result.dead_letter.refresh_from_db()
+    assert result.dead_letter.headers["nan"] == "nan"
+    assert result.dead_letter.headers["nul\ufffdkey"] == 1
+    assert result.dead_letter.headers["surrogate"] == "a?b"
+
+
+def test_a_letter_not_even_a_minimal_row_can_hold_is_unstorable_and_the_rest_are_archived(
+    refuse_dead_letters,
+):
+    refuse_dead_letters("P0001")
+    refused = _delivery()
+    refused["headers"][REFUSED_HEADER] = 1
+    results = services.dead_letters_archive(deliveries=[_delivery(), refused, _delivery()])
+    assert [r.outcome for r in results] == [
+        ArchiveOutcome.ARCHIVED,
+        ArchiveOutcome.UNSTORABLE,
+        ArchiveOutcome.ARCHIVED,
+    ]
+    assert not results[1].stored
+    assert DeadLetter.objects.count() == 2
+
+
+def test_a_lost_connection_fails_the_batch_instead_of_storing_minimal_rows(refuse_dead_letters):
+    from django.db import OperationalError
+
+    # admin_shutdown: what the server says when it closes the connection.
+    refuse_dead_letters("57P01")
+    refused = _delivery()
+    refused["headers"][REFUSED_HEADER] = 1
+    with pytest.raises(OperationalError):
+        services.dead_letters_archive(deliveries=[_delivery(), refused])
+    assert not DeadLetter.objects.exists()
