@@ -43,7 +43,8 @@ from kombu import Connection
 from chat.models import OutboxEvent
 from chat.outbox import OUTBOX_NOTIFY_CHANNEL
 from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
-from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing, first_line
+from chatproject.broker_connection import BrokerUnavailable, first_line
+from chatproject.confirms import ConfirmingPublisher, Outgoing
 from chatproject.database import database_connect_autocommit, delete_in_chunks
 from chatproject.health import redacted_url
 from chatproject.monitoring.metrics import RELAY_PUBLISH_SECONDS

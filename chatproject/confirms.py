@@ -6,50 +6,34 @@ message (per-message confirms are five times slower, docs/performance.md). Messa
 `mandatory`, so an unroutable one comes back (basic.return, sent before its ack) instead of
 being confirmed and silently dropped.
 
-A long-lived publisher (the relay) asks for AMQP heartbeats and calls `keep_alive` while idle:
-py-amqp neither reads the broker's heartbeats nor sends its own by itself, so without those calls
-a peer gone without FIN or RST (a network partition) would go unnoticed until the next publish.
+A long-lived publisher (the relay) asks for AMQP heartbeats and calls `keep_alive` while idle;
+its connection is kept by chatproject/broker_connection.py (timeouts, heartbeats, dropping a broken one).
 """
 
 from __future__ import annotations
 
-import select
 import time
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
 import amqp
-from amqp.exceptions import AMQPError, RecoverableConnectionError
-from amqp.exceptions import ConnectionError as AMQPConnectionError
 from kombu import Connection
-from kombu.exceptions import OperationalError as KombuOperationalError
+
+from chatproject.broker_connection import (
+    BROKER_ERRORS,
+    BrokerUnavailable,
+    broker_close,
+    broker_connect,
+    broker_drop,
+    broker_keep_alive,
+    first_line,
+    keep_alive_interval,
+)
 
 CONFIRM_TIMEOUT_SECONDS = 10.0
-CONNECT_TIMEOUT_SECONDS = 3.0
-# No read or write on the broker socket waits longer: a peer gone silent must not hang a declare,
-# a close handshake or a publish into a full send buffer forever (py-amqp's default is no limit).
-SOCKET_TIMEOUT_SECONDS = 10.0
-# kombu's heartbeat_check `rate`: keep_alive runs this many times per heartbeat interval and sends
-# a heartbeat when half an interval passed without traffic, well before the broker's two missed.
-HEARTBEAT_CHECKS_PER_INTERVAL = 2
-# keep_alive reads a frame only once select() saw bytes; a frame cut in two waits no longer.
-FRAME_READ_TIMEOUT_SECONDS = 0.05
-
-# Everything that means "the broker connection is unusable": reconnect and try again later.
-BROKER_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,  # includes socket.timeout and ConnectionRefusedError
-    AMQPConnectionError,
-    RecoverableConnectionError,
-    AMQPError,
-    KombuOperationalError,
-)
 
 NACKED = "the broker refused the message (nack)"
 UNROUTABLE = "no queue is bound for its exchange and routing key"
-
-
-class BrokerUnavailable(Exception):
-    """The broker cannot be reached or stopped answering; nothing of the batch counts as sent."""
 
 
 @dataclass(frozen=True)
@@ -96,19 +80,14 @@ class ConfirmingPublisher:
         """Open the connection and a confirm-mode channel; raises BrokerUnavailable."""
         if self._channel is not None:
             return
-        connection = Connection(
-            self.broker_url, connect_timeout=CONNECT_TIMEOUT_SECONDS, heartbeat=self.heartbeat
-        )
+        connection = broker_connect(self.broker_url, heartbeat=self.heartbeat)
         try:
-            connection.ensure_connection(max_retries=0)
-            # py-amqp restores this after every read that has a timeout of its own.
-            connection.connection.sock.settimeout(SOCKET_TIMEOUT_SECONDS)
             if self._on_connect is not None:
                 self._on_connect(connection)
             channel: amqp.Channel = connection.default_channel
             channel.confirm_select()
         except BROKER_ERRORS as error:
-            _drop(connection)
+            broker_drop(connection)
             raise BrokerUnavailable(first_line(error)) from error
         channel.events["basic_ack"].add(self._on_ack)
         channel.events["basic_nack"].add(self._on_nack)
@@ -158,7 +137,7 @@ class ConfirmingPublisher:
     @property
     def keep_alive_seconds(self) -> float | None:
         """How often `keep_alive` must run while idle; None without heartbeats."""
-        return self.heartbeat / HEARTBEAT_CHECKS_PER_INTERVAL if self.heartbeat else None
+        return keep_alive_interval(self.heartbeat)
 
     def fileno(self) -> int:
         """The broker socket, for select(): readable when the broker sent something (a heartbeat,
@@ -175,15 +154,8 @@ class ConfirmingPublisher:
         """
         if self._connection is None:
             return
-        amqp_connection: amqp.Connection = self._connection.connection
         try:
-            # A heartbeat counts as received only once read: unread, it would look missed.
-            while select.select([amqp_connection.sock], [], [], 0)[0]:
-                try:
-                    amqp_connection.blocking_read(timeout=FRAME_READ_TIMEOUT_SECONDS)
-                except TimeoutError:
-                    break  # half a frame so far: py-amqp keeps it, the rest is read next time
-            self._connection.heartbeat_check(rate=HEARTBEAT_CHECKS_PER_INTERVAL)
+            broker_keep_alive(self._connection)
         except BROKER_ERRORS as error:
             self._forget()
             raise BrokerUnavailable(first_line(error)) from error
@@ -191,16 +163,13 @@ class ConfirmingPublisher:
     def close(self) -> None:
         """Close the connection with the AMQP close handshake (bounded by SOCKET_TIMEOUT_SECONDS)."""
         if self._connection is not None:
-            try:
-                self._connection.release()
-            except Exception:  # a dead connection fails to close in many ways; it is gone either way
-                _drop(self._connection)
+            broker_close(self._connection)
         self._connection = self._channel = None
 
     def _forget(self) -> None:
         # After an error the connection is broken: a close handshake would only wait on it.
         if self._connection is not None:
-            _drop(self._connection)
+            broker_drop(self._connection)
         self._connection = self._channel = None
 
     def __enter__(self) -> ConfirmingPublisher:
@@ -223,17 +192,3 @@ class ConfirmingPublisher:
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
         self._returned.add(self._return_key(message))
-
-
-def _drop(connection: Connection) -> None:
-    """Close a broken connection's socket at once, with no AMQP close handshake."""
-    try:
-        connection.collect()
-    except Exception:  # the socket is closed or was never opened; nothing else to free
-        pass
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's text, for one-line log and status messages."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -10,7 +10,7 @@ from django.conf import settings
 from django.db import connections
 from kombu import Connection
 
-from chatproject.confirms import first_line
+from chatproject.broker_connection import first_line
 from chatproject.database import database_url
 
 TIMEOUT_SECONDS = 2.0

@@ -36,7 +36,8 @@ from django.db.models import F
 from django.utils import timezone
 
 from chatproject.broker import DEAD_LETTER_EXCHANGE
-from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing
+from chatproject.broker_connection import BrokerUnavailable
+from chatproject.confirms import ConfirmingPublisher, Outgoing
 from chatproject.database import delete_in_chunks
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 

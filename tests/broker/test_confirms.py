@@ -9,7 +9,8 @@ import amqp
 import pytest
 
 from chatproject.broker import CHAT_EVENTS_EXCHANGE
-from chatproject.confirms import BrokerUnavailable, ConfirmingPublisher, Outgoing
+from chatproject.broker_connection import BrokerUnavailable
+from chatproject.confirms import ConfirmingPublisher, Outgoing
 from chatproject.procfile import free_port
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_until
