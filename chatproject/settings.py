@@ -192,6 +192,10 @@ DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS",
 # tried again: once per interval, not a hot loop, and never dropped. Keep it under RabbitMQ's
 # consumer_timeout (30 min by default), which would close the channel instead.
 DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS = env.float("DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS", default=600.0)
+# AMQP heartbeat interval of the archiver's broker connection (whole seconds; 0 disables), for the
+# reason RELAY_HEARTBEAT_SECONDS gives: a broker gone without FIN or RST is noticed after two silent
+# intervals, also while idle, and the connection replaced, instead of the archiver waiting on it.
+DLQ_ARCHIVER_HEARTBEAT_SECONDS = env.int("DLQ_ARCHIVER_HEARTBEAT_SECONDS", default=10)
 
 AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},

@@ -8,6 +8,10 @@ in minimal form, and one that cannot even be stored so is held unacked and hande
 after DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS. Survives broker and database outages by reconnecting
 with backoff; the unacked messages of a dropped connection come back by themselves.
 
+While idle it keeps its broker connection alive with AMQP heartbeats (DLQ_ARCHIVER_HEARTBEAT_SECONDS),
+so a broker gone without FIN or RST (a network partition) is noticed and the connection replaced,
+without waiting on a close handshake that cannot come (chatproject/broker_connection.py).
+
 Hourly (and once at start) it also prunes what the archive no longer needs: failure details no
 dead letter claimed, and resolved dead letters past their retention.
 """
@@ -15,16 +19,21 @@ dead letter claimed, and resolved dead letters past their retention.
 from __future__ import annotations
 
 import logging
+import select
 import time
 from collections.abc import Callable
 
 import amqp
-from amqp.exceptions import AMQPError
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
-from kombu import Connection
 
 from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
+from chatproject.broker_connection import (
+    BrokerUnavailable,
+    broker_connection,
+    broker_keep_alive,
+    keep_alive_interval,
+)
 from chatproject.deadletters.services import (
     ArchiveOutcome,
     dead_letters_archive,
@@ -32,6 +41,7 @@ from chatproject.deadletters.services import (
     dead_letters_prune,
     task_failures_prune,
 )
+from chatproject.health import redacted_url
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +49,9 @@ MAX_BACKOFF_SECONDS = 30.0
 PRUNE_EVERY_SECONDS = 3600.0
 # How long to wait for more deliveries once one arrived, to archive them in one transaction.
 BATCH_GATHER_SECONDS = 0.02
+# The idle archiver wakes at least this often (more often for short heartbeat intervals) to prune
+# and to hand held letters back when due.
+IDLE_WAKE_SECONDS = 1.0
 
 
 def dead_letter_archiver_run(
@@ -50,12 +63,15 @@ def dead_letter_archiver_run(
     """Consume `dead_letters` until `should_stop()`; every delivery is archived, then acked."""
     broker_url = broker_url or settings.CELERY_BROKER_URL
     prefetch = prefetch or settings.DLQ_ARCHIVER_PREFETCH
+    heartbeat = settings.DLQ_ARCHIVER_HEARTBEAT_SECONDS
+    idle_wake = min(IDLE_WAKE_SECONDS, keep_alive_interval(heartbeat) or IDLE_WAKE_SECONDS)
+    url = redacted_url(broker_url)
     backoff = 0.5
     next_prune = time.monotonic()
+    broker_state = "starting"
     while not should_stop():
         try:
-            with Connection(broker_url, connect_timeout=5, heartbeat=30) as conn:
-                conn.ensure_connection(max_retries=0)
+            with broker_connection(broker_url, heartbeat=heartbeat) as conn:
                 declare_topology(conn)
                 channel: amqp.Channel = conn.default_channel
                 # Bounded prefetch: a crash redelivers at most this many, each archived once.
@@ -64,9 +80,12 @@ def dead_letter_archiver_run(
                 # Delivery tag -> when it was found unstorable; these stay unacked on this channel.
                 held: dict[int, float] = {}
                 channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=arrived.append, no_ack=False)
+                if broker_state == "lost":
+                    logger.info("dead-letter archiver reconnected to RabbitMQ at %s", url)
                 logger.info(
                     "dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, prefetch
                 )
+                broker_state = "consuming"
                 backoff = 0.5
                 while not should_stop():
                     if time.monotonic() >= next_prune:
@@ -75,11 +94,11 @@ def dead_letter_archiver_run(
                     _requeue_held_when_due(channel, held)
                     # Deliveries can arrive while a batch is acked; those are archived without waiting.
                     if not arrived:
-                        try:
-                            conn.drain_events(timeout=1.0)
-                        except TimeoutError:
-                            conn.heartbeat_check()
-                            continue
+                        select.select([conn.connection.sock], [], [], idle_wake)
+                    # Reads what the broker sent (deliveries, heartbeats) and sends a heartbeat when due.
+                    broker_keep_alive(conn)
+                    if not arrived:
+                        continue
                     # Whatever the broker has already pushed joins the batch: one commit for many.
                     while len(arrived) < prefetch:
                         try:
@@ -89,8 +108,19 @@ def dead_letter_archiver_run(
                     batch = arrived[:]
                     arrived.clear()
                     _archive_and_ack(channel, batch, held=held, prefetch=prefetch)
-        except (OSError, AMQPError) as error:
-            logger.warning("broker unreachable (%s); the archiver retries in %.1fs", error, backoff)
+        except BrokerUnavailable as error:
+            if broker_state == "consuming":
+                broker_state = "lost"
+                logger.warning(
+                    "lost the broker connection to %s (%s); dead letters wait in their queue, "
+                    "the archiver reconnects",
+                    url,
+                    error,
+                )
+            else:
+                logger.warning(
+                    "broker unreachable at %s (%s); the archiver retries in %.1fs", url, error, backoff
+                )
         except DatabaseError as error:
             # Only a lost connection gets here (services.CONNECTION_ERRORS). Closing the broker
             # connection hands the unacked deliveries back to RabbitMQ.

@@ -7,6 +7,7 @@ import signal
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from django.urls import reverse
@@ -17,6 +18,7 @@ from chat.relay import task_message_build
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter
+from chatproject.procfile import free_port
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,
@@ -27,6 +29,7 @@ from tests.deadletters.conftest import (
     queue_depth,
     wait_for_log,
 )
+from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -366,3 +369,50 @@ def test_a_held_letter_is_tried_again_after_the_retry_interval(
     )
     assert "handed 1 unstorable dead letters back to the queue" in log_text(archiver)
     assert DeadLetter.objects.count() == 1
+
+
+def test_idle_archiver_notices_a_silently_dead_broker_connection_and_archives_after_it(
+    broker_url, start_archiver
+):
+    proxy = TcpProxy(free_port())
+    proxy.open()
+    archiver_url = urlsplit(broker_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl()
+    try:
+        archiver = start_archiver(CELERY_BROKER_URL=archiver_url, DLQ_ARCHIVER_HEARTBEAT_SECONDS="1")
+
+        # A partition: no FIN, no RST, nothing to archive; only the heartbeats can tell.
+        proxy.blackhole()
+
+        wait_for_log(archiver, "lost the broker connection")
+        letters = [
+            analytics_task_message([chat_event(room_id=1, author_id=1)], expiration_ms=0) for _ in range(5)
+        ]
+        for message in letters:
+            publish(broker_url, message)
+        wait_until(
+            lambda: queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == len(letters),
+            timeout=60,
+            message="the expired messages did not all reach dead_letters",
+        )
+        # Reconnecting into the partition fails (a connect timeout) instead of hanging.
+        wait_for_log(archiver, "broker unreachable")
+        assert not DeadLetter.objects.exists()
+
+        proxy.forward()
+
+        wait_until(
+            lambda: (
+                DeadLetter.objects.count() >= len(letters)
+                and queue_depth(broker_url, DEAD_LETTER_QUEUE.name) == 0
+            ),
+            timeout=90,
+            message=f"the letters were not archived after the partition:\n{log_text(archiver)[-3000:]}",
+        )
+    finally:
+        proxy.close()
+    assert sorted(DeadLetter.objects.values_list("task_id", flat=True)) == sorted(
+        message.properties["correlation_id"] for message in letters
+    )
+    log = log_text(archiver)
+    assert "heartbeats missed" in log
+    assert "dead-letter archiver reconnected to RabbitMQ" in log
