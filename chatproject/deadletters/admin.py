@@ -18,8 +18,9 @@ from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils.html import format_html, format_html_join
 
-from chatproject.deadletters import selectors, services
+from chatproject.deadletters import selectors
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
+from chatproject.deadletters.services.resolution import BulkResult, dead_letter_discard, dead_letter_replay
 
 CONFIRMATION_SAMPLE = 20
 
@@ -165,7 +166,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
     ) -> HttpResponse | None:
         if not request.POST.get("confirm"):
             return self._confirmation(request, queryset, verb="replay")
-        result = services.dead_letter_replay(dead_letters=queryset.iterator(), actor=request.user)
+        result = dead_letter_replay(dead_letters=queryset.iterator(), actor=request.user)
         self._report(request, result, "replayed")
         return None
 
@@ -175,7 +176,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
     ) -> HttpResponse | None:
         if not request.POST.get("confirm"):
             return self._confirmation(request, queryset, verb="discard")
-        result = services.dead_letter_discard(dead_letters=queryset.iterator(), actor=request.user)
+        result = dead_letter_discard(dead_letters=queryset.iterator(), actor=request.user)
         self._report(request, result, "discarded")
         return None
 
@@ -198,7 +199,7 @@ class DeadLetterAdmin(admin.ModelAdmin):
         }
         return TemplateResponse(request, "admin/deadletters/deadletter/action_confirmation.html", context)
 
-    def _report(self, request: HttpRequest, result: services.BulkResult, past: str) -> None:
+    def _report(self, request: HttpRequest, result: BulkResult, past: str) -> None:
         self.message_user(request, f"{len(result.done)} dead letters {past}.", messages.SUCCESS)
         for pk, error in list(result.failed.items())[:10]:
             self.message_user(request, f"Dead letter #{pk} was not {past}: {error}", messages.ERROR)

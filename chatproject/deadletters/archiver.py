@@ -34,13 +34,12 @@ from chatproject.broker_connection import (
     broker_keep_alive,
     keep_alive_interval,
 )
-from chatproject.deadletters.services import (
+from chatproject.deadletters.services.archive import (
     ArchiveOutcome,
     dead_letters_archive,
     dead_letters_mark_acked,
-    dead_letters_prune,
-    task_failures_prune,
 )
+from chatproject.deadletters.services.retention import dead_letters_prune, task_failures_prune
 from chatproject.health import redacted_url
 
 logger = logging.getLogger(__name__)
@@ -122,7 +121,7 @@ def dead_letter_archiver_run(
                     "broker unreachable at %s (%s); the archiver retries in %.1fs", url, error, backoff
                 )
         except DatabaseError as error:
-            # Only a lost connection gets here (services.CONNECTION_ERRORS). Closing the broker
+            # Only a lost connection gets here (services.archive.CONNECTION_ERRORS). Closing the broker
             # connection hands the unacked deliveries back to RabbitMQ.
             logger.warning("database unavailable (%s); the archiver retries in %.1fs", error, backoff)
             close_old_connections()

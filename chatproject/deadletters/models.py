@@ -3,7 +3,7 @@
 Why two tables for one failure: RabbitMQ dead-letters the original message unchanged (it only adds
 `x-death`), so the reason a task failed cannot travel inside the message. Instead, the worker
 commits a TaskFailure row keyed by the task id BEFORE the message is rejected, and the archiver
-joins it to the dead letter by that id (see services.py for the join, which works in either order).
+joins it to the dead letter by that id (services/task_failures.py: the join works in either order).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class DeadLetter(models.Model):
     fingerprint = models.CharField(max_length=64)
     # True from the archiver's commit until RabbitMQ has handled the ack of the delivery the row came
     # from. A redelivered delivery (the archiver died in between) takes over such a row of its
-    # fingerprint instead of adding one; see services.dead_letters_archive.
+    # fingerprint instead of adding one; see services.archive.dead_letters_archive.
     ack_pending = models.BooleanField(default=True, db_default=True)
     origin_queue = models.CharField(max_length=255, db_index=True)
     origin_exchange = models.CharField(max_length=255, blank=True)

@@ -1,6 +1,6 @@
 """Celery signal receivers that record why a task failed for good, before its message is dead-lettered.
 
-Only parsing here; `task_failure_record` (services.py) does the write. Which signal covers what:
+Only parsing here; `task_failure_record` (services/task_failures.py) does the write. Which signal covers what:
 - task_failure: the task raised (retries exhausted, or a bug). With acks_late and
   acks_on_failure_or_timeout=False the pool parent rejects the message without requeue once the
   child returns, so the row is committed before the dead letter exists.
@@ -92,7 +92,7 @@ def _record(
 ) -> None:
     if not task_id:
         return
-    from chatproject.deadletters.services import task_failure_publish, task_failure_record
+    from chatproject.deadletters.services.task_failures import task_failure_publish, task_failure_record
 
     if error is not None:
         error_class = f"{type(error).__module__}.{type(error).__qualname__}".removeprefix("builtins.")

@@ -180,7 +180,7 @@ def archive_letter(
     *, task_id: str | None = None, reason: str = "rejected", queue: str = "analytics", **extra: Any
 ):
     """Archive a dead letter as the archiver would receive it (no broker involved)."""
-    from chatproject.deadletters.services import dead_letter_archive
+    from chatproject.deadletters.services.archive import dead_letter_archive
 
     message = analytics_task_message([chat_event(room_id=1, author_id=1)])
     headers = dict(message.properties["application_headers"])

@@ -8,7 +8,7 @@ from django.test import Client
 from django.urls import reverse
 
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
-from chatproject.deadletters.services import task_failure_record
+from chatproject.deadletters.services.task_failures import task_failure_record
 from tests.deadletters.conftest import archive_letter
 
 CHANGELIST = "admin:deadletters_deadletter_changelist"

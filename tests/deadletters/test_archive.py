@@ -16,8 +16,8 @@ from kombu import Connection, Queue
 
 from chat.relay import task_message_build
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
-from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter
+from chatproject.deadletters.services.resolution import replay_message
 from chatproject.procfile import free_port
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
@@ -195,7 +195,7 @@ def test_undecodable_task_body_is_archived_byte_for_byte(broker_url, start_worke
     assert letter.error_class == "kombu.exceptions.DecodeError"
     assert "cannot be decoded as JSON" in letter.error_message
     assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
-    assert services.replay_message(letter)[0] == b"\xff\xfe{not json"
+    assert replay_message(letter)[0] == b"\xff\xfe{not json"
 
 
 def test_retries_exhausted_while_the_database_is_down_still_archive_the_error(
@@ -305,7 +305,7 @@ def test_a_letter_the_database_refuses_is_archived_minimal_and_the_rest_are_not_
         assert (letter.reason, letter.body_encoding) == ("expired", DeadLetter.BodyEncoding.UTF8)
     minimal = DeadLetter.objects.get(task_id=poison.properties["correlation_id"])
     assert minimal.error_class == "django.db.utils.DataError"
-    assert services.replay_message(minimal)[0] == poison.body.encode()
+    assert replay_message(minimal)[0] == poison.body.encode()
     wait_for_log(archiver, f"dead letter #{minimal.pk} archived in minimal form")
     assert marker not in log_text(archiver)
 

@@ -11,8 +11,8 @@ from kombu import Connection
 from analytics import selectors as analytics_selectors
 from analytics import services as analytics_services
 from analytics.models import ProcessedEvent
-from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
+from chatproject.deadletters.services.resolution import REPLAY_HEADER, dead_letter_replay, replay_publisher
 from tests.deadletters.conftest import analytics_task_message, archive_letter, chat_event, log_text, publish
 from tests.waiting import wait_until
 
@@ -40,14 +40,14 @@ def test_replay_after_the_fix_counts_the_event_once_however_often(
     assert letter.reason == "expired"
 
     worker = start_worker()  # the fix
-    services.dead_letter_replay(dead_letters=[letter], actor_label="test")
+    dead_letter_replay(dead_letters=[letter], actor_label="test")
     wait_until(
         lambda: analytics_selectors.room_message_count(room_id=room.pk) == 1,
         timeout=60,
         message="the replayed event was not counted",
     )
 
-    services.dead_letter_replay(dead_letters=[DeadLetter.objects.get(pk=letter.pk)], actor_label="test")
+    dead_letter_replay(dead_letters=[DeadLetter.objects.get(pk=letter.pk)], actor_label="test")
     wait_until(
         lambda: f"{letter.task_id}] succeeded" in log_text(worker) and "'duplicates': 1" in log_text(worker),
         timeout=60,
@@ -77,7 +77,7 @@ def test_replay_after_the_ledger_was_pruned_counts_nothing_twice_and_says_why(
     assert analytics_services.processed_events_prune() == 1
 
     start_worker()
-    result = services.dead_letter_replay(dead_letters=[letter], actor_label="cli:ops")
+    result = dead_letter_replay(dead_letters=[letter], actor_label="cli:ops")
 
     assert result.done == [letter.pk]
     refused = wait_until(
@@ -85,7 +85,7 @@ def test_replay_after_the_ledger_was_pruned_counts_nothing_twice_and_says_why(
         timeout=60,
         message="the replayed batch was not dead-lettered again",
     )
-    assert refused.headers[services.REPLAY_HEADER] == letter.pk
+    assert refused.headers[REPLAY_HEADER] == letter.pk
     assert refused.error_class == "analytics.services.EventsPastLedgerHorizon"
     assert "could count them twice" in refused.error_message
     assert analytics_selectors.room_message_count(room_id=room.pk) == 1
@@ -95,7 +95,7 @@ def test_replay_republishes_to_the_origin_without_the_death_history(broker_url, 
     start_archiver()
     letter = _expired_letter(broker_url, [chat_event(room_id=1, author_id=1)])
 
-    result = services.dead_letter_replay(dead_letters=[letter], actor_label="cli:ops")
+    result = dead_letter_replay(dead_letters=[letter], actor_label="cli:ops")
 
     assert result.done == [letter.pk]
     with Connection(broker_url) as conn:
@@ -104,7 +104,7 @@ def test_replay_republishes_to_the_origin_without_the_death_history(broker_url, 
     headers = replayed.properties["application_headers"]
     assert "x-death" not in headers
     assert headers["id"] == letter.task_id
-    assert headers[services.REPLAY_HEADER] == letter.pk
+    assert headers[REPLAY_HEADER] == letter.pk
     assert replayed.delivery_info["exchange"] == "chat_events"
     assert replayed.delivery_info["routing_key"] == "chat.message.created"
     assert replayed.properties["delivery_mode"] == 2
@@ -118,7 +118,7 @@ def test_replay_that_no_queue_would_receive_fails_and_leaves_the_letter_new(brok
     DeadLetter.objects.filter(pk=letter.pk).update(routing_key="nothing.is.bound.here")
     letter.refresh_from_db()
 
-    result = services.dead_letter_replay(dead_letters=[letter], actor_label="test")
+    result = dead_letter_replay(dead_letters=[letter], actor_label="test")
 
     assert letter.pk in result.failed
     assert "no queue is bound" in result.failed[letter.pk]
@@ -130,10 +130,10 @@ def test_replay_that_no_queue_would_receive_fails_and_leaves_the_letter_new(brok
 def test_replay_while_rabbitmq_is_unreachable_fails_and_leaves_the_letter_new(db):
     letter = archive_letter()
 
-    result = services.dead_letter_replay(
+    result = dead_letter_replay(
         dead_letters=[letter],
         actor_label="test",
-        publisher=services.replay_publisher("amqp://guest:guest@127.0.0.1:1//"),
+        publisher=replay_publisher("amqp://guest:guest@127.0.0.1:1//"),
     )
 
     assert "broker unreachable" in result.failed[letter.pk]

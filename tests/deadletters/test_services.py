@@ -10,10 +10,18 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from chatproject.deadletters import services
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
 from chatproject.deadletters.retrying import DeadLetteringTask
-from chatproject.deadletters.services import ArchiveOutcome
+from chatproject.deadletters.services.archive import (
+    ArchiveOutcome,
+    dead_letter_archive,
+    dead_letters_archive,
+    dead_letters_mark_acked,
+)
+from chatproject.deadletters.services.delivery_rows import body_bytes
+from chatproject.deadletters.services.resolution import REPLAY_HEADER, dead_letter_discard, replay_message
+from chatproject.deadletters.services.retention import dead_letters_prune, task_failures_prune
+from chatproject.deadletters.services.task_failures import FAILURE_NOTE_HEADER, task_failure_record
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,
@@ -33,7 +41,7 @@ def _delivery() -> dict:
 
 
 def _record_failure(task_id: str) -> None:
-    services.task_failure_record(
+    task_failure_record(
         task_id=task_id,
         task_name="analytics.record_chat_events",
         error_class="analytics.services.InvalidEvent",
@@ -45,8 +53,8 @@ def _record_failure(task_id: str) -> None:
 
 def test_a_redelivery_takes_over_the_row_its_unacked_first_delivery_left():
     delivery = _delivery()
-    first = services.dead_letter_archive(**delivery)
-    second = services.dead_letter_archive(**delivery, redelivered=True)
+    first = dead_letter_archive(**delivery)
+    second = dead_letter_archive(**delivery, redelivered=True)
     assert first.created and not second.created
     assert second.outcome is ArchiveOutcome.ALREADY_ARCHIVED
     assert second.dead_letter.pk == first.dead_letter.pk
@@ -56,8 +64,8 @@ def test_a_redelivery_takes_over_the_row_its_unacked_first_delivery_left():
 def test_identical_first_deliveries_are_two_dead_letters():
     # RabbitMQ never flags a first delivery as redelivered: it cannot have been archived before.
     delivery = _delivery()
-    first = services.dead_letter_archive(**delivery)
-    second = services.dead_letter_archive(**delivery)
+    first = dead_letter_archive(**delivery)
+    second = dead_letter_archive(**delivery)
     assert first.created and second.created
     assert first.dead_letter.fingerprint == second.dead_letter.fingerprint
     assert DeadLetter.objects.count() == 2
@@ -65,9 +73,9 @@ def test_identical_first_deliveries_are_two_dead_letters():
 
 def test_a_redelivered_twin_of_an_acked_letter_is_a_new_dead_letter():
     delivery = _delivery()
-    first = services.dead_letter_archive(**delivery)
-    services.dead_letters_mark_acked(dead_letters=[first.dead_letter])
-    twin = services.dead_letter_archive(**delivery, redelivered=True)
+    first = dead_letter_archive(**delivery)
+    dead_letters_mark_acked(dead_letters=[first.dead_letter])
+    twin = dead_letter_archive(**delivery, redelivered=True)
     assert twin.created
     assert twin.dead_letter.pk != first.dead_letter.pk
     assert DeadLetter.objects.count() == 2
@@ -75,8 +83,8 @@ def test_a_redelivered_twin_of_an_acked_letter_is_a_new_dead_letter():
 
 def test_each_redelivery_takes_over_one_row_and_those_beyond_get_rows_of_their_own():
     delivery = _delivery()
-    services.dead_letters_archive(deliveries=[delivery, delivery])
-    results = services.dead_letters_archive(deliveries=[{**delivery, "redelivered": True}] * 3)
+    dead_letters_archive(deliveries=[delivery, delivery])
+    results = dead_letters_archive(deliveries=[{**delivery, "redelivered": True}] * 3)
     assert [r.outcome for r in results] == [
         ArchiveOutcome.ALREADY_ARCHIVED,
         ArchiveOutcome.ALREADY_ARCHIVED,
@@ -88,7 +96,7 @@ def test_each_redelivery_takes_over_one_row_and_those_beyond_get_rows_of_their_o
 
 def test_archive_reads_origin_reason_and_task_from_the_message():
     delivery = _delivery()
-    letter = services.dead_letter_archive(**delivery).dead_letter
+    letter = dead_letter_archive(**delivery).dead_letter
     assert (letter.origin_queue, letter.origin_exchange, letter.routing_key) == (
         "analytics",
         "chat_events",
@@ -104,7 +112,7 @@ def test_archive_reads_origin_reason_and_task_from_the_message():
 def test_failure_recorded_before_the_dead_letter_is_joined_to_it():
     delivery = _delivery()
     _record_failure(delivery["headers"]["id"])
-    letter = services.dead_letter_archive(**delivery).dead_letter
+    letter = dead_letter_archive(**delivery).dead_letter
     assert (letter.error_class, letter.error_message, letter.attempts) == (
         "analytics.services.InvalidEvent",
         "bad event",
@@ -115,7 +123,7 @@ def test_failure_recorded_before_the_dead_letter_is_joined_to_it():
 
 def test_failure_recorded_after_the_dead_letter_completes_it():
     delivery = _delivery()
-    letter = services.dead_letter_archive(**delivery).dead_letter
+    letter = dead_letter_archive(**delivery).dead_letter
     _record_failure(delivery["headers"]["id"])
     letter.refresh_from_db()
     assert letter.error_class == "analytics.services.InvalidEvent"
@@ -125,24 +133,24 @@ def test_failure_recorded_after_the_dead_letter_completes_it():
 
 def test_body_and_headers_with_nul_are_archived_not_refused_by_postgresql():
     body = b'{"valid": "utf-8 but with a NUL \x00 inside"}'
-    letter = services.dead_letter_archive(
+    letter = dead_letter_archive(
         body=body,
         headers={"x-death": x_death(), "note": b"nul\x00byte", "text": "nul\x00char"},
         properties={"content_type": "application/json"},
     ).dead_letter
     letter.refresh_from_db()
     assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
-    assert services.replay_message(letter)[0] == body
+    assert replay_message(letter)[0] == body
     assert "\x00" not in str(letter.headers)
 
 
 def test_undecodable_body_is_kept_as_base64_and_replayed_byte_for_byte():
     body = b"\xff\xfe not utf-8"
-    letter = services.dead_letter_archive(
+    letter = dead_letter_archive(
         body=body, headers={"x-death": x_death()}, properties={"content_type": "application/octet-stream"}
     ).dead_letter
     assert letter.body_encoding == DeadLetter.BodyEncoding.BASE64
-    replayed_body, _ = services.replay_message(letter)
+    replayed_body, _ = replay_message(letter)
     assert replayed_body == body
 
 
@@ -152,21 +160,21 @@ def test_replay_message_drops_the_death_history_and_starts_retries_afresh():
         {"retries": 7, "x-first-death-queue": "analytics", "x-first-death-reason": "rejected"}
     )
     delivery["properties"].update({"expiration": "50", "user_id": "guest"})
-    letter = services.dead_letter_archive(**delivery).dead_letter
-    body, properties = services.replay_message(letter)
+    letter = dead_letter_archive(**delivery).dead_letter
+    body, properties = replay_message(letter)
     headers = properties["application_headers"]
     assert body == delivery["body"].encode()
     assert not {"x-death", "x-first-death-queue", "x-first-death-reason"} & set(headers)
     assert headers["retries"] == 0
-    assert headers[services.REPLAY_HEADER] == letter.pk
+    assert headers[REPLAY_HEADER] == letter.pk
     assert headers["id"] == delivery["headers"]["id"]
     assert "expiration" not in properties and "user_id" not in properties
     assert properties["correlation_id"] == delivery["properties"]["correlation_id"]
 
 
 def test_discard_marks_letters_and_records_who():
-    letter = services.dead_letter_archive(**_delivery()).dead_letter
-    result = services.dead_letter_discard(dead_letters=[letter], actor_label="cli:ops")
+    letter = dead_letter_archive(**_delivery()).dead_letter
+    result = dead_letter_discard(dead_letters=[letter], actor_label="cli:ops")
     letter.refresh_from_db()
     assert result.done == [letter.pk]
     assert letter.status == DeadLetter.Status.DISCARDED
@@ -180,7 +188,7 @@ def test_orphan_task_failures_are_pruned_after_the_retention():
 
     TaskFailure.objects.create(task_id=str(uuid.uuid4()), failed_at=timezone.now() - timedelta(days=30))
     TaskFailure.objects.create(task_id=str(uuid.uuid4()))
-    assert services.task_failures_prune(older_than=timedelta(days=7)) == 1
+    assert task_failures_prune(older_than=timedelta(days=7)) == 1
     assert TaskFailure.objects.count() == 1
 
 
@@ -191,7 +199,7 @@ def _letter(*, status: str, resolved_days_ago: float) -> DeadLetter:
         # The audit row a replay leaves (replaying needs the broker; test_replay.py does that).
         DeadLetterAction.objects.create(dead_letter=letter, kind="replayed", actor_label="cli:ops")
     elif status == DeadLetter.Status.DISCARDED:
-        services.dead_letter_discard(dead_letters=[letter], actor_label="cli:ops")
+        dead_letter_discard(dead_letters=[letter], actor_label="cli:ops")
     when = timezone.now() - timedelta(days=resolved_days_ago)
     DeadLetter.objects.filter(pk=letter.pk).update(status=status, updated_at=when, archived_at=when)
     return letter
@@ -204,7 +212,7 @@ def test_resolved_dead_letters_past_the_retention_are_pruned_with_their_audit_ro
     recent_replayed = _letter(status=DeadLetter.Status.REPLAYED, resolved_days_ago=29)
     recent_discarded = _letter(status=DeadLetter.Status.DISCARDED, resolved_days_ago=1)
 
-    assert services.dead_letters_prune() == 2
+    assert dead_letters_prune() == 2
 
     assert set(DeadLetter.objects.values_list("pk", flat=True)) == {recent_replayed.pk, recent_discarded.pk}
     assert not DeadLetterAction.objects.filter(
@@ -215,7 +223,7 @@ def test_resolved_dead_letters_past_the_retention_are_pruned_with_their_audit_ro
 def test_unresolved_dead_letters_are_never_pruned_however_old():
     ancient = _letter(status=DeadLetter.Status.NEW, resolved_days_ago=3650)
 
-    assert services.dead_letters_prune() == 0
+    assert dead_letters_prune() == 0
 
     assert DeadLetter.objects.filter(pk=ancient.pk).exists()
 
@@ -227,7 +235,7 @@ def test_dead_letter_prune_deletes_in_chunks_loading_only_primary_keys(monkeypat
     keep = _letter(status=DeadLetter.Status.NEW, resolved_days_ago=365)
 
     with CaptureQueriesContext(connection) as queries:
-        assert services.dead_letters_prune() == 5
+        assert dead_letters_prune() == 5
 
     assert list(DeadLetter.objects.values_list("pk", flat=True)) == [keep.pk]
     assert not DeadLetterAction.objects.exists()
@@ -273,8 +281,8 @@ def test_dead_lettering_task_rejects_never_succeeding_errors_without_requeue():
 
 def test_archiving_a_batch_stores_each_letter_once_even_when_delivered_again():
     deliveries = [_delivery() for _ in range(3)]
-    first = services.dead_letters_archive(deliveries=deliveries)
-    again = services.dead_letters_archive(deliveries=[{**deliveries[1], "redelivered": True}, _delivery()])
+    first = dead_letters_archive(deliveries=deliveries)
+    again = dead_letters_archive(deliveries=[{**deliveries[1], "redelivered": True}, _delivery()])
     assert [r.created for r in first] == [True, True, True]
     assert [r.created for r in again] == [False, True]
     assert DeadLetter.objects.count() == 4
@@ -295,10 +303,10 @@ def test_failure_note_in_the_same_batch_is_joined_to_its_letter_and_not_archived
                 "attempts": 13,
             }
         ),
-        "headers": {services.FAILURE_NOTE_HEADER: 1},
+        "headers": {FAILURE_NOTE_HEADER: 1},
         "properties": {"content_type": "application/json"},
     }
-    results = services.dead_letters_archive(deliveries=[note, delivery])
+    results = dead_letters_archive(deliveries=[note, delivery])
     assert [r.outcome for r in results] == [ArchiveOutcome.FAILURE_RECORDED, ArchiveOutcome.ARCHIVED]
     letter = results[1].dead_letter
     assert (letter.error_class, letter.attempts) == ("django.db.utils.OperationalError", 13)
@@ -323,7 +331,7 @@ def _poisoned(how: str) -> dict:
     elif how == "x-death count that is no number":
         headers["x-death"][0]["count"] = "many"
     elif how == "failure note that is no JSON":
-        delivery["headers"] = {services.FAILURE_NOTE_HEADER: 1}
+        delivery["headers"] = {FAILURE_NOTE_HEADER: 1}
         delivery["body"] = b"{not json"
     return delivery
 
@@ -342,7 +350,7 @@ def _poisoned(how: str) -> dict:
 def test_a_letter_the_database_refuses_gets_a_minimal_row_and_does_not_hold_back_its_batch(how):
     good = [_delivery(), _delivery()]
     poison = _poisoned(how)
-    results = services.dead_letters_archive(deliveries=[good[0], poison, good[1]])
+    results = dead_letters_archive(deliveries=[good[0], poison, good[1]])
 
     assert [r.outcome for r in results] == [
         ArchiveOutcome.ARCHIVED,
@@ -354,7 +362,7 @@ def test_a_letter_the_database_refuses_gets_a_minimal_row_and_does_not_hold_back
         assert result.dead_letter.task_id == delivery["headers"]["id"]
     minimal = DeadLetter.objects.get(pk=results[1].dead_letter.pk)
     assert minimal.body_encoding == DeadLetter.BodyEncoding.BASE64
-    assert services.replay_message(minimal)[0] == services._as_bytes(poison["body"], "utf-8")
+    assert replay_message(minimal)[0] == body_bytes(poison["body"], "utf-8")
     assert minimal.error_message.startswith("Archived in minimal form")
     assert minimal.error_class
     assert DeadLetter.objects.count() == 3
@@ -362,7 +370,7 @@ def test_a_letter_the_database_refuses_gets_a_minimal_row_and_does_not_hold_back
 
 def test_a_minimal_row_keeps_what_replay_needs():
     poison = _poisoned("task name too long for its column")
-    minimal = services.dead_letter_archive(**poison).dead_letter
+    minimal = dead_letter_archive(**poison).dead_letter
     minimal.refresh_from_db()
     assert minimal.error_class == "django.db.utils.DataError"
     assert (minimal.origin_queue, minimal.origin_exchange, minimal.routing_key, minimal.reason) == (
@@ -371,7 +379,7 @@ def test_a_minimal_row_keeps_what_replay_needs():
         "chat.message.created",
         "rejected",
     )
-    _, properties = services.replay_message(minimal)
+    _, properties = replay_message(minimal)
     # The header the column could not hold is kept whole in the headers.
     assert properties["application_headers"]["task"] == poison["headers"]["task"]
     assert properties["application_headers"]["id"] == poison["headers"]["id"]
@@ -379,8 +387,8 @@ def test_a_minimal_row_keeps_what_replay_needs():
 
 def test_a_redelivery_of_a_minimal_letter_takes_over_its_row():
     poison = _poisoned("x-death count that is no number")
-    first = services.dead_letter_archive(**poison)
-    again = services.dead_letter_archive(**poison, redelivered=True)
+    first = dead_letter_archive(**poison)
+    again = dead_letter_archive(**poison, redelivered=True)
     assert (first.outcome, again.outcome) == (
         ArchiveOutcome.ARCHIVED_MINIMAL,
         ArchiveOutcome.ALREADY_ARCHIVED,
@@ -392,7 +400,7 @@ def test_a_redelivery_of_a_minimal_letter_takes_over_its_row():
 def test_headers_jsonb_cannot_hold_are_cleaned_up_not_refused():
     delivery = _delivery()
     delivery["headers"].update({"nan": float("nan"), "nul\x00key": 1, "surrogate": "a\ud800b"})
-    result = services.dead_letter_archive(**delivery)
+    result = dead_letter_archive(**delivery)
     assert result.outcome is ArchiveOutcome.ARCHIVED
     result.dead_letter.refresh_from_db()
     assert result.dead_letter.headers["nan"] == "nan"
@@ -406,7 +414,7 @@ def test_a_letter_not_even_a_minimal_row_can_hold_is_unstorable_and_the_rest_are
     refuse_dead_letters("P0001")
     refused = _delivery()
     refused["headers"][REFUSED_HEADER] = 1
-    results = services.dead_letters_archive(deliveries=[_delivery(), refused, _delivery()])
+    results = dead_letters_archive(deliveries=[_delivery(), refused, _delivery()])
     assert [r.outcome for r in results] == [
         ArchiveOutcome.ARCHIVED,
         ArchiveOutcome.UNSTORABLE,
@@ -424,5 +432,5 @@ def test_a_lost_connection_fails_the_batch_instead_of_storing_minimal_rows(refus
     refused = _delivery()
     refused["headers"][REFUSED_HEADER] = 1
     with pytest.raises(OperationalError):
-        services.dead_letters_archive(deliveries=[_delivery(), refused])
+        dead_letters_archive(deliveries=[_delivery(), refused])
     assert not DeadLetter.objects.exists()

@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from chatproject.deadletters import selectors, services
+from chatproject.deadletters import selectors
 from chatproject.deadletters.models import DeadLetter
+from chatproject.deadletters.services.resolution import dead_letter_discard, dead_letter_replay
 
 
 def _summary(dl: DeadLetter) -> dict[str, object]:
@@ -175,7 +176,7 @@ class Command(BaseCommand):
                 f"would {verb} {len(letters)} dead letters: {', '.join(str(dl.pk) for dl in letters)}"
             )
             return
-        action = services.dead_letter_replay if verb == "replay" else services.dead_letter_discard
+        action = dead_letter_replay if verb == "replay" else dead_letter_discard
         done: list[int] = []
         failed: dict[int, str] = {}
         # One service call per chunk keeps the progress bar moving on thousands of letters.
