@@ -14,4 +14,4 @@ RUN useradd --create-home chat && chown -R chat /app
 USER chat
 
 EXPOSE 8000
-CMD ["daphne", "-b", "0.0.0.0", "-p", "8000", "--websocket-max-message-size", "65536", "--websocket-max-frame-size", "65536", "chatproject.asgi:application"]
+CMD ["python", "-m", "chatproject.serve", "-b", "0.0.0.0", "-p", "8000", "--websocket-max-message-size", "65536", "--websocket-max-frame-size", "65536", "chatproject.asgi:application"]
