@@ -6,16 +6,20 @@ import asyncio
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
+from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
 from chat import presence, protocol, selectors, services
+from chat.dispatch import dispatch_in_arrival_order
 from chat.models import Room
 from chat.ratelimit import take_message_token
 from chatproject.monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
@@ -52,6 +56,19 @@ class RoomConsumer(AsyncWebsocketConsumer):
     room: Room | None = None
     heartbeat: asyncio.Task | None = None
     inbox_reader: asyncio.Task | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """Channels' AsyncConsumer.__call__, with the cheaper event loop of chat.dispatch."""
+        self.scope = scope
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        self.channel_name = await self.channel_layer.new_channel()
+        self.base_send = send
+        try:
+            await dispatch_in_arrival_order(
+                [receive, partial(self.channel_layer.receive, self.channel_name)], self.dispatch
+            )
+        except StopConsumer:
+            pass
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Every event, without the stale-connection check Channels runs before each handler.
