@@ -24,10 +24,14 @@ def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int
     if not connection.in_atomic_block:
         raise RuntimeError("outbox events must be written inside the transaction of their cause")
     event_id = uuid.uuid4()
-    event = OutboxEvent.objects.create(
+    return OutboxEvent.objects.create(
         event_id=event_id,
         routing_key=routing_key,
-        payload={**payload, "event_id": str(event_id), "type": routing_key},
+        payload=outbox_payload(routing_key=routing_key, event_id=event_id, payload=payload),
         priority=priority,
     )
-    return event
+
+
+def outbox_payload(*, routing_key: str, event_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
+    """An event's stored payload: its cause's fields, plus its own id and type for consumers."""
+    return {**payload, "event_id": str(event_id), "type": routing_key}

@@ -10,13 +10,14 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
+from django.utils import timezone
 from django.utils.text import slugify
 
 from chat import protocol
 from chat.mentions import mention_recipients
-from chat.models import Message, Room
+from chat.models import Message, OutboxEvent, Room
 from chat.notifications import mention_notifications_enqueue
-from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
+from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_payload
 from chat.selectors import message_by_client_id, user_is_vip
 from chatproject.monitoring.metrics import CHAT_MESSAGES_STORED
 
@@ -87,30 +88,69 @@ def message_create(
     return MessageResult(message, created=True)
 
 
+# One statement takes the room's seq number, inserts the message and its chat.message.created
+# outbox event, so the room's row lock (taken by the UPDATE) is held for one round trip and the
+# commit. As three ORM statements, each round trip inside the lock also waited for the web
+# process's GIL, and the room's other writers queued behind it: that was the loadtest's latency
+# tail, and the ORM's save path a fifth of the process's CPU (docs/performance.md, step 13).
+# A rollback (a resend's unique violation included) still gives the seq number back.
+_MESSAGE_INSERT_SQL = f"""
+WITH seq AS (
+    UPDATE {Room._meta.db_table} SET last_seq = last_seq + 1 WHERE id = %(room_id)s RETURNING last_seq
+), message AS (
+    INSERT INTO {Message._meta.db_table} (room_id, author_id, text, client_id, created_at, seq)
+    SELECT %(room_id)s, %(author_id)s, %(text)s, %(client_id)s, %(created_at)s, last_seq FROM seq
+    RETURNING id, seq
+)
+INSERT INTO {OutboxEvent._meta.db_table} (event_id, routing_key, payload, priority, created_at)
+SELECT %(event_id)s, %(routing_key)s,
+       %(payload)s::jsonb || jsonb_build_object('message_id', message.id, 'seq', message.seq),
+       0, %(created_at)s
+FROM message
+RETURNING (payload ->> 'message_id')::bigint, (payload ->> 'seq')::bigint
+"""
+
+
 def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID) -> Message:
-    # UPDATE ... RETURNING takes the room's row lock until commit: concurrent writers of
-    # one room queue here, and a rollback gives the number back, so seq has no gaps.
-    with connection.cursor() as cursor:
-        cursor.execute(
-            f"UPDATE {Room._meta.db_table} SET last_seq = last_seq + 1 WHERE id = %s RETURNING last_seq",
-            [room.pk],
-        )
-        (room.last_seq,) = cursor.fetchone()
-    message = Message.objects.create(
-        room=room, author=author, text=text, client_id=client_id, seq=room.last_seq
-    )
-    outbox_event_add(
+    created_at = timezone.now()
+    event_id = uuid.uuid4()
+    payload = outbox_payload(
         routing_key=ROUTING_MESSAGE_CREATED,
+        event_id=event_id,
         payload={
-            "message_id": message.id,
             "room_id": room.pk,
             "room": room.slug,
             "author_id": author.pk,
-            "seq": message.seq,
-            "created_at": message.created_at.isoformat(),
+            "created_at": created_at.isoformat(),
         },
     )
-    return message
+    with connection.cursor() as cursor:
+        cursor.execute(
+            _MESSAGE_INSERT_SQL,
+            {
+                "room_id": room.pk,
+                "author_id": author.pk,
+                "text": text,
+                "client_id": client_id,
+                "created_at": created_at,
+                "event_id": event_id,
+                "routing_key": ROUTING_MESSAGE_CREATED,
+                "payload": json.dumps(payload),
+            },
+        )
+        row = cursor.fetchone()
+    if row is None:
+        raise Room.DoesNotExist(f"room {room.pk} no longer exists")
+    message_id, room.last_seq = row
+    return Message(
+        id=message_id,
+        room=room,
+        author=author,
+        text=text,
+        client_id=client_id,
+        created_at=created_at,
+        seq=room.last_seq,
+    )
 
 
 async def message_broadcast(message: Message) -> None:

@@ -5,7 +5,7 @@ import pytest
 from django.db import connection
 
 from chat import services
-from chat.models import Message, OutboxEvent
+from chat.models import Message, OutboxEvent, Room
 
 
 @pytest.mark.django_db(transaction=True)
@@ -75,6 +75,44 @@ def test_message_writes_outbox_event_in_same_transaction(make_user, make_room):
     assert event.payload["room"] == "general"
     assert event.payload["event_id"] == str(event.event_id)
     assert "text" not in event.payload  # message text stays in the database, not in the broker
+
+
+@pytest.mark.django_db
+def test_returned_message_and_its_event_match_what_is_stored(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("general")
+    services.message_create(room=room, author=alice, text="first", client_id=uuid.uuid4())
+
+    message = services.message_create(room=room, author=alice, text="second", client_id=uuid.uuid4()).message
+
+    stored = Message.objects.get(pk=message.pk)
+    fields = ["id", "room_id", "author_id", "text", "client_id", "seq", "created_at"]
+    assert [getattr(message, f) for f in fields] == [getattr(stored, f) for f in fields]
+    assert stored.seq == 2 and room.last_seq == 2
+    event = OutboxEvent.objects.get(payload__message_id=message.pk)
+    assert event.payload == {
+        "message_id": stored.id,
+        "room_id": room.pk,
+        "room": "general",
+        "author_id": alice.pk,
+        "seq": 2,
+        "created_at": stored.created_at.isoformat(),
+        "event_id": str(event.event_id),
+        "type": "chat.message.created",
+    }
+    assert (event.routing_key, event.priority, event.sent_at) == ("chat.message.created", 0, None)
+
+
+@pytest.mark.django_db
+def test_message_to_a_deleted_room_raises_and_stores_nothing(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("general")
+    Room.objects.filter(pk=room.pk).delete()
+
+    with pytest.raises(Room.DoesNotExist):
+        services.message_create(room=room, author=alice, text="hello?", client_id=uuid.uuid4())
+
+    assert not Message.objects.exists() and not OutboxEvent.objects.exists()
 
 
 @pytest.mark.django_db
