@@ -294,12 +294,16 @@ def crash_before_commit() -> None:
     os._exit(CRASH_HOOK_EXIT_CODE)
 
 
-def prune_sent_events(*, older_than: timedelta | None = None) -> int:
+def prune_sent_events(
+    *, older_than: timedelta | None = None, between_chunks: Callable[[], None] | None = None
+) -> int:
     """Delete events sent longer ago than the retention period; pending events are never touched."""
     if older_than is None:
         older_than = timedelta(days=settings.OUTBOX_RETENTION_DAYS)
     cutoff = timezone.now() - older_than
-    return delete_in_chunks(OutboxEvent.objects.filter(sent_at__lt=cutoff).order_by("sent_at"))
+    return delete_in_chunks(
+        OutboxEvent.objects.filter(sent_at__lt=cutoff).order_by("sent_at"), between_chunks=between_chunks
+    )
 
 
 class OutboxListener:
@@ -452,7 +456,8 @@ def relay_run(
                     if result.failed or result.selected < settings.OUTBOX_BATCH_SIZE * BATCHES_PER_ROUND:
                         break
                 if time.monotonic() >= next_prune:
-                    pruned = prune_sent_events()
+                    # The broker hears from us between chunks: an hour of a busy chat is many.
+                    pruned = prune_sent_events(between_chunks=publisher.keep_alive)
                     if pruned:
                         logger.info("pruned %d sent outbox events", pruned)
                     next_prune = time.monotonic() + PRUNE_EVERY_SECONDS

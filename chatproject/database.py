@@ -3,6 +3,7 @@ autocommit connections, and deleting a growing table's old rows in chunks (every
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import psycopg2
@@ -61,8 +62,14 @@ def database_connect_autocommit(*, dbname: str | None = None) -> psycopg2.extens
     return conn
 
 
-def delete_in_chunks(queryset: QuerySet, *, chunk_size: int | None = None) -> int:
+def delete_in_chunks(
+    queryset: QuerySet, *, chunk_size: int | None = None, between_chunks: Callable[[], None] | None = None
+) -> int:
     """Delete every row of `queryset`, a chunk at a time, in its order; returns how many rows of its model.
+
+    `between_chunks` runs after each full chunk: a process that keeps AMQP heartbeats (the relay,
+    the dead-letter archiver) passes its keep-alive, since a long prune would otherwise go silent
+    for longer than the broker waits.
 
     Called by the periodic prunes. Each chunk is its own short transaction (unless the caller holds
     one): a day of a busy chat is millions of rows, and one huge DELETE would hold its locks and
@@ -80,3 +87,5 @@ def delete_in_chunks(queryset: QuerySet, *, chunk_size: int | None = None) -> in
         # Fewer than a full chunk: nothing left (or a concurrent prune is deleting the rest).
         if deleted < chunk_size:
             return total
+        if between_chunks is not None:
+            between_chunks()

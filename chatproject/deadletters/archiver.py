@@ -88,7 +88,8 @@ def dead_letter_archiver_run(
                 backoff = 0.5
                 while not should_stop():
                     if time.monotonic() >= next_prune:
-                        _prune()
+                        # The broker hears from us between chunks: a long prune must not look dead.
+                        _prune(between_chunks=lambda: broker_keep_alive(conn))
                         next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
                     _requeue_held_when_due(channel, held)
                     # Deliveries can arrive while a batch is acked; those are archived without waiting.
@@ -129,11 +130,11 @@ def dead_letter_archiver_run(
         backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
 
 
-def _prune() -> None:
-    pruned = task_failures_prune()
+def _prune(*, between_chunks: Callable[[], None]) -> None:
+    pruned = task_failures_prune(between_chunks=between_chunks)
     if pruned:
         logger.info("pruned %d task failures no dead letter claimed", pruned)
-    pruned = dead_letters_prune()
+    pruned = dead_letters_prune(between_chunks=between_chunks)
     if pruned:
         logger.info("pruned %d resolved dead letters past DLQ_RESOLVED_RETENTION_DAYS", pruned)
 

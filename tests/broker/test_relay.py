@@ -193,7 +193,13 @@ def test_prune_deletes_in_chunks_until_every_old_sent_event_is_gone(send_message
     send_messages(5)
     OutboxEvent.objects.update(sent_at=timezone.now() - timedelta(days=8))
 
-    deleted = prune_sent_events(older_than=timedelta(days=7))
+    # The relay passes its broker keep-alive here: it must run between chunks, not only at the end.
+    left_after_each_chunk = []
+    deleted = prune_sent_events(
+        older_than=timedelta(days=7),
+        between_chunks=lambda: left_after_each_chunk.append(OutboxEvent.objects.count()),
+    )
 
     assert deleted == 5
     assert not OutboxEvent.objects.exists()
+    assert left_after_each_chunk == [3, 1]
