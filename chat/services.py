@@ -10,7 +10,6 @@ from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
-from django.utils import timezone
 from django.utils.text import slugify
 
 from chat import protocol
@@ -90,39 +89,41 @@ def message_create(
 
 # One statement takes the room's seq number, inserts the message and its chat.message.created
 # outbox event, so the room's row lock (taken by the UPDATE) is held for one round trip and the
-# commit. As three ORM statements, each round trip inside the lock also waited for the web
-# process's GIL, and the room's other writers queued behind it: that was the loadtest's latency
-# tail, and the ORM's save path a fifth of the process's CPU (docs/performance.md, step 13).
-# A rollback (a resend's unique violation included) still gives the seq number back.
+# commit (plus one per mentioned user, chat/notifications.py). As three ORM statements, each
+# round trip inside the lock also waited for the web process's GIL, and the room's other writers
+# queued behind it: that was the loadtest's latency tail, and the ORM's save path a fifth of the
+# process's CPU (docs/performance.md, step 13). created_at is PostgreSQL's clock, read once the
+# lock is held, so it follows seq within a room whichever web process wrote the message. A
+# rollback (a resend's unique violation included) still gives the seq number back.
 _MESSAGE_INSERT_SQL = f"""
 WITH seq AS (
     UPDATE {Room._meta.db_table} SET last_seq = last_seq + 1 WHERE id = %(room_id)s RETURNING last_seq
 ), message AS (
     INSERT INTO {Message._meta.db_table} (room_id, author_id, text, client_id, created_at, seq)
-    SELECT %(room_id)s, %(author_id)s, %(text)s, %(client_id)s, %(created_at)s, last_seq FROM seq
-    RETURNING id, seq
+    SELECT %(room_id)s, %(author_id)s, %(text)s, %(client_id)s, clock_timestamp(), last_seq FROM seq
+    RETURNING id, seq, created_at
+), event AS (
+    INSERT INTO {OutboxEvent._meta.db_table} (event_id, routing_key, payload, priority, created_at)
+    SELECT %(event_id)s, %(routing_key)s,
+           %(payload)s::jsonb || jsonb_build_object(
+               'message_id', id,
+               'seq', seq,
+               'created_at', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
+           ),
+           0, created_at
+    FROM message
 )
-INSERT INTO {OutboxEvent._meta.db_table} (event_id, routing_key, payload, priority, created_at)
-SELECT %(event_id)s, %(routing_key)s,
-       %(payload)s::jsonb || jsonb_build_object('message_id', message.id, 'seq', message.seq),
-       0, %(created_at)s
-FROM message
-RETURNING (payload ->> 'message_id')::bigint, (payload ->> 'seq')::bigint
+SELECT id, seq, created_at FROM message
 """
 
 
 def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID) -> Message:
-    created_at = timezone.now()
     event_id = uuid.uuid4()
+    # The statement adds message_id, seq and created_at (ISO 8601, UTC) once it knows them.
     payload = outbox_payload(
         routing_key=ROUTING_MESSAGE_CREATED,
         event_id=event_id,
-        payload={
-            "room_id": room.pk,
-            "room": room.slug,
-            "author_id": author.pk,
-            "created_at": created_at.isoformat(),
-        },
+        payload={"room_id": room.pk, "room": room.slug, "author_id": author.pk},
     )
     with connection.cursor() as cursor:
         cursor.execute(
@@ -132,7 +133,6 @@ def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_i
                 "author_id": author.pk,
                 "text": text,
                 "client_id": client_id,
-                "created_at": created_at,
                 "event_id": event_id,
                 "routing_key": ROUTING_MESSAGE_CREATED,
                 "payload": json.dumps(payload),
@@ -141,7 +141,7 @@ def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_i
         row = cursor.fetchone()
     if row is None:
         raise Room.DoesNotExist(f"room {room.pk} no longer exists")
-    message_id, room.last_seq = row
+    message_id, room.last_seq, created_at = row
     return Message(
         id=message_id,
         room=room,

@@ -1,5 +1,6 @@
 import threading
 import uuid
+from datetime import datetime
 
 import pytest
 from django.db import connection
@@ -48,6 +49,9 @@ def test_concurrent_writers_leave_no_seq_gaps(make_user, make_room):
     for t in threads:
         t.join()
     assert sorted(Message.objects.filter(room=room).values_list("seq", flat=True)) == list(range(1, 41))
+    # Stamped once the room's lock is held: in seq order the times never go back.
+    times = list(Message.objects.filter(room=room).order_by("seq").values_list("created_at", flat=True))
+    assert times == sorted(times)
 
 
 @pytest.mark.django_db(transaction=True)
@@ -90,13 +94,14 @@ def test_returned_message_and_its_event_match_what_is_stored(make_user, make_roo
     assert [getattr(message, f) for f in fields] == [getattr(stored, f) for f in fields]
     assert stored.seq == 2 and room.last_seq == 2
     event = OutboxEvent.objects.get(payload__message_id=message.pk)
-    assert event.payload == {
+    payload = dict(event.payload)
+    assert datetime.fromisoformat(payload.pop("created_at")) == stored.created_at
+    assert payload == {
         "message_id": stored.id,
         "room_id": room.pk,
         "room": "general",
         "author_id": alice.pk,
         "seq": 2,
-        "created_at": stored.created_at.isoformat(),
         "event_id": str(event.event_id),
         "type": "chat.message.created",
     }
