@@ -7,17 +7,19 @@ from pathlib import Path
 from chatproject.procfile import child_process_env
 from tests.conftest import ROOT
 
-DAPHNE_LOOP_TYPE = (
-    "from chatproject.serve import event_loop_policy_install\n"
-    "event_loop_policy_install()\n"
-    "import daphne.server\n"
-    "print(type(daphne.server.twisted_loop).__module__)\n"
+# Runs the launcher as `python -m chatproject.serve --help` does: daphne parses the options and
+# exits, and at exit the loop daphne.server created is reported.
+SERVE_AND_REPORT_LOOP = (
+    "import atexit, runpy, sys\n"
+    "atexit.register(lambda: print(type(sys.modules['daphne.server'].twisted_loop).__module__))\n"
+    "sys.argv = ['chatproject.serve', '--help']\n"
+    "runpy.run_module('chatproject.serve', run_name='__main__')\n"
 )
 
 
-def test_daphne_creates_its_loop_from_uvloop_once_the_policy_is_installed():
+def test_the_launcher_makes_daphne_create_a_uvloop_loop():
     result = subprocess.run(
-        [sys.executable, "-c", DAPHNE_LOOP_TYPE],
+        [sys.executable, "-c", SERVE_AND_REPORT_LOOP],
         cwd=ROOT,
         env=child_process_env(),
         capture_output=True,
@@ -25,7 +27,7 @@ def test_daphne_creates_its_loop_from_uvloop_once_the_policy_is_installed():
         check=True,
     )
 
-    assert result.stdout.strip().startswith("uvloop")
+    assert result.stdout.strip().splitlines()[-1].startswith("uvloop")
 
 
 def test_the_procfile_web_process_runs_with_uvloop_loaded(live_daphne):
