@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 
 import pytest
+import redis.asyncio
 from asgiref.sync import sync_to_async
 from channels.testing import WebsocketCommunicator
 from django.test import override_settings
@@ -275,3 +277,27 @@ async def test_message_text_never_reaches_logs(alice_bob_in_general, caplog):
     await a.receive_json_from(timeout=5)
     assert secret not in caplog.text
     await a.disconnect()
+
+
+async def test_a_closed_socket_leaves_no_channel_subscribed_in_redis(alice_bob_in_general, settings):
+    # The socket's own channel is a Redis pub/sub subscription; the layer drops it only when the
+    # consumer's pending receive() is cancelled (chat.dispatch). A leak would grow per socket.
+    alice, _ = alice_bob_in_general
+    pattern = settings.CHANNEL_LAYERS["default"]["CONFIG"]["prefix"] + "specific.*"
+    client = redis.asyncio.Redis.from_url(settings.REDIS_URL)
+    try:
+        communicator, connected, _ = await connect(alice)
+        assert connected
+        await communicator.send_json_to(message("busy socket"))
+        await communicator.receive_json_from(timeout=5)
+        assert len(await client.pubsub_channels(pattern)) == 1
+
+        await communicator.disconnect()
+
+        for _ in range(50):
+            if not await client.pubsub_channels(pattern):
+                break
+            await asyncio.sleep(0.1)
+        assert await client.pubsub_channels(pattern) == []
+    finally:
+        await client.aclose()
