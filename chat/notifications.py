@@ -38,7 +38,7 @@ from django.utils import timezone
 
 from chat import protocol
 from chat.models import Message, NotificationDelivery
-from chat.outbox import ROUTING_MENTION, outbox_event_add
+from chat.outbox import ROUTING_MENTION, outbox_events_add
 from chat.presence import user_open_sockets
 from chat.selectors import user_can_read_room
 from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW
@@ -76,10 +76,10 @@ def mention_notifications_enqueue(
     queued_at = timezone.now()
     expires_at = queued_at + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS)
     priority = notification_priority(author_is_vip=author_is_vip)
-    for user in recipients:
-        outbox_event_add(
-            routing_key=ROUTING_MENTION,
-            payload={
+    outbox_events_add(
+        routing_key=ROUTING_MENTION,
+        payloads=[
+            {
                 "kind": KIND_MENTION,
                 "user_id": user.pk,
                 "message_id": message.pk,
@@ -89,9 +89,11 @@ def mention_notifications_enqueue(
                 "queued_at": queued_at.isoformat(),
                 # The relay turns this into the AMQP per-message TTL.
                 "expires_at": expires_at.isoformat(),
-            },
-            priority=priority,
-        )
+            }
+            for user in recipients
+        ],
+        priority=priority,
+    )
 
 
 def mention_notifications_deliver(*, events: Any) -> DeliveryResult:

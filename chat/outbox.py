@@ -21,15 +21,32 @@ ROUTING_MENTION = "chat.mention"
 
 def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int = 0) -> OutboxEvent:
     """Queue an event for publication; must run inside the transaction of its cause."""
+    [event] = outbox_events_add(routing_key=routing_key, payloads=[payload], priority=priority)
+    return event
+
+
+def outbox_events_add(
+    *, routing_key: str, payloads: list[dict[str, Any]], priority: int = 0
+) -> list[OutboxEvent]:
+    """Queue one event per payload, in one INSERT; must run inside the transaction of their cause.
+
+    One statement whatever the count: a message's mention events are written while its room's
+    row lock is held, and each round trip there makes the room's other writers wait.
+    """
     if not connection.in_atomic_block:
         raise RuntimeError("outbox events must be written inside the transaction of their cause")
-    event_id = uuid.uuid4()
-    return OutboxEvent.objects.create(
-        event_id=event_id,
-        routing_key=routing_key,
-        payload=outbox_payload(routing_key=routing_key, event_id=event_id, payload=payload),
-        priority=priority,
-    )
+    events = []
+    for payload in payloads:
+        event_id = uuid.uuid4()
+        events.append(
+            OutboxEvent(
+                event_id=event_id,
+                routing_key=routing_key,
+                payload=outbox_payload(routing_key=routing_key, event_id=event_id, payload=payload),
+                priority=priority,
+            )
+        )
+    return OutboxEvent.objects.bulk_create(events)
 
 
 def outbox_payload(*, routing_key: str, event_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:

@@ -56,9 +56,15 @@ def test_each_mention_is_queued_in_the_message_transaction_with_an_expiry(make_u
     alice, bob, carol = make_user("alice"), make_user("bob"), make_user("carol")
     room = make_room("general")
     before = timezone.now()
-    message = send(bob, room, "@alice @carol standup?")
+    with CaptureQueriesContext(connection) as queries:
+        message = send(bob, room, "@alice @carol standup?")
     events = mention_events(message)
     assert [event.payload["user_id"] for event in events] == [alice.pk, carol.pk]
+    # The room's lock is held meanwhile: all mentions in one INSERT, not one round trip each.
+    mention_inserts = [
+        q for q in queries if q["sql"].startswith(f'INSERT INTO "{OutboxEvent._meta.db_table}"')
+    ]
+    assert len(mention_inserts) == 1
     expires_at = timezone.datetime.fromisoformat(events[0].payload["expires_at"])
     assert expires_at >= before + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS)
 
