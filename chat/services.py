@@ -89,7 +89,7 @@ def message_create(
 
 # One statement takes the room's seq number, inserts the message and its chat.message.created
 # outbox event, so the room's row lock (taken by the UPDATE) is held for one round trip and the
-# commit (plus one per mentioned user, chat/notifications.py). As three ORM statements, each
+# commit (plus one for all of its mentions, chat/notifications.py). As three ORM statements, each
 # round trip inside the lock also waited for the web process's GIL, and the room's other writers
 # queued behind it: that was the loadtest's latency tail, and the ORM's save path a fifth of the
 # process's CPU (docs/performance.md, step 13). created_at is PostgreSQL's clock, read once the
