@@ -62,10 +62,6 @@ def lock_task_ids(task_ids: set[str]) -> None:
         )
 
 
-def _lock_task(task_id: str) -> None:
-    lock_task_ids({task_id})
-
-
 def task_failures_join(letters: list[DeadLetter]) -> None:
     """Copy the TaskFailure rows the workers left for these letters into them, and drop those rows."""
     if not letters:
@@ -103,7 +99,7 @@ def task_failure_record(
     a TaskFailure row for the archiver to join.
     """
     with transaction.atomic():
-        _lock_task(task_id)
+        lock_task_ids({task_id})
         waiting = (
             DeadLetter.objects.filter(task_id=task_id, reason="rejected", error_class="", error_message="")
             .order_by("-id")
