@@ -217,7 +217,28 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # Finders in use too, so static files work without collectstatic during development.
 WHITENOISE_USE_FINDERS = True
 
-EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+# Outgoing mail (password resets, mention emails, alerts) in django-environ's EMAIL_URL format
+# (smtp+tls://user:password@host:587, dummymail://, ...). The console backend writes every mail,
+# reset links included, to the process's log, so it is the default only with DEBUG; without DEBUG
+# the default is Django's own, SMTP on localhost:25: a mail is sent or fails visibly (the reset
+# page answers an error, the notifier retries and then dead-letters), never dropped silently.
+_email_url = env.str("EMAIL_URL", default="") or ("consolemail://" if DEBUG else "smtp://localhost:25")
+_email_scheme = _email_url.partition(":")[0]
+if _email_scheme not in environ.Env.EMAIL_SCHEMES:
+    raise ImproperlyConfigured(
+        f"EMAIL_URL must start with one of {', '.join(environ.Env.EMAIL_SCHEMES)}; got {_email_scheme!r}"
+    )
+_email = environ.Env.email_url_config(_email_url)
+EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+EMAIL_HOST = _email["EMAIL_HOST"] or "localhost"
+EMAIL_PORT = _email["EMAIL_PORT"] or 25
+EMAIL_HOST_USER = _email["EMAIL_HOST_USER"] or ""
+EMAIL_HOST_PASSWORD = _email["EMAIL_HOST_PASSWORD"] or ""
+EMAIL_USE_TLS = _email.get("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
+# filemail:////var/mail/chat (four slashes for an absolute directory): one file per mail.
+EMAIL_FILE_PATH = _email["EMAIL_FILE_PATH"]
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="chat@localhost")
 
 # Chat limits (docs/protocol.md).
 CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=4000)
