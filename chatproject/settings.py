@@ -253,6 +253,10 @@ CHAT_HISTORY_PAGE = 50
 # serve no HTTP: Celery workers (`--metrics-port` overrides per worker; 0 disables) and the relay.
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
 RELAY_METRICS_PORT = env.int("RELAY_METRICS_PORT", default=9809)
+# The address those ports listen on. They have no authentication, so loopback by default; set the
+# address of an interface only the monitoring network reaches (0.0.0.0 inside a container whose
+# ports are not published, as in docker-compose.yml), never a public one.
+METRICS_BIND_ADDRESS = env.str("METRICS_BIND_ADDRESS", default="127.0.0.1")
 # Where a worker's pool processes write their metric files; empty: a fresh temp dir per worker.
 WORKER_METRICS_DIR = env.str("WORKER_METRICS_DIR", default="")
 # A scrape or a check waits at most this long for RabbitMQ or Redis, and /metrics probes
@@ -265,6 +269,9 @@ METRICS_ALLOWED_NETWORKS = env.list(
     "METRICS_ALLOWED_NETWORKS",
     default=["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
 )
+# With a token set, /metrics answers only requests carrying `Authorization: Bearer <token>`, from any
+# address, and the networks above no longer suffice (behind a reverse proxy every peer is loopback).
+METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")
 # The periodic alert check (Celery beat): every 30 s, so trouble is noticed within a minute.
 ALERT_CHECK_SECONDS = env.float("ALERT_CHECK_SECONDS", default=30.0)
 # Unresolved (status "new") dead letters: any one is worth a look (WARNING); a pile or one left
