@@ -83,9 +83,9 @@ def workers(broker_url, start_process, mail_env) -> None:
     with Connection(broker_url) as conn:
         declare_topology(conn)
     for name in ("worker", "notifier"):
-        start_process(
-            ["bash", "-c", f"exec {procfile_command(name)} --without-mingle --without-gossip"], env=mail_env
-        )
+        # No metrics endpoint: the Procfile's ports belong to whichever test runs a worker meanwhile.
+        command = f"{procfile_command(name)} --metrics-port 0 --without-mingle --without-gossip"
+        start_process(["bash", "-c", f"exec {command}"], env=mail_env)
     start_process(["bash", "-c", f"exec {procfile_command('dlq_archiver')}"])
     for queue in (ANALYTICS_QUEUE.name, "notifications", DEAD_LETTER_QUEUE.name):
         wait_until(
