@@ -56,6 +56,8 @@ class RoomMinuteCount(models.Model):
     class Meta:
         constraints = [models.UniqueConstraint(fields=["room", "minute"], name="room_minute_unique")]
         indexes = [models.Index(fields=["minute"], name="room_minute_minute_idx")]
+        # The page and the charts are drawn from these counts; the permission opens /analytics/.
+        permissions = [("view_analytics", "Can view the analytics page")]
 
     def __str__(self) -> str:
         return f"room {self.room_id} @ {self.minute:%Y-%m-%d %H:%M}: {self.count}"

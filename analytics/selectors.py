@@ -7,12 +7,23 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection
-from django.db.models import Count, Sum
+from django.db.models import Count, QuerySet, Sum
 from django.utils import timezone
 
 from analytics.models import ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
+from chat import selectors as chat_selectors
 from chat.models import Room
+
+
+def rooms_with_visible_figures(*, user: AbstractBaseUser) -> QuerySet[Room]:
+    """The rooms whose figures `user` may see: those they may read (public rooms, private rooms they
+    are a member of). The analytics permission opens the page, not private rooms; a superuser, who
+    can read every message in the admin anyway, sees every room."""
+    if user.is_superuser:
+        return Room.objects.all()
+    return chat_selectors.rooms_for_user(user=user)
 
 
 def _minute_floor(moment: datetime) -> datetime:
@@ -70,10 +81,10 @@ class RoomRank:
     count: int
 
 
-def busiest_rooms(*, since: datetime, limit: int = 10) -> list[RoomRank]:
-    """Rooms by messages stored since `since`, most first."""
+def busiest_rooms(*, since: datetime, rooms: QuerySet[Room], limit: int = 10) -> list[RoomRank]:
+    """Of `rooms`, those with the most messages stored since `since`, most first."""
     rows = (
-        RoomMinuteCount.objects.filter(minute__gte=_minute_floor(since))
+        RoomMinuteCount.objects.filter(minute__gte=_minute_floor(since), room_id__in=rooms.values("pk"))
         .values("room_id")
         .annotate(total=Sum("count"))
         .order_by("-total", "room_id")[:limit]
@@ -105,14 +116,14 @@ def most_active_users(*, limit: int = 10) -> list[UserRank]:
 
 
 def rooms_minute_series(
-    *, since: datetime, limit: int = 8, now: datetime | None = None
+    *, since: datetime, rooms: QuerySet[Room], limit: int = 8, now: datetime | None = None
 ) -> list[dict[str, Any]]:
-    """Per-minute series of the busiest rooms since `since`, for the staff page's line chart."""
+    """Per-minute series of the busiest of `rooms` since `since`, for the staff page's line chart."""
     end = _minute_floor(now or timezone.now())
     minutes = int((end - _minute_floor(since)).total_seconds() // 60) + 1
     return [
         {"room": rank.slug, "points": [p["count"] for p in series], "start": series[0]["minute"]}
-        for rank in busiest_rooms(since=since, limit=limit)
+        for rank in busiest_rooms(since=since, rooms=rooms, limit=limit)
         for series in [room_minute_series(room_id=rank.room_id, minutes=minutes, now=end)]
     ]
 

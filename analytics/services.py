@@ -77,11 +77,24 @@ class RecordResult:
     too_old: int = 0
 
 
+def value_shape(value: object) -> str:
+    """What an invalid field held, for an error message: numbers as they are, text only by its length.
+
+    The message goes to the worker's log and the dead letter's error; a poison event may carry
+    anything in any field, chat text included, and no log line may (the payload is in the dead letter).
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, (str, bytes, Sequence, Mapping)):
+        return f"a {type(value).__name__} of length {len(value)}"
+    return f"a {type(value).__name__}"
+
+
 def _positive_int(event: Mapping[str, Any], key: str) -> int:
     value = event.get(key)
     # bool is an int in Python; True must not pass for a room id.
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidEvent(f"{key} must be a positive integer, got {value!r}")
+        raise InvalidEvent(f"{key} must be a positive integer, got {value_shape(value)}")
     return value
 
 
@@ -90,18 +103,20 @@ def chat_event_parse(event: object) -> ChatMessageCreated:
     if not isinstance(event, Mapping):
         raise InvalidEvent(f"an event must be an object, got {type(event).__name__}")
     if event.get("type") != ROUTING_MESSAGE_CREATED:
-        raise InvalidEvent(f"unexpected event type {event.get('type')!r}")
+        raise InvalidEvent(f"unexpected event type, got {value_shape(event.get('type'))}")
     try:
         event_id = uuid.UUID(str(event["event_id"]))
     except (KeyError, ValueError):
-        raise InvalidEvent(f"event_id must be a UUID, got {event.get('event_id')!r}") from None
+        raise InvalidEvent(f"event_id must be a UUID, got {value_shape(event.get('event_id'))}") from None
     created_at_text = event.get("created_at")
     try:
         created_at = datetime.fromisoformat(created_at_text)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise InvalidEvent(f"created_at must be an ISO 8601 time, got {created_at_text!r}") from None
+        raise InvalidEvent(
+            f"created_at must be an ISO 8601 time, got {value_shape(created_at_text)}"
+        ) from None
     if created_at.tzinfo is None:
-        raise InvalidEvent(f"created_at must carry a time zone, got {created_at_text!r}")
+        raise InvalidEvent("created_at must carry a time zone")
     return ChatMessageCreated(
         event_id=event_id,
         message_id=_positive_int(event, "message_id"),

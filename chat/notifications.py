@@ -126,8 +126,10 @@ def _as_list(events: Any) -> list[Any]:
 
 
 def _parse_event(event: Any) -> _MentionEvent:
+    # The errors name fields, never their values: they are logged, and a poison event may hold any
+    # text in any field (the dead letter keeps the payload for a person to read).
     if not isinstance(event, dict) or any(field not in event for field in REQUIRED_FIELDS):
-        raise InvalidNotification(f"a mention event needs {', '.join(REQUIRED_FIELDS)}: {event!r:.200}")
+        raise InvalidNotification(f"a mention event needs {', '.join(REQUIRED_FIELDS)}")
     try:
         return _MentionEvent(
             notification_id=uuid.UUID(str(event["event_id"])),
@@ -137,8 +139,12 @@ def _parse_event(event: Any) -> _MentionEvent:
             queued_at=datetime.fromisoformat(event["queued_at"]),
             expires_at=datetime.fromisoformat(event["expires_at"]),
         )
-    except (TypeError, ValueError) as error:
-        raise InvalidNotification(f"malformed mention event: {error}") from error
+    except (TypeError, ValueError):
+        # Not chained: the parser's error quotes the value.
+        raise InvalidNotification(
+            "malformed mention event: event_id must be a UUID, user_id, message_id and priority "
+            "integers, queued_at and expires_at ISO 8601 times"
+        ) from None
 
 
 def _deliver_one(event: _MentionEvent) -> str:

@@ -217,7 +217,28 @@ STATIC_ROOT = BASE_DIR / "staticfiles"
 # Finders in use too, so static files work without collectstatic during development.
 WHITENOISE_USE_FINDERS = True
 
-EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
+# Outgoing mail (password resets, mention emails, alerts) in django-environ's EMAIL_URL format
+# (smtp+tls://user:password@host:587, dummymail://, ...). The console backend writes every mail,
+# reset links included, to the process's log, so it is the default only with DEBUG; without DEBUG
+# the default is Django's own, SMTP on localhost:25: a mail is sent or fails visibly (the reset
+# page answers an error, the notifier retries and then dead-letters), never dropped silently.
+_email_url = env.str("EMAIL_URL", default="") or ("consolemail://" if DEBUG else "smtp://localhost:25")
+_email_scheme = _email_url.partition(":")[0]
+if _email_scheme not in environ.Env.EMAIL_SCHEMES:
+    raise ImproperlyConfigured(
+        f"EMAIL_URL must start with one of {', '.join(environ.Env.EMAIL_SCHEMES)}; got {_email_scheme!r}"
+    )
+_email = environ.Env.email_url_config(_email_url)
+EMAIL_BACKEND = _email["EMAIL_BACKEND"]
+EMAIL_HOST = _email["EMAIL_HOST"] or "localhost"
+EMAIL_PORT = _email["EMAIL_PORT"] or 25
+EMAIL_HOST_USER = _email["EMAIL_HOST_USER"] or ""
+EMAIL_HOST_PASSWORD = _email["EMAIL_HOST_PASSWORD"] or ""
+EMAIL_USE_TLS = _email.get("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = _email.get("EMAIL_USE_SSL", False)
+# filemail:////var/mail/chat (four slashes for an absolute directory): one file per mail.
+EMAIL_FILE_PATH = _email["EMAIL_FILE_PATH"]
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="chat@localhost")
 
 # Chat limits (docs/protocol.md).
 CHAT_MAX_MESSAGE_CHARS = env.int("CHAT_MAX_MESSAGE_CHARS", default=4000)
@@ -232,6 +253,10 @@ CHAT_HISTORY_PAGE = 50
 # serve no HTTP: Celery workers (`--metrics-port` overrides per worker; 0 disables) and the relay.
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
 RELAY_METRICS_PORT = env.int("RELAY_METRICS_PORT", default=9809)
+# The address those ports listen on. They have no authentication, so loopback by default; set the
+# address of an interface only the monitoring network reaches (0.0.0.0 inside a container whose
+# ports are not published, as in docker-compose.yml), never a public one.
+METRICS_BIND_ADDRESS = env.str("METRICS_BIND_ADDRESS", default="127.0.0.1")
 # Where a worker's pool processes write their metric files; empty: a fresh temp dir per worker.
 WORKER_METRICS_DIR = env.str("WORKER_METRICS_DIR", default="")
 # A scrape or a check waits at most this long for RabbitMQ or Redis, and /metrics probes
@@ -244,6 +269,9 @@ METRICS_ALLOWED_NETWORKS = env.list(
     "METRICS_ALLOWED_NETWORKS",
     default=["127.0.0.0/8", "::1/128", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"],
 )
+# With a token set, /metrics answers only requests carrying `Authorization: Bearer <token>`, from any
+# address, and the networks above no longer suffice (behind a reverse proxy every peer is loopback).
+METRICS_BEARER_TOKEN = env.str("METRICS_BEARER_TOKEN", default="")
 # The periodic alert check (Celery beat): every 30 s, so trouble is noticed within a minute.
 ALERT_CHECK_SECONDS = env.float("ALERT_CHECK_SECONDS", default=30.0)
 # Unresolved (status "new") dead letters: any one is worth a look (WARNING); a pile or one left

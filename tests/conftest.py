@@ -54,6 +54,20 @@ def _redis_namespace_of_this_run() -> None:
     channel_layers.backends.clear()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _child_processes_keep_mail_in_memory() -> Iterator[None]:
+    """Child processes (daphne, workers) read EMAIL_URL from the environment they inherit, not
+    pytest-django's locmem setting: without this they would use the SMTP default, or a developer's
+    real EMAIL_URL. A test that reads their mail passes its own EMAIL_URL (filemail://)."""
+    previous = os.environ.get("EMAIL_URL")
+    os.environ["EMAIL_URL"] = "memorymail://"
+    yield
+    if previous is None:
+        del os.environ["EMAIL_URL"]
+    else:
+        os.environ["EMAIL_URL"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _fresh_rate_limits() -> None:
     """Rate-limit buckets live in Redis, keyed by user id; ids repeat across test databases."""
@@ -86,6 +100,14 @@ def make_room(db) -> Callable[..., Room]:
         return room
 
     return make
+
+
+def grant_permission(user, permission: str) -> None:
+    """Give `user` the permission "app_label.codename", as staff do in the admin's user page."""
+    from django.contrib.auth.models import Permission
+
+    app_label, _, codename = permission.partition(".")
+    user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
 
 
 def session_cookie(user) -> str:

@@ -12,6 +12,7 @@ import json
 
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.template.response import TemplateResponse
@@ -219,6 +220,9 @@ class DeadLetterAdmin(admin.ModelAdmin):
         ]
 
     def broker_status_view(self, request: HttpRequest) -> TemplateResponse:
+        """Queue depths and rates: for staff who may view dead letters, like the letters themselves."""
+        if not self.has_view_permission(request):
+            raise PermissionDenied
         context = {
             **self.admin_site.each_context(request),
             "title": "Broker status",

@@ -5,17 +5,18 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
 from chatproject.monitoring.notifications import STAFF_ALERTS_GROUP
+from chatproject.monitoring.selectors import user_sees_alerts
 
 CLOSE_NOT_STAFF = 4403
 
 
 class StaffAlertConsumer(AsyncWebsocketConsumer):
     async def connect(self) -> None:
-        user = self.scope["user"]
-        if not (user.is_authenticated and user.is_staff):
+        if not await database_sync_to_async(user_sees_alerts)(user=self.scope["user"]):
             # Accept first so the client gets the close code instead of a bare handshake failure.
             await self.accept()
             await self.close(code=CLOSE_NOT_STAFF)

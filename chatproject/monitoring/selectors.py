@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import redis
 from amqp.exceptions import NotFound
@@ -19,6 +20,16 @@ from kombu import Connection, Queue
 
 from chat.models import OutboxEvent
 from chatproject.monitoring.models import AlertLevel, AlertState, QueueSample
+
+# The alerts (dead letters, queues without consumers or draining too slowly) tell what the broker
+# status page and the dead letters do, so they are shown to the staff who may view those.
+ALERTS_PERMISSION = "deadletters.view_deadletter"
+
+
+def user_sees_alerts(*, user: Any) -> bool:
+    """Whether the alert banner and the alert socket are for `user` (a logged-in staff member allowed
+    to view dead letters)."""
+    return bool(user.is_authenticated and user.is_staff and user.has_perm(ALERTS_PERMISSION))
 
 
 class SourceUnavailable(Exception):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hmac
 import ipaddress
 
 from django.conf import settings
@@ -12,14 +13,27 @@ from chatproject.monitoring.collectors import web_metrics_text
 def metrics(request: HttpRequest) -> HttpResponse:
     """Prometheus scrape endpoint of the web process (see collectors.py for what it contains).
 
-    Only for addresses in METRICS_ALLOWED_NETWORKS: queue names and backlogs are not for the public.
+    Queue names and backlogs are not for the public. With METRICS_BEARER_TOKEN set, only a request
+    carrying that token is answered, from any address: behind a reverse proxy on the same host every
+    request comes from loopback, so the address proves nothing. Without it, only peers in
+    METRICS_ALLOWED_NETWORKS are.
     """
-    if not _allowed(request.META.get("REMOTE_ADDR", "")):
-        return HttpResponseForbidden("metrics are served to the monitoring network only\n")
+    if not metrics_reader_allowed(
+        address=request.META.get("REMOTE_ADDR", ""),
+        authorization=request.headers.get("Authorization", ""),
+    ):
+        return HttpResponseForbidden("metrics are served to the monitoring system only\n")
     return HttpResponse(web_metrics_text(), content_type=CONTENT_TYPE_LATEST)
 
 
-def _allowed(address: str) -> bool:
+def metrics_reader_allowed(*, address: str, authorization: str) -> bool:
+    token = settings.METRICS_BEARER_TOKEN
+    if token:
+        scheme, _, credentials = authorization.partition(" ")
+        # Constant time: how much of a guess matched must not show in the response time.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), token.encode()
+        )
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -6,6 +6,7 @@ from django.test import Client
 
 from analytics import services
 from tests.analytics.test_services import chat_event
+from tests.conftest import grant_permission
 
 
 def client_for(user=None) -> Client:
@@ -15,9 +16,22 @@ def client_for(user=None) -> Client:
     return client
 
 
+def analyst(make_user, username: str = "boss", **extra):
+    user = make_user(username, is_staff=True, **extra)
+    grant_permission(user, "analytics.view_analytics")
+    return user
+
+
+def record(room, author, *message_ids: int) -> None:
+    now = datetime.now(UTC)
+    services.chat_events_record(
+        events=[chat_event(room=room, author=author, message_id=i, created_at=now) for i in message_ids]
+    )
+
+
 @pytest.mark.django_db
-def test_analytics_page_renders_charts_for_staff(make_user, make_room):
-    staff = make_user("boss", is_staff=True)
+def test_analytics_page_renders_charts_for_staff_with_the_permission(make_user, make_room):
+    staff = analyst(make_user)
     room = make_room("general")
     services.chat_events_record(
         events=[
@@ -44,16 +58,54 @@ def test_analytics_page_renders_charts_for_staff(make_user, make_room):
 
 
 @pytest.mark.django_db
-def test_analytics_page_redirects_non_staff_to_login(make_user):
-    response = client_for(make_user("alice")).get("/analytics/")
-    assert response.status_code == 302
-    assert "/login/" in response["Location"]
+def test_analytics_page_refuses_staff_without_the_permission(make_user):
+    response = client_for(make_user("intern", is_staff=True)).get("/analytics/")
+    assert response.status_code == 403
+
+
+@pytest.mark.django_db
+def test_analytics_page_refuses_users_without_the_permission(make_user):
+    assert client_for(make_user("alice")).get("/analytics/").status_code == 403
 
 
 @pytest.mark.django_db
 def test_analytics_page_redirects_anonymous_to_login():
     response = client_for().get("/analytics/")
     assert response.status_code == 302
+    assert "/login/" in response["Location"]
+
+
+@pytest.mark.django_db
+def test_analytics_page_shows_private_rooms_only_to_their_members(make_user, make_room):
+    member, outsider = analyst(make_user, "member"), analyst(make_user, "outsider")
+    record(make_room("secret", is_private=True, members=(member,)), member, 1, 2)
+    record(make_room("general"), member, 3)
+
+    def rooms_shown(user) -> tuple[list[str], list[str]]:
+        context = client_for(user).get("/analytics/").context
+        return [r["slug"] for r in context["busiest_rooms"]], [s["room"] for s in context["series"]]
+
+    assert rooms_shown(member) == (["secret", "general"], ["secret", "general"])
+    assert rooms_shown(outsider) == (["general"], ["general"])
+
+
+@pytest.mark.django_db
+def test_analytics_page_shows_every_room_to_superusers(make_user, make_room):
+    author = make_user("author")
+    record(make_room("secret", is_private=True, members=(author,)), author, 1)
+    root = make_user("root", is_staff=True, is_superuser=True)
+
+    context = client_for(root).get("/analytics/").context
+
+    assert [r["slug"] for r in context["busiest_rooms"]] == ["secret"]
+
+
+@pytest.mark.django_db
+def test_analytics_link_is_shown_only_with_the_permission(make_user):
+    assert b'data-testid="nav-analytics"' in client_for(analyst(make_user)).get("/").content
+    assert (
+        b'data-testid="nav-analytics"' not in client_for(make_user("intern", is_staff=True)).get("/").content
+    )
 
 
 @pytest.mark.django_db
@@ -99,10 +151,19 @@ def test_room_api_hides_private_room_from_non_member(make_user, make_room):
 
 
 @pytest.mark.django_db
-def test_room_api_lets_staff_read_any_room(make_user, make_room):
+def test_room_api_hides_private_room_from_staff_who_are_not_members(make_user, make_room):
     make_room("secret", is_private=True)
-    response = client_for(make_user("boss", is_staff=True)).get("/api/analytics/rooms/secret/")
-    assert response.status_code == 200
+    plain_staff, permitted_staff = make_user("intern", is_staff=True), analyst(make_user)
+
+    for user in (plain_staff, permitted_staff):
+        assert client_for(user).get("/api/analytics/rooms/secret/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_room_api_lets_superusers_read_any_room(make_user, make_room):
+    make_room("secret", is_private=True)
+    root = make_user("root", is_staff=True, is_superuser=True)
+    assert client_for(root).get("/api/analytics/rooms/secret/").status_code == 200
 
 
 @pytest.mark.django_db

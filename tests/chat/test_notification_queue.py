@@ -34,8 +34,6 @@ from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
-LOCMEM_EMAIL = {"EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend"}
-
 
 @pytest.fixture
 def notifications(broker_url) -> Iterator[Connection]:
@@ -89,10 +87,7 @@ def test_vip_notifications_overtake_a_backlog_of_normal_ones(notifications, user
     publish_all(broker_url)
     assert queue_depth(notifications) == 205, "one task message per notification, all waiting"
 
-    start_process(
-        ["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"],
-        env=LOCMEM_EMAIL,
-    )
+    start_process(["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"])
     wait_until(
         lambda: NotificationDelivery.objects.count() == 205,
         timeout=180,
@@ -115,8 +110,7 @@ def test_notification_published_twice_is_delivered_once(notifications, users, br
     assert queue_depth(notifications) == 2
 
     worker = start_process(
-        ["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"],
-        env=LOCMEM_EMAIL,
+        ["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"]
     )
     log = Path(worker.log_path)
     wait_until(lambda: "'duplicates': 1" in log.read_text(), timeout=120, message="the copy handled")

@@ -9,6 +9,7 @@ from django.urls import reverse
 
 from chatproject.deadletters.models import DeadLetter, DeadLetterAction
 from chatproject.deadletters.services.task_failures import task_failure_record
+from tests.conftest import grant_permission
 from tests.deadletters.conftest import archive_letter
 
 CHANGELIST = "admin:deadletters_deadletter_changelist"
@@ -53,6 +54,30 @@ def _admin_urls(letter: DeadLetter) -> list[str]:
 def test_admin_pages_answer_200_for_staff(staff_client, poison, broker_url):
     for url in _admin_urls(poison):
         assert staff_client.get(url).status_code == 200, url
+
+
+@pytest.mark.broker
+def test_admin_pages_answer_200_for_staff_with_the_view_permission_only(make_user, poison, broker_url):
+    viewer = make_user("viewer", is_staff=True)
+    grant_permission(viewer, "deadletters.view_deadletter")
+    client = Client()
+    client.force_login(viewer)
+    for url in _admin_urls(poison):
+        assert client.get(url).status_code == 200, url
+
+
+def test_admin_pages_refuse_staff_without_the_view_permission(make_user, poison):
+    client = Client()
+    client.force_login(make_user("intern", is_staff=True))
+    for url in _admin_urls(poison):
+        assert client.get(url).status_code == 403, url
+
+
+def test_admin_pages_send_anonymous_users_to_the_login_page(poison):
+    for url in _admin_urls(poison):
+        response = Client().get(url)
+        assert response.status_code == 302, url
+        assert response["Location"].startswith(reverse("admin:login")), url
 
 
 def test_admin_pages_refuse_non_staff(make_user, poison):

@@ -8,6 +8,7 @@ from django.contrib.auth import get_user_model
 from chatproject.deadletters.models import DeadLetter
 from chatproject.monitoring.models import AlertLevel, AlertState
 from chatproject.monitoring.services import DEAD_LETTERS_KEY, alerts_check
+from tests.conftest import grant_permission
 from tests.monitoring.conftest import sample, scrape
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -121,15 +122,20 @@ def test_banner_lists_active_alerts_for_staff_only(make_dead_letters, client):
     make_dead_letters(3)
     alerts_check()
     staff = get_user_model().objects.create_user("ops", password="pw-for-tests-1", is_staff=True)
+    grant_permission(staff, "deadletters.view_deadletter")
+    intern = get_user_model().objects.create_user("intern", password="pw-for-tests-1", is_staff=True)
     member = get_user_model().objects.create_user("member", password="pw-for-tests-1")
 
     client.force_login(staff)
     staff_page = client.get("/", HTTP_HOST="localhost").content.decode()
+    client.force_login(intern)
+    intern_page = client.get("/", HTTP_HOST="localhost").content.decode()
     client.force_login(member)
     member_page = client.get("/", HTTP_HOST="localhost").content.decode()
 
     assert 'data-alert="dead_letters"' in staff_page
     assert "3 unresolved dead letters" in staff_page
+    assert 'id="staff-alerts"' not in intern_page, "staff without the dead-letter permission see no banner"
     assert 'id="staff-alerts"' not in member_page
 
 

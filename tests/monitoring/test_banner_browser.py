@@ -7,6 +7,7 @@ from playwright.sync_api import expect
 
 from chatproject.deadletters.models import DeadLetter
 from chatproject.monitoring.services import alerts_check
+from tests.conftest import grant_permission
 from tests.e2e.conftest import off_loop
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
@@ -22,6 +23,7 @@ def test_alert_appears_live_for_staff_and_goes_when_resolved(
 ):
     settings.DLQ_WARNING_COUNT = 1
     ops = make_user("ops", is_staff=True)
+    grant_permission(ops, "deadletters.view_deadletter")
     make_room("general", members=(ops,))
     page = open_room(ops, "general")
     banner = page.get_by_test_id("staff-alerts")

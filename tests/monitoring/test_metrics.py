@@ -164,3 +164,29 @@ def test_metrics_refused_outside_the_allowed_networks(db, client):
     response = client.get("/metrics", HTTP_HOST="localhost", REMOTE_ADDR="203.0.113.7")
 
     assert response.status_code == 403
+
+
+def test_metrics_with_a_token_answer_its_bearer_from_any_address(db, client, settings):
+    settings.METRICS_BEARER_TOKEN = "s3cret-scrape-token"
+
+    response = client.get(
+        "/metrics",
+        HTTP_HOST="localhost",
+        REMOTE_ADDR="203.0.113.7",
+        HTTP_AUTHORIZATION="Bearer s3cret-scrape-token",
+    )
+
+    assert response.status_code == 200
+    assert "chat_messages_stored_total" in response.content.decode()
+
+
+@pytest.mark.parametrize("authorization", ["", "Bearer wrong-token", "Basic s3cret-scrape-token"])
+def test_metrics_with_a_token_refuse_any_other_request_even_from_loopback(
+    db, client, settings, authorization
+):
+    settings.METRICS_BEARER_TOKEN = "s3cret-scrape-token"
+    headers = {"HTTP_AUTHORIZATION": authorization} if authorization else {}
+
+    response = client.get("/metrics", HTTP_HOST="localhost", REMOTE_ADDR="127.0.0.1", **headers)
+
+    assert response.status_code == 403

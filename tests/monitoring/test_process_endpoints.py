@@ -102,3 +102,55 @@ def test_relay_serves_its_publish_latency(start_process):
     text = read_metrics(port)
 
     assert "chat_relay_publish_seconds_bucket" in text
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses of the sockets listening on `port` (from /proc/net/tcp and tcp6, in hex)."""
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                addresses.add(address)
+    return addresses
+
+
+LOOPBACK_V4 = "0100007F"  # 127.0.0.1, as /proc/net/tcp writes it
+
+
+def test_relay_metrics_listen_on_loopback_only_by_default(start_process):
+    port = free_port()
+    relay = start_process(
+        ["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"],
+        env={"RELAY_METRICS_PORT": str(port)},
+    )
+    wait_for_port(port, timeout=60, process=relay)
+
+    assert listening_addresses(port) == {LOOPBACK_V4}
+
+
+def test_worker_metrics_listen_on_loopback_only_by_default(start_process):
+    port = free_port()
+    worker = start_process(
+        [
+            "bash",
+            "-c",
+            f"exec {procfile_command('worker')} --concurrency 1 --metrics-port {port} "
+            "--without-mingle --without-gossip",
+        ]
+    )
+    wait_for_port(port, timeout=60, process=worker)
+
+    assert listening_addresses(port) == {LOOPBACK_V4}
+
+
+def test_metrics_bind_address_setting_moves_the_endpoint(start_process):
+    port = free_port()
+    relay = start_process(
+        ["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"],
+        env={"RELAY_METRICS_PORT": str(port), "METRICS_BIND_ADDRESS": "0.0.0.0"},
+    )
+    wait_for_port(port, timeout=60, process=relay)
+
+    assert listening_addresses(port) == {"00000000"}

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+import yaml
 
 from chatproject.procfile import ROOT
 
@@ -32,11 +33,55 @@ def test_alert_rules_unit_tests_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_scrape_config_is_valid_and_loads_the_rules():
-    result = promtool("check", "config", "prometheus.yml")
+# Where docker-compose.yml mounts the secret `metrics_token` in the Prometheus container.
+TOKEN_FILE = "/run/secrets/metrics_token"
+
+
+def test_scrape_config_is_valid_and_loads_the_rules(tmp_path):
+    # promtool checks that the token file exists: a copy of the config points at one in tmp_path.
+    token = tmp_path / "metrics_token"
+    token.write_text("a-token\n")
+    config = (PROMETHEUS / "prometheus.yml").read_text()
+    assert TOKEN_FILE in config
+    (tmp_path / "prometheus.yml").write_text(config.replace(TOKEN_FILE, str(token)))
+    shutil.copy(PROMETHEUS / "alerts.yml", tmp_path / "alerts.yml")
+
+    result = promtool("check", "config", str(tmp_path / "prometheus.yml"))
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "1 rule files found" in result.stdout
+
+
+def test_web_scrape_presents_the_token_compose_gives_the_web_process():
+    jobs = {
+        job["job_name"]: job
+        for job in yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    }
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+
+    assert jobs["web"]["authorization"] == {"type": "Bearer", "credentials_file": TOKEN_FILE}
+    assert "metrics_token" in services["prometheus"]["secrets"]
+    assert compose["secrets"]["metrics_token"] == {"environment": "METRICS_BEARER_TOKEN"}
+    assert services["web"]["environment"]["METRICS_BEARER_TOKEN"].startswith("${METRICS_BEARER_TOKEN:?")
+
+
+def test_unauthenticated_metrics_ports_are_not_published_by_compose():
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    jobs = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())["scrape_configs"]
+    ports = {
+        (config["names"][0], config["port"])
+        for job in jobs
+        if job["job_name"] in ("relay", "celery-workers")
+        for config in job["dns_sd_configs"]
+    }
+
+    assert ports
+    for service, port in ports:
+        published = [str(mapping) for mapping in services[service].get("ports", [])]
+        assert not any(str(port) in mapping for mapping in published), f"{service} publishes {port}"
+        # Inside its container the endpoint must listen beyond loopback for Prometheus to reach it.
+        assert services[service]["environment"]["METRICS_BIND_ADDRESS"] == "0.0.0.0"
 
 
 def test_rules_cover_dead_letters_queues_outbox_and_errors():

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from chatproject.asgi import application
 from chatproject.monitoring.consumers import CLOSE_NOT_STAFF
 from chatproject.monitoring.services import DEAD_LETTERS_KEY, alerts_check
-from tests.conftest import session_cookie
+from tests.conftest import grant_permission, session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -53,6 +53,7 @@ async def test_staff_socket_receives_alert_frame_when_level_changes(
 ):
     settings.DLQ_WARNING_COUNT = 1
     ops = await sync_to_async(make_user)("ops", is_staff=True)
+    await sync_to_async(grant_permission)(ops, "deadletters.view_deadletter")
     socket = await socket_for(ops, "/ws/alerts/")
     try:
         await sync_to_async(make_dead_letters)(1)
@@ -71,6 +72,15 @@ async def test_staff_socket_receives_alert_frame_when_level_changes(
 async def test_non_staff_alert_socket_is_closed(make_user):
     member = await sync_to_async(make_user)("member")
     socket = await socket_for(member, "/ws/alerts/")
+
+    closed = await socket.receive_output(timeout=5)
+
+    assert closed == {"type": "websocket.close", "code": CLOSE_NOT_STAFF}
+
+
+async def test_alert_socket_of_staff_without_the_dead_letter_permission_is_closed(make_user):
+    intern = await sync_to_async(make_user)("intern", is_staff=True)
+    socket = await socket_for(intern, "/ws/alerts/")
 
     closed = await socket.receive_output(timeout=5)
 
