@@ -10,10 +10,18 @@ from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
+# A checkout's own .env (git- and docker-ignored; `make run` writes a SECRET_KEY there once) fills in
+# what the real environment leaves unset; the environment always wins.
+environ.Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DEBUG", default=False)
-# An insecure fallback keeps `make run` a one-command start; production must set SECRET_KEY.
-SECRET_KEY = env.str("SECRET_KEY", default="dev-insecure-change-me-" + "x" * 40)
+# No built-in fallback: a key everyone can read in the source would let anyone forge sessions.
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set: set it in the environment (or in .env) to a long random value, e.g. "
+        "the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(50))'`."
+    )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 

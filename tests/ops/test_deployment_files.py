@@ -44,3 +44,10 @@ def test_compose_mounts_what_prometheus_and_grafana_are_provisioned_from():
     datasource = yaml.safe_load((ROOT / "ops/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     assert list((ROOT / "ops/grafana/dashboards").glob("*.json"))
+
+
+def test_compose_carries_no_default_secret_key():
+    app_environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-app"]["environment"]
+
+    # `${VAR:?message}`: compose refuses to start (with the message) when SECRET_KEY is unset or empty.
+    assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", app_environment["SECRET_KEY"])
