@@ -215,6 +215,28 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
+# HTTPS (docs/deployment.md): all off by default, so `make run` works over plain http://127.0.0.1;
+# docs/deployment.md gives the production values, with which `manage.py check --deploy` is clean.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Health checks and Prometheus reach the process itself over plain HTTP, not through the proxy.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# "HEADER,value" as the TLS-terminating proxy sets it, e.g. "HTTP_X_FORWARDED_PROTO,https". Only
+# behind a proxy that always sets (or strips) that header: otherwise a client could claim HTTPS.
+_proxy_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", default="")
+if _proxy_ssl_header:
+    _header, _, _value = _proxy_ssl_header.partition(",")
+    if not _header.startswith("HTTP_") or not _value:
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must be 'HTTP_<HEADER>,<value>', e.g. "
+            f"'HTTP_X_FORWARDED_PROTO,https', not {_proxy_ssl_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
