@@ -243,9 +243,16 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# Finders in use too, so static files work without collectstatic during development.
-WHITENOISE_USE_FINDERS = True
+# Where collectstatic puts the files the web process serves (`make run` and the Docker build run it;
+# the tests collect into a directory of their own).
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Content-hashed names, so WhiteNoise lets browsers cache them for a year (a changed file gets a
+    # new name), plus compressed copies it serves to clients that accept them. With DEBUG off, pages
+    # need collectstatic's manifest; with DEBUG on, plain names come from the apps' folders.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
 
 EMAIL_BACKEND = env.str("EMAIL_BACKEND", default="django.core.mail.backends.console.EmailBackend")
 
