@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import environ
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
@@ -48,6 +49,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from the web process itself, so `make run` needs no separate web server.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # The Content-Security-Policy header (CONTENT_SECURITY_POLICY below) on every response.
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -236,6 +239,25 @@ if _proxy_ssl_header:
             f"'HTTP_X_FORWARDED_PROTO,https', not {_proxy_ssl_header!r}"
         )
     SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
+
+# Content-Security-Policy (docs/deployment.md): scripts, styles and everything else from this
+# origin only, so no inline script, event handler or style attribute runs, injected or not. Page
+# data travels in json_script blocks, which are not executed. connect-src 'self' also covers the
+# page's own ws:/wss: origin (CSP Level 3, checked in Chromium by tests/e2e/test_content_security_policy.py).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        # data: for the empty favicon of every page (`<link rel="icon" href="data:,">`).
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
