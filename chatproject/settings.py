@@ -232,13 +232,13 @@ SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
 # behind a proxy that always sets (or strips) that header: otherwise a client could claim HTTPS.
 _proxy_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", default="")
 if _proxy_ssl_header:
-    _header, _, _value = _proxy_ssl_header.partition(",")
+    _header, _, _value = (part.strip() for part in _proxy_ssl_header.partition(","))
     if not _header.startswith("HTTP_") or not _value:
         raise ImproperlyConfigured(
             f"SECURE_PROXY_SSL_HEADER must be 'HTTP_<HEADER>,<value>', e.g. "
             f"'HTTP_X_FORWARDED_PROTO,https', not {_proxy_ssl_header!r}"
         )
-    SECURE_PROXY_SSL_HEADER = (_header.strip(), _value.strip())
+    SECURE_PROXY_SSL_HEADER = (_header, _value)
 
 # Content-Security-Policy (docs/deployment.md): scripts, styles and everything else from this
 # origin only, so no inline script, event handler or style attribute runs, injected or not. Page
