@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test install lint format browser promtool rabbitmq-management
+.PHONY: run test install lint format browser promtool rabbitmq-management secret-key
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,7 +34,15 @@ rabbitmq-management:
 	  || rabbitmq-plugins -q enable rabbitmq_management >/dev/null \
 	  || echo "Warning: cannot enable RabbitMQ's management plugin: run 'sudo rabbitmq-plugins enable rabbitmq_management'" >&2
 
-run: install
+# settings.py refuses to start without SECRET_KEY. A checkout gets a random one of its own, made
+# once into .env (git- and docker-ignored, read by settings.py and honcho); keeping the file keeps
+# sessions valid across restarts. A SECRET_KEY set in the environment wins, and then nothing is written.
+secret-key:
+	@[ -n "$$SECRET_KEY" ] || grep -qs '^SECRET_KEY=.' .env || { \
+	  umask 077; printf 'SECRET_KEY=%s\n' "$$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))')" >> .env \
+	  && echo "Wrote a new random SECRET_KEY to .env"; }
+
+run: install secret-key
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
 	$(PY) manage.py migrate --noinput
@@ -44,7 +52,7 @@ run: install
 	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start --port $(PORT)
 
-test: install browser promtool
+test: install secret-key browser promtool
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
 	$(VENV)/bin/pytest

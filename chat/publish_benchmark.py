@@ -8,13 +8,13 @@ runs unchanged, commits included.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import statistics
 import time
 import uuid
 from dataclasses import dataclass
 
-import pika
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
@@ -51,6 +51,7 @@ def benchmark_publish(*, count: int, repeat: int = 3) -> PublishTimings:
     The paths alternate `repeat` times and each reports its median, so that a burst of load
     from other processes on the machine does not decide the ratio.
     """
+    _require_pika()
     try:
         with scratch_vhost("bench_publish", broker_url=settings.CELERY_BROKER_URL) as url:
             seed_runs, outbox_runs = [], []
@@ -66,6 +67,15 @@ def benchmark_publish(*, count: int, repeat: int = 3) -> PublishTimings:
     )
 
 
+def _require_pika() -> None:
+    """The seed loop's client, pika, is a development requirement that production installs lack."""
+    if importlib.util.find_spec("pika") is None:
+        raise BenchmarkError(
+            "bench_publish's baseline needs pika, a development requirement: "
+            "pip install -r requirements-dev.txt"
+        )
+
+
 def _purge_all(url: str) -> None:
     with Connection(url) as conn:
         channel = conn.default_channel
@@ -75,6 +85,8 @@ def _purge_all(url: str) -> None:
 
 def _time_seed_loop(url: str, *, count: int) -> float:
     """The seed lesson's loop: one persistent basic_publish per message, no confirms."""
+    import pika  # only here: a development requirement (_require_pika)
+
     connection = pika.BlockingConnection(pika.URLParameters(url))
     try:
         channel = connection.channel()

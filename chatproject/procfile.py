@@ -66,6 +66,10 @@ def child_process_env() -> dict[str, str]:
         "PYTHONUNBUFFERED": "1",
         # Same Redis namespace too: under pytest, the run's own (tests/conftest.py).
         "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
+        # Same key too: the child reads the sessions (and checks the CSRF tokens) this process signs.
+        "SECRET_KEY": settings.SECRET_KEY,
+        # Same collected static files (under pytest, the run's own: tests/conftest.py).
+        "STATIC_ROOT": str(settings.STATIC_ROOT),
     }
 
 

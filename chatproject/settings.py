@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import environ
+from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
@@ -10,10 +11,18 @@ from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 env = environ.Env()
+# A checkout's own .env (git- and docker-ignored; `make run` writes a SECRET_KEY there once) fills in
+# what the real environment leaves unset; the environment always wins.
+environ.Env.read_env(BASE_DIR / ".env")
 
 DEBUG = env.bool("DEBUG", default=False)
-# An insecure fallback keeps `make run` a one-command start; production must set SECRET_KEY.
-SECRET_KEY = env.str("SECRET_KEY", default="dev-insecure-change-me-" + "x" * 40)
+# No built-in fallback: a key everyone can read in the source would let anyone forge sessions.
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set: set it in the environment (or in .env) to a long random value, e.g. "
+        "the output of `python3 -c 'import secrets; print(secrets.token_urlsafe(50))'`."
+    )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
 
@@ -40,6 +49,8 @@ MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     # Serves /static/ from the web process itself, so `make run` needs no separate web server.
     "whitenoise.middleware.WhiteNoiseMiddleware",
+    # The Content-Security-Policy header (CONTENT_SECURITY_POLICY below) on every response.
+    "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -207,15 +218,63 @@ LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
 
+# HTTPS (docs/deployment.md): all off by default, so `make run` works over plain http://127.0.0.1;
+# docs/deployment.md gives the production values, with which `manage.py check --deploy` is clean.
+SESSION_COOKIE_SECURE = env.bool("SESSION_COOKIE_SECURE", default=False)
+CSRF_COOKIE_SECURE = env.bool("CSRF_COOKIE_SECURE", default=False)
+SECURE_SSL_REDIRECT = env.bool("SECURE_SSL_REDIRECT", default=False)
+# Health checks and Prometheus reach the process itself over plain HTTP, not through the proxy.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^metrics$"]
+SECURE_HSTS_SECONDS = env.int("SECURE_HSTS_SECONDS", default=0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", default=False)
+SECURE_HSTS_PRELOAD = env.bool("SECURE_HSTS_PRELOAD", default=False)
+# "HEADER,value" as the TLS-terminating proxy sets it, e.g. "HTTP_X_FORWARDED_PROTO,https". Only
+# behind a proxy that always sets (or strips) that header: otherwise a client could claim HTTPS.
+_proxy_ssl_header = env.str("SECURE_PROXY_SSL_HEADER", default="")
+if _proxy_ssl_header:
+    _header, _, _value = (part.strip() for part in _proxy_ssl_header.partition(","))
+    if not _header.startswith("HTTP_") or not _value:
+        raise ImproperlyConfigured(
+            f"SECURE_PROXY_SSL_HEADER must be 'HTTP_<HEADER>,<value>', e.g. "
+            f"'HTTP_X_FORWARDED_PROTO,https', not {_proxy_ssl_header!r}"
+        )
+    SECURE_PROXY_SSL_HEADER = (_header, _value)
+
+# Content-Security-Policy (docs/deployment.md): scripts, styles and everything else from this
+# origin only, so no inline script, event handler or style attribute runs, injected or not. Page
+# data travels in json_script blocks, which are not executed. connect-src 'self' also covers the
+# page's own ws:/wss: origin (CSP Level 3, checked in Chromium by tests/e2e/test_content_security_policy.py).
+CONTENT_SECURITY_POLICY = {
+    "DIRECTIVES": {
+        "default-src": [SELF],
+        "script-src": [SELF],
+        "style-src": [SELF],
+        # data: for the empty favicon of every page (`<link rel="icon" href="data:,">`).
+        "img-src": [SELF, "data:"],
+        "connect-src": [SELF],
+        "object-src": [NONE],
+        "base-uri": [NONE],
+        "form-action": [SELF],
+        "frame-ancestors": [NONE],
+    },
+}
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
-# Finders in use too, so static files work without collectstatic during development.
-WHITENOISE_USE_FINDERS = True
+# Where collectstatic puts the files the web process serves (`make run` and the Docker build run it;
+# the tests collect into a directory of their own).
+STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    # Content-hashed names, so WhiteNoise lets browsers cache them for a year (a changed file gets a
+    # new name), plus compressed copies it serves to clients that accept them. With DEBUG off, pages
+    # need collectstatic's manifest; with DEBUG on, plain names come from the apps' folders.
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
 
 # Outgoing mail (password resets, mention emails, alerts) in django-environ's EMAIL_URL format
 # (smtp+tls://user:password@host:587, dummymail://, ...). The console backend writes every mail,

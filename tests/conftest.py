@@ -16,8 +16,9 @@ import pytest
 import redis
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.core.management import call_command
 from django.db import connection
-from django.test import Client
+from django.test import Client, override_settings
 
 from chat import selectors
 from chat.models import Room
@@ -66,6 +67,18 @@ def _child_processes_keep_mail_in_memory() -> Iterator[None]:
         del os.environ["EMAIL_URL"]
     else:
         os.environ["EMAIL_URL"] = previous
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _collected_static_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Static files collected as in production, into this run's own directory (children inherit it).
+
+    With DEBUG off (as under pytest) pages name static files by their hashed names from
+    collectstatic's manifest, and the web process serves only what was collected.
+    """
+    with override_settings(STATIC_ROOT=tmp_path_factory.mktemp("static")):
+        call_command("collectstatic", interactive=False, verbosity=0)
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 
 import pytest
-from django.core.management import call_command
+from django.core.management import CommandError, call_command
 from django.db import connection
 
 from chat.models import OutboxEvent
@@ -29,3 +30,12 @@ def test_bench_publish_reports_both_paths_and_cleans_up(broker_url, send_message
     with connection.cursor() as cursor:
         cursor.execute("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bench_publish_%%'")
         assert cursor.fetchone() == (0,)
+
+
+def test_bench_publish_without_pika_says_it_is_a_development_requirement(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pika", None)  # what a production install (no pika) looks like
+
+    with pytest.raises(
+        CommandError, match=r"needs pika, a development requirement: pip install -r requirements-dev"
+    ):
+        call_command("bench_publish", count=10, repeat=1)

@@ -44,3 +44,29 @@ def test_compose_mounts_what_prometheus_and_grafana_are_provisioned_from():
     datasource = yaml.safe_load((ROOT / "ops/grafana/provisioning/datasources/prometheus.yml").read_text())
     assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
     assert list((ROOT / "ops/grafana/dashboards").glob("*.json"))
+
+
+def test_compose_carries_no_default_secret_key():
+    app_environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-app"]["environment"]
+
+    # `${VAR:?message}`: compose refuses to start (with the message) when SECRET_KEY is unset or empty.
+    assert re.fullmatch(r"\$\{SECRET_KEY:\?[^}]+\}", app_environment["SECRET_KEY"])
+
+
+def requirement_names(path: str) -> set[str]:
+    names = set()
+    for line in (ROOT / path).read_text().splitlines():
+        if line.strip() and not line.startswith(("#", "-r")):
+            names.add(re.split(r"[=<>~\[ ]", line.strip(), maxsplit=1)[0].lower().replace("_", "-"))
+    return names
+
+
+def test_production_requirements_carry_no_development_tools():
+    production = requirement_names("requirements.txt")
+    development = requirement_names("requirements-dev.txt")  # pinned on top of requirements.txt
+
+    assert {"honcho", "pika", "pytest", "pytest-django", "playwright", "ruff"} <= development
+    assert not production & development
+    assert "requirements.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()[1]
+    installs = re.findall(r"pip install .*", (ROOT / "Dockerfile").read_text())
+    assert installs == ["pip install -r requirements.txt"]

@@ -4,6 +4,8 @@
 """
 
 import os
+import re
+import stat
 import subprocess
 
 from chatproject.health import HOW_TO_START
@@ -47,3 +49,30 @@ def test_run_with_postgresql_unreachable_says_so_and_how_to_start_it_without_a_t
     assert HOW_TO_START["database"] in output
     assert "Traceback" not in output
     assert "honcho start" not in result.stdout  # it stopped before starting anything
+
+
+def test_secret_key_is_written_once_to_a_private_env_file(tmp_path):
+    def secret_key_step() -> subprocess.CompletedProcess:
+        parent = {
+            k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "SECRET_KEY")
+        }
+        return subprocess.run(
+            ["make", "--no-print-directory", "-f", str(ROOT / "Makefile"), "secret-key"],
+            cwd=tmp_path,
+            env=parent,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+
+    secret_key_step()
+    first = (tmp_path / ".env").read_text()
+    secret_key_step()
+
+    assert (tmp_path / ".env").read_text() == first
+    key = re.fullmatch(r"SECRET_KEY=(\S+)\n", first).group(1)
+    assert len(key) >= 50 and len(set(key)) >= 5  # what `check --deploy` asks of a key
+    assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
+    assert ".env" in (ROOT / ".gitignore").read_text().split()
+    assert ".env" in (ROOT / ".dockerignore").read_text().split()

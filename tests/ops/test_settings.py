@@ -81,3 +81,21 @@ def test_the_environment_overrides_every_default():
         "rate": 1.5,
         "burst": 3,
     }
+
+
+def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
+    # Empty rather than unset: a checkout's .env (read only for unset variables) cannot fill it in.
+    env = {k: v for k, v in os.environ.items() if k != "DEBUG"}
+    result = subprocess.run(
+        [sys.executable, "manage.py", "check"],
+        cwd=ROOT,
+        env={**env, "DJANGO_SETTINGS_MODULE": "chatproject.settings", "SECRET_KEY": ""},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: SECRET_KEY is not set: set it")
+    assert "secrets.token_urlsafe" in last_line
