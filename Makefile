@@ -39,7 +39,8 @@ rabbitmq-management:
 # sessions valid across restarts. A SECRET_KEY set in the environment wins, and then nothing is written.
 secret-key:
 	@[ -n "$$SECRET_KEY" ] || grep -qs '^SECRET_KEY=.' .env || { \
-	  umask 077; printf 'SECRET_KEY=%s\n' "$$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))')" >> .env \
+	  umask 077; { [ ! -s .env ] || [ -z "$$(tail -c1 .env)" ] || echo >> .env; } \
+	  && printf 'SECRET_KEY=%s\n' "$$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))')" >> .env \
 	  && echo "Wrote a new random SECRET_KEY to .env"; }
 
 run: install secret-key
