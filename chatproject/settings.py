@@ -16,6 +16,17 @@ DEBUG = env.bool("DEBUG", default=False)
 SECRET_KEY = env.str("SECRET_KEY", default="dev-insecure-change-me-" + "x" * 40)
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# The site's scheme and port as browsers see them (behind a TLS proxy: https and 443), and the origins
+# whose pages may open sockets (chatproject/origins.py compares scheme, host and port): by default
+# each ALLOWED_HOSTS host at that scheme and port, plus CSRF_TRUSTED_ORIGINS. SITE_PORT defaults to
+# the port the web process listens on (PORT, as the Procfile's), so `make run` on any port works.
+SITE_SCHEME = env.str("SITE_SCHEME", default="http")
+SITE_PORT = env.int("SITE_PORT", default=env.int("PORT", default=8000))
+_SITE_PORT_SUFFIX = "" if (SITE_SCHEME, SITE_PORT) in (("http", 80), ("https", 443)) else f":{SITE_PORT}"
+CHAT_ALLOWED_ORIGINS = env.list(
+    "CHAT_ALLOWED_ORIGINS",
+    default=[f"{SITE_SCHEME}://{host}{_SITE_PORT_SUFFIX}" for host in ALLOWED_HOSTS] + CSRF_TRUSTED_ORIGINS,
+)
 
 INSTALLED_APPS = [
     "daphne",

@@ -88,6 +88,11 @@ def make_room(db) -> Callable[..., Room]:
     return make
 
 
+def site_origin() -> str:
+    """An Origin the sockets accept in this process (in-process ASGI tests): the first configured one."""
+    return settings.CHAT_ALLOWED_ORIGINS[0]
+
+
 def session_cookie(user) -> str:
     """A `sessionid` value for `user`, as the browser would hold after logging in."""
     client = Client()
