@@ -252,6 +252,9 @@ AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_CLIENT_IP_CALLABLE = "chatproject.client_address.client_address"
 AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout_response"
+# No row per successful login: nothing would ever prune them, and the table would grow with every
+# login. Failed attempts are kept only while they count (axes deletes them after the cool-off).
+AXES_DISABLE_ACCESS_LOG = True
 # Masked in axes' log lines and its stored form data (it always masks the password).
 AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "csrfmiddlewaretoken"]
 LOGIN_URL = "/accounts/login/"

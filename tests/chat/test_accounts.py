@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
-from axes.models import AccessAttempt
+from axes.models import AccessAttempt, AccessLog
 from django.contrib.auth import get_user_model
 from django.test import Client, RequestFactory
+from django.utils import timezone
 
 from chatproject.client_address import client_address
 from chatproject.procfile import free_port
@@ -192,3 +195,31 @@ def test_signup_with_redis_down_says_so_and_creates_nothing(limits):
     assert response.status_code == 503
     assert "Sign-up is unavailable right now: Redis, which counts sign-ups, is down." in response.text
     assert not get_user_model().objects.filter(username="dora").exists()
+
+
+def test_successful_logins_leave_no_rows_behind(limits, make_user):
+    make_user("alice")
+    log_in("alice", "wrong")
+
+    for _ in range(3):
+        client, _ = log_in("alice", PASSWORD)
+        assert logged_in(client)
+        client.post("/accounts/logout/")
+
+    assert AccessLog.objects.count() == 0
+    assert AccessAttempt.objects.count() == 1  # the failure, until it expires
+
+
+def test_a_lock_ends_lockout_minutes_after_the_failure_that_set_it(limits, make_user):
+    limits.AXES_COOLOFF_TIME = timedelta(minutes=10)  # what LOGIN_LOCKOUT_MINUTES sets at start-up
+    make_user("alice")
+    for _ in range(3):
+        log_in("alice", "wrong")
+    AccessAttempt.objects.update(attempt_time=timezone.now() - timedelta(minutes=9))
+    assert "Try again in 1 minute." in log_in("alice", PASSWORD)[1].content.decode()
+
+    AccessAttempt.objects.update(attempt_time=timezone.now() - timedelta(minutes=10, seconds=1))
+    client, response = log_in("alice", PASSWORD)
+
+    assert response.status_code == 302 and logged_in(client)
+    assert not AccessAttempt.objects.exists()  # expired attempts are deleted, not kept
