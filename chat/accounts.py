@@ -116,10 +116,10 @@ def lockout_response(
 ) -> HttpResponse:
     """AXES_LOCKOUT_CALLABLE: the lockout page (429), saying what is locked and for how long.
 
-    Axes' async middleware passes the credentials where the response belongs; the username is then
-    read from the posted form, as axes itself does.
+    Axes' async middleware (under daphne) passes the credentials in the response's place and None
+    for them; the username then comes from the posted form, where axes itself reads it.
     """
-    username = get_client_username(request, credentials if isinstance(credentials, dict) else None)
+    username = get_client_username(request, credentials)
     now = timezone.now()
     ip_address = getattr(request, "axes_ip_address", None) or client_address(request)
     lockout = login_lockout(username=username, ip_address=ip_address, now=now)
