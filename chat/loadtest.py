@@ -32,7 +32,13 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
-from django.contrib.auth import BACKEND_SESSION_KEY, HASH_SESSION_KEY, SESSION_KEY, get_user_model
+from django.contrib.auth import (
+    BACKEND_SESSION_KEY,
+    HASH_SESSION_KEY,
+    SESSION_KEY,
+    get_user_model,
+    load_backend,
+)
 from django.contrib.auth.base_user import AbstractBaseUser
 from django.db import transaction
 from websockets.asyncio.client import ClientConnection, connect
@@ -230,7 +236,10 @@ def loadtest_rooms_ensure(*, count: int) -> list[Room]:
 def loadtest_sessions_create(*, users: list[AbstractBaseUser]) -> list[str]:
     """A logged-in session per user, the same as django.contrib.auth.login() would store."""
     store_class = _session_store_class()
-    backend = settings.AUTHENTICATION_BACKENDS[0]
+    # The first backend that loads users, as Django's test client picks: axes' only refuses logins.
+    backend = next(
+        path for path in settings.AUTHENTICATION_BACKENDS if hasattr(load_backend(path), "get_user")
+    )
     keys = []
     for user in users:
         session = store_class()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import redis
 from django.conf import settings
 from django.contrib.auth import login
 from django.contrib.auth.decorators import login_required
@@ -12,7 +15,9 @@ from django.views.decorators.http import require_GET
 
 from chat import protocol, selectors, services
 from chat.forms import RoomForm
+from chat.ratelimit import take_signup_token
 from chatproject import health
+from chatproject.client_address import client_address
 
 HISTORY_MAX_LIMIT = 100
 
@@ -20,8 +25,23 @@ HISTORY_MAX_LIMIT = 100
 def signup(request: HttpRequest) -> HttpResponse:
     form = UserCreationForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
+        # Only valid forms count: a mistyped password confirmation costs no sign-up.
+        try:
+            wait_seconds = take_signup_token(client_address(request) or "unknown")
+        except redis.RedisError:
+            form.add_error(None, "Sign-up is unavailable right now: Redis, which counts sign-ups, is down.")
+            return render(request, "registration/signup.html", {"form": form}, status=503)
+        if wait_seconds:
+            minutes = max(1, math.ceil(wait_seconds / 60))
+            form.add_error(
+                None,
+                f"Too many accounts were created from your network address. "
+                f"Try again in {minutes} minute{'s' if minutes != 1 else ''}.",
+            )
+            return render(request, "registration/signup.html", {"form": form}, status=429)
         user = form.save()
-        login(request, user)
+        # The model backend by name: the axes backend listed before it only refuses locked logins.
+        login(request, user, backend="django.contrib.auth.backends.ModelBackend")
         return redirect("rooms")
     return render(request, "registration/signup.html", {"form": form})
 

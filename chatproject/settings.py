@@ -1,5 +1,6 @@
 """Django settings. This module is the only place that reads the environment."""
 
+from datetime import timedelta
 from pathlib import Path
 
 import environ
@@ -25,6 +26,17 @@ if not SECRET_KEY:
     )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# The site's scheme and port as browsers see them (behind a TLS proxy: https and 443), and the origins
+# whose pages may open sockets (chatproject/origins.py compares scheme, host and port): by default
+# each ALLOWED_HOSTS host at that scheme and port, plus CSRF_TRUSTED_ORIGINS. SITE_PORT defaults to
+# the port the web process listens on (PORT, as the Procfile's), so `make run` on any port works.
+SITE_SCHEME = env.str("SITE_SCHEME", default="http")
+SITE_PORT = env.int("SITE_PORT", default=env.int("PORT", default=8000))
+_SITE_PORT_SUFFIX = "" if (SITE_SCHEME, SITE_PORT) in (("http", 80), ("https", 443)) else f":{SITE_PORT}"
+CHAT_ALLOWED_ORIGINS = env.list(
+    "CHAT_ALLOWED_ORIGINS",
+    default=[f"{SITE_SCHEME}://{host}{_SITE_PORT_SUFFIX}" for host in ALLOWED_HOSTS] + CSRF_TRUSTED_ORIGINS,
+)
 
 INSTALLED_APPS = [
     "daphne",
@@ -37,6 +49,8 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django.contrib.messages",
     "django.contrib.staticfiles",
+    # Failed-login records and lockouts (chat/accounts.py); its admin lists them for staff to lift.
+    "axes",
     "channels",
     "chat",
     "analytics",
@@ -58,6 +72,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_prometheus.middleware.PrometheusAfterMiddleware",
+    # Innermost: turns a locked-out login into the lockout page (429) before Prometheus counts it.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "chatproject.urls"
@@ -214,6 +230,44 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
+# Axes first: it refuses a locked-out username or address before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Login throttling (chat/accounts.py): a username locks after this many failed logins from any
+# addresses, an address after this many for any usernames (higher: an office shares one); both
+# count failures within LOGIN_LOCKOUT_MINUTES of each other and stay locked that long after.
+LOGIN_FAILURES_PER_USERNAME = env.int("LOGIN_FAILURES_PER_USERNAME", default=5)
+LOGIN_FAILURES_PER_ADDRESS = env.int("LOGIN_FAILURES_PER_ADDRESS", default=20)
+LOGIN_LOCKOUT_MINUTES = env.float("LOGIN_LOCKOUT_MINUTES", default=15.0)
+if min(LOGIN_FAILURES_PER_USERNAME, LOGIN_FAILURES_PER_ADDRESS) < 1 or LOGIN_LOCKOUT_MINUTES <= 0:
+    raise ImproperlyConfigured(
+        "LOGIN_FAILURES_PER_USERNAME and LOGIN_FAILURES_PER_ADDRESS must be at least 1, "
+        "and LOGIN_LOCKOUT_MINUTES above 0"
+    )
+# Accounts created per client address per hour (all at once, then back evenly over the hour); 0: no limit.
+SIGNUPS_PER_ADDRESS_PER_HOUR = env.int("SIGNUPS_PER_ADDRESS_PER_HOUR", default=10)
+# Behind reverse proxies: the header they set with the client's address (e.g. X-Forwarded-For or
+# X-Real-IP) and how many proxies append to it (chatproject/client_address.py). Empty: the direct
+# peer's address, and every forwarding header is ignored (a client could write any of them).
+TRUSTED_PROXY_CLIENT_IP_HEADER = env.str("TRUSTED_PROXY_CLIENT_IP_HEADER", default="")
+TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=1)
+if TRUSTED_PROXY_COUNT < 1:
+    raise ImproperlyConfigured("TRUSTED_PROXY_COUNT must be at least 1 (proxies in front of the web process)")
+AXES_HANDLER = "chat.accounts.LoginLockoutHandler"
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_FAILURE_LIMIT = LOGIN_FAILURES_PER_USERNAME
+AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
+# Attempts while locked are refused without being counted, so the lock ends when the page says.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_CLIENT_IP_CALLABLE = "chatproject.client_address.client_address"
+AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout_response"
+# No row per successful login: nothing would ever prune them, and the table would grow with every
+# login. Failed attempts are kept only while they count (axes deletes them after the cool-off).
+AXES_DISABLE_ACCESS_LOG = True
+# Masked in axes' log lines and its stored form data (it always masks the password).
+AXES_SENSITIVE_PARAMETERS = ["username", "ip_address", "csrfmiddlewaretoken"]
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"

@@ -123,6 +123,11 @@ def grant_permission(user, permission: str) -> None:
     user.user_permissions.add(Permission.objects.get(content_type__app_label=app_label, codename=codename))
 
 
+def site_origin() -> str:
+    """An Origin the sockets accept in this process (in-process ASGI tests): the first configured one."""
+    return settings.CHAT_ALLOWED_ORIGINS[0]
+
+
 def session_cookie(user) -> str:
     """A `sessionid` value for `user`, as the browser would hold after logging in."""
     client = Client()

@@ -20,7 +20,7 @@ from chat import services
 from chat.models import Message, OutboxEvent
 from chatproject.asgi import application
 from chatproject.broker import ANALYTICS_QUEUE
-from tests.conftest import session_cookie
+from tests.conftest import session_cookie, site_origin
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -98,7 +98,7 @@ async def chat_over_sockets(users, slug: str, per_user: int) -> list[dict]:
         communicator = WebsocketCommunicator(
             application,
             f"/ws/rooms/{slug}/",
-            headers=[(b"origin", b"http://localhost"), (b"cookie", f"sessionid={cookie}".encode())],
+            headers=[(b"origin", site_origin().encode()), (b"cookie", f"sessionid={cookie}".encode())],
         )
         connected, _ = await communicator.connect()
         assert connected

@@ -15,13 +15,13 @@ from django.test import override_settings
 from chat import consumers, services
 from chat.models import Message
 from chatproject.asgi import application
-from tests.conftest import session_cookie
+from tests.conftest import session_cookie, site_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
-async def connect(user=None, slug="general", *, since=None, origin="http://localhost"):
-    headers = [(b"origin", origin.encode())]
+async def connect(user=None, slug="general", *, since=None, origin=None):
+    headers = [(b"origin", (origin or site_origin()).encode())]
     if user is not None:
         cookie = await sync_to_async(session_cookie)(user)
         headers.append((b"cookie", f"sessionid={cookie}".encode()))

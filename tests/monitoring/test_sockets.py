@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 from chatproject.asgi import application
 from chatproject.monitoring.consumers import CLOSE_NOT_STAFF
 from chatproject.monitoring.services import DEAD_LETTERS_KEY, alerts_check
-from tests.conftest import grant_permission, session_cookie
+from tests.conftest import grant_permission, session_cookie, site_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -22,7 +22,7 @@ async def socket_for(user, path: str) -> WebsocketCommunicator:
     communicator = WebsocketCommunicator(
         application,
         path,
-        headers=[(b"origin", b"http://localhost"), (b"cookie", f"sessionid={cookie}".encode())],
+        headers=[(b"origin", site_origin().encode()), (b"cookie", f"sessionid={cookie}".encode())],
     )
     connected, _ = await communicator.connect()
     assert connected
