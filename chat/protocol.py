@@ -96,6 +96,9 @@ def parse_client_frame(raw: str | bytes | None) -> SendMessage:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError(ERROR_INVALID_JSON, "The frame is not valid JSON.") from None
+    except RecursionError:
+        # Thousands of nested arrays fit in a frame; the parser gives up cleanly, nothing is wrong here.
+        raise ProtocolError(ERROR_INVALID_JSON, "The frame's JSON is nested too deeply.") from None
     if not isinstance(data, dict):
         raise ProtocolError(ERROR_INVALID_MESSAGE, "A frame must be a JSON object.")
     client_id = data.get("client_id")
