@@ -136,6 +136,7 @@ async def test_foreign_origin_is_refused_at_handshake(alice_bob_in_general):
             "invalid_message",
         ),
         (f'{{"type": "message", "text": "\\ud800", "client_id": "{uuid.uuid4()}"}}', "invalid_message"),
+        (json.dumps({"type": "notification_ack", "id": "not-a-uuid"}), "invalid_message"),
     ],
 )
 async def test_bad_frame_gets_error_and_socket_stays_usable(alice_bob_in_general, frame, code):
