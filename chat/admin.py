@@ -23,7 +23,16 @@ class MessageAdmin(admin.ModelAdmin):
 class NotificationDeliveryAdmin(admin.ModelAdmin):
     """The notifier's ledger, read-only: what was delivered to whom, how and how late."""
 
-    list_display = ["notification_id", "kind", "user", "channel", "priority", "queued_at", "delivered_at"]
+    list_display = [
+        "notification_id",
+        "kind",
+        "user",
+        "channel",
+        "priority",
+        "queued_at",
+        "pushed_at",
+        "delivered_at",
+    ]
     list_filter = ["kind", "channel", "priority"]
     list_select_related = ["user"]
     raw_id_fields = ["user", "message"]

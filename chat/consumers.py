@@ -18,7 +18,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from chat import presence, protocol, selectors, services
+from chat import notifications, presence, protocol, selectors, services
 from chat.dispatch import dispatch_in_arrival_order
 from chat.models import Room
 from chat.ratelimit import take_message_token
@@ -37,11 +37,16 @@ def _room_for_user(slug: str, user: Any) -> Room:
 # waits on PostgreSQL, and asyncio's default pool (CPUs + 4 threads) capped one process at
 # about 6 writes in flight (docs/performance.md). Each thread keeps one database connection.
 _WRITE_THREADS = 16
+_WRITE_EXECUTOR = ThreadPoolExecutor(max_workers=_WRITE_THREADS, thread_name_prefix="chat-write")
 _message_create = database_sync_to_async(
-    services.message_create,
-    thread_sensitive=False,
-    executor=ThreadPoolExecutor(max_workers=_WRITE_THREADS, thread_name_prefix="chat-write"),
+    services.message_create, thread_sensitive=False, executor=_WRITE_EXECUTOR
 )
+_notification_acknowledge = database_sync_to_async(
+    notifications.notification_acknowledge, thread_sensitive=False, executor=_WRITE_EXECUTOR
+)
+# Notifications a socket keeps as awaiting its page's acknowledgement; a page acknowledges each
+# at once, so more means a page that never does, and forgetting them only means their emails go out.
+_AWAITED_ACKS_MAX = 100
 # Marks the end of a socket's inbox (chat.consumers.RoomConsumer.disconnect).
 _INBOX_CLOSED = object()
 
@@ -102,6 +107,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         self.group = protocol.room_group(self.room.pk)
         # Ids acknowledged straight to this socket, so their group copy is not sent twice.
         self.acknowledged_ids: set[int] = set()
+        # Ids of notifications pushed to this socket and not yet acknowledged by its page: only
+        # these may be acknowledged here, so a made-up id costs no query.
+        self.awaited_acks: set[str] = set()
         # Join before reading the backlog: a message stored in between arrives live
         # rather than falling between the replay and the subscription.
         await self.channel_layer.group_add(self.group, self.channel_name)
@@ -190,6 +198,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
         except protocol.ProtocolError as error:
             await self._send_json(error.frame())
             return
+        if isinstance(request, protocol.AcknowledgeNotification):
+            await self._acknowledge_notification(request)
+            return
         user = self.scope["user"]
         if not await take_message_token(user.pk):
             CHAT_RATE_LIMITED_FRAMES.inc()
@@ -227,6 +238,22 @@ class RoomConsumer(AsyncWebsocketConsumer):
         await services.message_broadcast(result.message)
         await self._send_json(frame)
 
+    async def _acknowledge_notification(self, request: protocol.AcknowledgeNotification) -> None:
+        notification_id = str(request.notification_id)
+        if notification_id not in self.awaited_acks:
+            return  # not pushed to this socket (another user's, made up) or acknowledged already
+        self.awaited_acks.discard(notification_id)
+        try:
+            await _notification_acknowledge(
+                notification_id=request.notification_id, user_id=self.scope["user"].pk
+            )
+        except (OperationalError, InterfaceError) as error:
+            # Nothing to tell the page: its notification stays unacknowledged and is emailed.
+            logger.warning(
+                "cannot record a notification's acknowledgement, the database is unavailable: %s",
+                type(error).__name__,
+            )
+
     async def chat_message(self, event: dict[str, Any]) -> None:
         """Group event: a message stored by any process, forwarded to this socket as is."""
         if event["id"] in self.acknowledged_ids:
@@ -236,6 +263,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def chat_notification(self, event: dict[str, Any]) -> None:
         """Group event: a notification for this socket's user (chat/notifications.py)."""
+        if len(self.awaited_acks) >= _AWAITED_ACKS_MAX:
+            self.awaited_acks.clear()
+        self.awaited_acks.add(event["notification"]["id"])
         await self._send_json(event["notification"])
 
     async def _send_json(self, frame: Any) -> None:

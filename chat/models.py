@@ -69,15 +69,17 @@ class OutboxEvent(models.Model):
 
 
 class NotificationDelivery(models.Model):
-    """The ledger of delivered notifications: one row per notification id, ever.
+    """The ledger of notifications: one row per notification id, ever, and how it reached its user.
 
-    chat/notifications.py writes the row in the transaction that performs the delivery, so a
-    redelivered task finds it and does nothing.
+    chat/notifications.py writes the row in the transaction that sends the email, or commits it
+    before pushing to the user's sockets, so a redelivered task finds it and does nothing. A push
+    counts as delivered only once a page acknowledges it; one that no page acknowledges by
+    `ack_deadline` becomes an email (channel "email") or, when none can go out, "none".
     """
 
     CHANNEL_SOCKET = "socket"
     CHANNEL_EMAIL = "email"
-    CHANNEL_NONE = "none"  # offline and no email address: nothing could be sent
+    CHANNEL_NONE = "none"  # no email address, or no longer allowed or useful: nothing could be sent
     CHANNEL_CHOICES = [(CHANNEL_SOCKET, "socket"), (CHANNEL_EMAIL, "email"), (CHANNEL_NONE, "none")]
 
     notification_id = models.UUIDField(unique=True)
@@ -88,10 +90,24 @@ class NotificationDelivery(models.Model):
     channel = models.CharField(max_length=10, choices=CHANNEL_CHOICES)
     # When the notification was queued (the event's time); delivered_at - queued_at is its latency.
     queued_at = models.DateTimeField()
-    delivered_at = models.DateTimeField()
+    # When a page acknowledged the push, or the email went out, or nothing could be sent (channel
+    # "none"); empty while a push awaits its acknowledgement.
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    # When it was pushed to the user's open sockets (empty when the user had none), and until when
+    # a page's acknowledgement is awaited before the email fallback.
+    pushed_at = models.DateTimeField(null=True, blank=True)
+    ack_deadline = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["id"]
+        indexes = [
+            # The fallback sweep's query: pushes still awaiting an acknowledgement, by deadline.
+            models.Index(
+                fields=["ack_deadline"],
+                name="notification_awaiting_ack_idx",
+                condition=models.Q(delivered_at__isnull=True),
+            )
+        ]
 
     def __str__(self) -> str:
         return f"{self.kind} {self.notification_id} -> {self.user_id} ({self.channel})"

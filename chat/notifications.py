@@ -6,17 +6,25 @@ each as a task message on the `notifications` priority queue with a per-message 
 notifier worker (chat/tasks.py) calls `mention_notifications_deliver`.
 
 What "once" means here. RabbitMQ delivers at least once, so every notification id goes into a
-ledger (NotificationDelivery) in the same transaction that performs the delivery, and the effect
-runs inside that transaction, after the ledger row is written and before the commit:
-- a redelivery after the commit finds the row and does nothing;
-- a concurrent redelivery blocks on the row's unique index until the first one commits, then
-  finds it;
-- a failure before the commit (Redis down, SMTP refused) rolls the row back and the task retries.
-The one window left is a crash between the effect and the commit. For a socket push that means
-a second push after the redelivery, which the page ignores (it de-duplicates by message id), so
-a push is effectively once. For an email it means a second email: SMTP cannot take part in the
-transaction, and the alternative order (commit, then send) would lose the email in the same
-window instead. We choose a rare duplicate email over a lost one.
+ledger (NotificationDelivery) whose unique index stops a redelivery: a redelivery after the commit
+finds the row and does nothing; a concurrent one blocks on the index until the first commits.
+
+What "delivered" means. A user with an open socket gets a push, but a push reaches nobody when the
+socket's web process died after the presence check (presence forgets a dead process's sockets only
+after PRESENCE_TTL_SECONDS). So the push only records "pushed, awaiting acknowledgement" with a
+deadline, and the page answers with a `notification_ack` frame (`notification_acknowledge`
+records the delivery). Pushes that no page acknowledged by their deadline are emailed by
+`notification_fallback_emails_send`, which a beat task runs every few seconds, so the notifier
+(one process, prefetch 1, for VIP priority) never waits for a page.
+
+Order of effects and commits:
+- A push happens after its row committed: a page's acknowledgement must find the row. A crash (or
+  Redis failing) between the commit and the push loses the push, and the deadline's email covers it.
+- An email is sent inside the transaction that records it, after the row is written (or locked,
+  for a fallback) and before the commit: a failure rolls the row back and it is retried. The one
+  window left is a crash between sending and the commit, which sends a second email: SMTP cannot
+  take part in the transaction, and the other order (commit, then send) would lose the email in the
+  same window instead. We choose a rare duplicate email over a lost one.
 """
 
 from __future__ import annotations
@@ -57,10 +65,22 @@ class InvalidNotification(Exception):
 
 @dataclass(frozen=True)
 class DeliveryResult:
-    delivered: int = 0  # newly delivered (socket or email)
+    delivered: int = 0  # newly emailed (or nothing could be sent: no address)
+    pushed: int = 0  # newly pushed to open sockets, delivered once a page acknowledges it
     duplicates: int = 0  # already in the ledger: a redelivery
     expired: int = 0  # past their expiry on arrival: dropped, not delivered late
     skipped: int = 0  # message, user or access gone since the mention
+
+
+@dataclass(frozen=True)
+class FallbackResult:
+    emailed: int = 0
+    unsent: int = 0  # no address, the user or their access gone, or past the notification's expiry
+
+
+# Fallback emails per sweep: the sweep runs on the notifier, so a batch that waits on SMTP for
+# long would hold up VIP mentions; the rest waits for the next sweep, seconds later.
+FALLBACK_EMAILS_PER_SWEEP = 20
 
 
 def notification_priority(*, author_is_vip: bool) -> int:
@@ -103,10 +123,74 @@ def mention_notifications_deliver(*, events: Any) -> DeliveryResult:
     Redis and SMTP errors propagate after rolling back that event's ledger row (retry).
     """
     parsed = [_parse_event(event) for event in _as_list(events)]
-    counts = {"delivered": 0, "duplicates": 0, "expired": 0, "skipped": 0}
+    counts = {"delivered": 0, "pushed": 0, "duplicates": 0, "expired": 0, "skipped": 0}
     for event in parsed:
         counts[_deliver_one(event)] += 1
     return DeliveryResult(**counts)
+
+
+def notification_acknowledge(*, notification_id: uuid.UUID, user_id: int) -> bool:
+    """A page showed the user a pushed notification: record it delivered; False if nothing changed.
+
+    Only the user's own notification, and only while it awaits an acknowledgement: one that was
+    acknowledged already, or emailed because the deadline passed, stays as it is.
+    """
+    awaiting = NotificationDelivery.objects.filter(
+        notification_id=notification_id,
+        user_id=user_id,
+        channel=NotificationDelivery.CHANNEL_SOCKET,
+        delivered_at__isnull=True,
+    )
+    return awaiting.update(delivered_at=timezone.now()) == 1
+
+
+def notification_fallback_emails_send(*, limit: int = FALLBACK_EMAILS_PER_SWEEP) -> FallbackResult:
+    """Email up to `limit` pushes whose acknowledgement deadline passed; each once, whoever else runs.
+
+    Each row is locked, re-checked and updated in its own transaction with its email, so an
+    acknowledgement that lands first wins, a concurrent sweep skips it, and an SMTP failure rolls
+    back only that row (raised; the next sweep tries it again).
+    """
+    now = timezone.now()
+    due = list(
+        NotificationDelivery.objects.filter(
+            channel=NotificationDelivery.CHANNEL_SOCKET, delivered_at__isnull=True, ack_deadline__lte=now
+        )
+        .order_by("ack_deadline")
+        .values_list("pk", flat=True)[:limit]
+    )
+    counts = {"emailed": 0, "unsent": 0}
+    for pk in due:
+        with transaction.atomic():
+            row = (
+                NotificationDelivery.objects.select_for_update(skip_locked=True, of=("self",))
+                .select_related("user", "message__room", "message__author")
+                .filter(pk=pk, channel=NotificationDelivery.CHANNEL_SOCKET, delivered_at__isnull=True)
+                .first()
+            )
+            if row is None:  # acknowledged meanwhile, or another sweep has it
+                continue
+            user, message = row.user, row.message
+            still_wanted = (
+                user.is_active
+                and user_can_read_room(user=user, room=message.room)
+                and row.queued_at + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS) > now
+            )
+            if still_wanted and user.email:
+                _send_email(
+                    user=user,
+                    frame=protocol.mention_notification_frame(
+                        message, notification_id=row.notification_id, text_chars=NOTIFICATION_TEXT_CHARS
+                    ),
+                )
+                row.channel = NotificationDelivery.CHANNEL_EMAIL
+                counts["emailed"] += 1
+            else:
+                row.channel = NotificationDelivery.CHANNEL_NONE
+                counts["unsent"] += 1
+            row.delivered_at = timezone.now()
+            row.save(update_fields=["channel", "delivered_at"])
+    return FallbackResult(**counts)
 
 
 @dataclass(frozen=True)
@@ -175,17 +259,25 @@ def _deliver_one(event: _MentionEvent) -> str:
                 "priority": event.priority,
                 "channel": channel,
                 "queued_at": event.queued_at,
-                "delivered_at": now,
+                "delivered_at": None if online else now,
+                "pushed_at": now if online else None,
+                "ack_deadline": now + timedelta(seconds=settings.NOTIFICATION_ACK_SECONDS)
+                if online
+                else None,
             },
         )
         if not created:
             return "duplicates"
-        # The effect runs before the commit, so a failure here rolls the ledger row back.
-        frame = protocol.mention_notification_frame(message, text_chars=NOTIFICATION_TEXT_CHARS)
-        if channel == NotificationDelivery.CHANNEL_SOCKET:
-            _push_to_sockets(user_id=user.pk, frame=frame)
-        elif channel == NotificationDelivery.CHANNEL_EMAIL:
+        frame = protocol.mention_notification_frame(
+            message, notification_id=event.notification_id, text_chars=NOTIFICATION_TEXT_CHARS
+        )
+        if channel == NotificationDelivery.CHANNEL_EMAIL:
+            # Before the commit, so a failure here rolls the ledger row back.
             _send_email(user=user, frame=frame)
+    if channel == NotificationDelivery.CHANNEL_SOCKET:
+        # After the commit, so that the page's acknowledgement finds the row.
+        _push_to_sockets(user_id=user.pk, frame=frame)
+        return "pushed"
     return "delivered"
 
 

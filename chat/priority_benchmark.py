@@ -206,7 +206,7 @@ def _start_worker(url: str) -> subprocess.Popen:
     env = {
         **child_process_env(),
         "CELERY_BROKER_URL": url,
-        "EMAIL_BACKEND": "django.core.mail.backends.locmem.EmailBackend",
+        "EMAIL_URL": "memorymail://",
         "LOG_LEVEL": "WARNING",
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }

@@ -14,6 +14,7 @@ from chat.selectors import user_is_vip
 
 # Client -> server
 TYPE_MESSAGE = "message"
+TYPE_NOTIFICATION_ACK = "notification_ack"
 
 # Server -> client
 TYPE_SYNCED = "synced"
@@ -51,7 +52,7 @@ class MessageFrame(TypedDict):
 # The field is named "from" on the wire, a keyword in Python.
 NotificationFrame = TypedDict(
     "NotificationFrame",
-    {"type": str, "kind": str, "message_id": int, "room": str, "from": str, "text": str},
+    {"type": str, "id": str, "kind": str, "message_id": int, "room": str, "from": str, "text": str},
 )
 
 
@@ -70,6 +71,13 @@ class SendMessage:
     client_id: uuid.UUID
 
 
+@dataclass(frozen=True)
+class AcknowledgeNotification:
+    """A page showed the user the notification `notification_id` (a notification frame's `id`)."""
+
+    notification_id: uuid.UUID
+
+
 class ProtocolError(Exception):
     """A client frame that cannot be acted on; becomes an error frame, never a closed socket."""
 
@@ -83,7 +91,7 @@ class ProtocolError(Exception):
         return error_frame(self.code, self.detail, self.client_id)
 
 
-def parse_client_frame(raw: str | bytes | None) -> SendMessage:
+def parse_client_frame(raw: str | bytes | None) -> SendMessage | AcknowledgeNotification:
     """Turn one raw client frame into a request, or raise ProtocolError saying what is wrong."""
     if raw is None:
         raise ProtocolError(ERROR_INVALID_JSON, "Frames must be JSON text.")
@@ -96,8 +104,13 @@ def parse_client_frame(raw: str | bytes | None) -> SendMessage:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise ProtocolError(ERROR_INVALID_JSON, "The frame is not valid JSON.") from None
+    except RecursionError:
+        # Thousands of nested arrays fit in a frame; the parser gives up cleanly, nothing is wrong here.
+        raise ProtocolError(ERROR_INVALID_JSON, "The frame's JSON is nested too deeply.") from None
     if not isinstance(data, dict):
         raise ProtocolError(ERROR_INVALID_MESSAGE, "A frame must be a JSON object.")
+    if data.get("type") == TYPE_NOTIFICATION_ACK:
+        return _parse_notification_ack(data)
     client_id = data.get("client_id")
     echo_id = client_id if isinstance(client_id, str) else None
     if data.get("type") != TYPE_MESSAGE:
@@ -119,6 +132,13 @@ def parse_client_frame(raw: str | bytes | None) -> SendMessage:
             echo_id,
         )
     return SendMessage(text=text, client_id=parsed_id)
+
+
+def _parse_notification_ack(data: dict[str, Any]) -> AcknowledgeNotification:
+    try:
+        return AcknowledgeNotification(notification_id=uuid.UUID(data.get("id")))
+    except (TypeError, ValueError, AttributeError):
+        raise ProtocolError(ERROR_INVALID_MESSAGE, "id must be a notification's id (a UUID).") from None
 
 
 def _encodable(text: str) -> bool:
@@ -153,11 +173,14 @@ def _author_is_vip(message: Message) -> bool:
     return bool(is_vip)
 
 
-def mention_notification_frame(message: Message, *, text_chars: int) -> NotificationFrame:
+def mention_notification_frame(
+    message: Message, *, notification_id: uuid.UUID, text_chars: int
+) -> NotificationFrame:
     """What a mentioned user's sockets receive; `text` is the start of the message."""
     text = message.text if len(message.text) <= text_chars else message.text[: text_chars - 1] + "…"
     return {
         "type": TYPE_NOTIFICATION,
+        "id": str(notification_id),
         "kind": "mention",
         "message_id": message.id,
         "room": message.room.slug,

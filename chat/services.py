@@ -17,12 +17,20 @@ from chat.mentions import mention_recipients
 from chat.models import Message, OutboxEvent, Room
 from chat.notifications import mention_notifications_enqueue
 from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_payload
-from chat.selectors import message_by_client_id, user_is_vip
+from chat.selectors import message_by_client_id, user_can_read_room, user_is_vip
 from chatproject.monitoring.metrics import CHAT_MESSAGES_STORED
 
 
 class InvalidRoom(Exception):
     pass
+
+
+class RoomExists(InvalidRoom):
+    """The name's address belongs to a room the creator can see already: `room`."""
+
+    def __init__(self, room: Room) -> None:
+        super().__init__(f"A room with the address “{room.slug}” exists already.")
+        self.room = room
 
 
 @dataclass(frozen=True)
@@ -31,19 +39,64 @@ class MessageResult:
     created: bool
 
 
+SLUG_MAX_CHARS = Room._meta.get_field("slug").max_length
+# Attempts at a numbered address before giving up; each failure means another creator took the
+# address just chosen, so more than a few means something else is wrong.
+_NUMBERED_SLUG_ATTEMPTS = 5
+
+
 def room_create(*, creator: AbstractBaseUser, name: str, is_private: bool = False) -> Room:
-    """Create a room named `name`; the creator is its first member. Raises InvalidRoom."""
+    """Create a room named `name`; the creator is its first member.
+
+    Raises RoomExists when the name's address is a room the creator can see, InvalidRoom for a
+    name without letters or digits. When the address belongs to a private room the creator
+    cannot see, the new room gets the first free numbered address (`name-2`, `name-3` ...)
+    instead, exactly as when a visible room's address is free: that room's existence is not
+    the creator's to know.
+    """
     name = name.strip()
-    slug = slugify(name)[:64]
+    slug = slugify(name)[:SLUG_MAX_CHARS]
     if not name or not slug:
         raise InvalidRoom("A room needs a name with at least one letter or digit.")
+    room = _room_insert(creator=creator, slug=slug, name=name, is_private=is_private)
+    if room is not None:
+        return room
+    taken = Room.objects.filter(slug=slug).first()
+    if taken is not None and user_can_read_room(user=creator, room=taken):
+        raise RoomExists(taken)
+    # The unique constraint decides every race: a numbered address taken meanwhile is skipped.
+    for _ in range(_NUMBERED_SLUG_ATTEMPTS):
+        room = _room_insert(creator=creator, slug=_free_numbered_slug(slug), name=name, is_private=is_private)
+        if room is not None:
+            return room
+    raise InvalidRoom("Could not find a free address for this room; try again.")
+
+
+def _room_insert(*, creator: AbstractBaseUser, slug: str, name: str, is_private: bool) -> Room | None:
+    """The new room, or None when `slug` is taken."""
     try:
         with transaction.atomic():
             room = Room.objects.create(slug=slug, name=name, is_private=is_private, created_by=creator)
             room.members.add(creator)
     except IntegrityError:
-        raise InvalidRoom(f"A room with the address “{slug}” exists already.") from None
+        return None
     return room
+
+
+def _numbered_slug(slug: str, number: int) -> str:
+    suffix = f"-{number}"
+    return slug[: SLUG_MAX_CHARS - len(suffix)] + suffix
+
+
+def _free_numbered_slug(slug: str) -> str:
+    """`slug-2`, `slug-3` ...: the lowest numbered address no room has, whoever can see it."""
+    # Every numbered form starts with this much of `slug` (suffixes up to 10 digits).
+    stem = slug[: SLUG_MAX_CHARS - 11]
+    taken = set(Room.objects.filter(slug__startswith=stem).values_list("slug", flat=True))
+    number = 2
+    while _numbered_slug(slug, number) in taken:
+        number += 1
+    return _numbered_slug(slug, number)
 
 
 def message_create(

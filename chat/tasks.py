@@ -1,7 +1,8 @@
 """Celery tasks of the notifications queue: thin wrappers over chat.notifications.
 
 They run on the `notifier` worker (Procfile), which consumes only this priority queue with one
-process and a prefetch of one (see the Procfile's comment on why).
+process and a prefetch of one (see the Procfile's comment on why). Beat queues the fallback
+email sweep there every NOTIFICATION_ACK_SWEEP_SECONDS.
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from celery import Task
 from celery.exceptions import Reject
 from django.db import InterfaceError, OperationalError
 
-from chat.notifications import InvalidNotification, mention_notifications_deliver
+from chat.notifications import (
+    InvalidNotification,
+    mention_notifications_deliver,
+    notification_fallback_emails_send,
+)
 from chatproject.celery import app
 
 logger = logging.getLogger(__name__)
@@ -43,7 +48,32 @@ def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
         raise self.retry(exc=error, countdown=2 ** (self.request.retries + 1)) from error
     return {
         "delivered": result.delivered,
+        "pushed": result.pushed,
         "duplicates": result.duplicates,
         "expired": result.expired,
         "skipped": result.skipped,
     }
+
+
+@app.task(name="chat.send_notification_fallback_emails")
+def send_notification_fallback_emails() -> dict[str, int]:
+    """Email the pushes no page acknowledged in time (a batch; beat runs this every few seconds).
+
+    Outcomes: database or mail server unavailable -> logged, and the next sweep (seconds later)
+    is the retry, since every due push stays due until it is emailed; anything else is a bug and
+    raises (rejected, so dead-lettered, and the next sweep runs anyway).
+    """
+    try:
+        result = notification_fallback_emails_send()
+    except (OperationalError, InterfaceError) as error:
+        logger.warning(
+            "fallback emails wait for the next sweep: PostgreSQL is unavailable (%s)", type(error).__name__
+        )
+        return {"emailed": 0, "unsent": 0}
+    except (smtplib.SMTPException, OSError) as error:
+        logger.warning(
+            "fallback emails wait for the next sweep: the mail server is unavailable (%s)",
+            type(error).__name__,
+        )
+        return {"emailed": 0, "unsent": 0}
+    return {"emailed": result.emailed, "unsent": result.unsent}

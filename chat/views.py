@@ -49,6 +49,7 @@ def signup(request: HttpRequest) -> HttpResponse:
 @login_required
 def rooms(request: HttpRequest) -> HttpResponse:
     form = RoomForm(request.POST or None)
+    existing = None  # the visible room the submitted name's address belongs to, to link to
     if request.method == "POST" and form.is_valid():
         try:
             room = services.room_create(
@@ -56,12 +57,15 @@ def rooms(request: HttpRequest) -> HttpResponse:
                 name=form.cleaned_data["name"],
                 is_private=form.cleaned_data["is_private"],
             )
+        except services.RoomExists as error:
+            form.add_error("name", str(error))
+            existing = error.room
         except services.InvalidRoom as error:
             form.add_error("name", str(error))
         else:
             return redirect("room", slug=room.slug)
     visible = selectors.rooms_for_user(user=request.user)
-    return render(request, "chat/rooms.html", {"rooms": visible, "form": form})
+    return render(request, "chat/rooms.html", {"rooms": visible, "form": form, "existing": existing})
 
 
 def _readable_room(request: HttpRequest, slug: str):

@@ -157,11 +157,17 @@ CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS
 CELERY_TASK_ROUTES = {
     "analytics.*": {"queue": ANALYTICS_QUEUE.name},
     "chat.deliver_mention_notifications": {"queue": "notifications"},
+    "chat.send_notification_fallback_emails": {"queue": "notifications"},
     "monitoring.*": {"queue": "monitoring"},
 }
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
 # dead-letters it (reason "expired") instead of delivering it late.
 NOTIFICATION_TTL_SECONDS = env.int("NOTIFICATION_TTL_SECONDS", default=600)
+# A notification pushed to open sockets counts as delivered only once a page acknowledges it; a
+# push no page acknowledged within ACK seconds (its web process died, the tab was closing) is
+# emailed instead, by a beat task that looks for such pushes every ACK_SWEEP seconds.
+NOTIFICATION_ACK_SECONDS = env.float("NOTIFICATION_ACK_SECONDS", default=30.0)
+NOTIFICATION_ACK_SWEEP_SECONDS = env.float("NOTIFICATION_ACK_SWEEP_SECONDS", default=5.0)
 # Presence (chat/presence.py): each open socket refreshes its entry every HEARTBEAT seconds; an
 # entry older than TTL (a crashed web process) no longer counts as online.
 PRESENCE_HEARTBEAT_SECONDS = env.float("PRESENCE_HEARTBEAT_SECONDS", default=30.0)
@@ -418,6 +424,14 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 3600.0,
         # Same reasoning: after an analytics outage one prune catches up on everything.
         "options": {"expires": 3600.0},
+    },
+    # On the notifier's queue, behind VIP mentions and in turn with the others; each run emails a
+    # bounded batch, so it never holds a VIP mention up for long. A stopped notifier does not come
+    # back to a pile of sweeps (expired ones are acked): one catches up on every due push.
+    "chat-send-notification-fallback-emails": {
+        "task": "chat.send_notification_fallback_emails",
+        "schedule": NOTIFICATION_ACK_SWEEP_SECONDS,
+        "options": {"expires": NOTIFICATION_ACK_SWEEP_SECONDS},
     },
 }
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 
 import pytest
@@ -135,6 +136,7 @@ async def test_foreign_origin_is_refused_at_handshake(alice_bob_in_general):
             "invalid_message",
         ),
         (f'{{"type": "message", "text": "\\ud800", "client_id": "{uuid.uuid4()}"}}', "invalid_message"),
+        (json.dumps({"type": "notification_ack", "id": "not-a-uuid"}), "invalid_message"),
     ],
 )
 async def test_bad_frame_gets_error_and_socket_stays_usable(alice_bob_in_general, frame, code):
@@ -146,6 +148,19 @@ async def test_bad_frame_gets_error_and_socket_stays_usable(alice_bob_in_general
     await a.send_json_to(message("still here"))
     assert (await a.receive_json_from(timeout=5))["text"] == "still here"
     assert await sync_to_async(Message.objects.count)() == 1
+    await a.disconnect()
+
+
+async def test_deeply_nested_frame_is_invalid_json_and_logs_no_error(alice_bob_in_general, caplog):
+    alice, _ = alice_bob_in_general
+    a, _, _ = await connect(alice)
+    depth = 10_000  # 20 kB: within the frame limit, far past the JSON parser's recursion limit
+    await a.send_to(text_data="[" * depth + "]" * depth)
+    error = await a.receive_json_from(timeout=5)
+    assert (error["type"], error["code"]) == ("error", "invalid_json")
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    await a.send_json_to(message("still here"))
+    assert (await a.receive_json_from(timeout=5))["text"] == "still here"
     await a.disconnect()
 
 

@@ -110,6 +110,7 @@ async def test_notification_reaches_every_open_socket_of_the_mentioned_user(make
 
     expected = {
         "type": "notification",
+        "id": events[0]["event_id"],
         "kind": "mention",
         "message_id": message.pk,
         "room": "general",
@@ -119,6 +120,9 @@ async def test_notification_reaches_every_open_socket_of_the_mentioned_user(make
     assert await in_general.receive_json_from(timeout=5) == expected
     assert await in_random.receive_json_from(timeout=5) == expected
     assert mail.outbox == [], "a user with an open socket gets no email"
+    delivery = await sync_to_async(NotificationDelivery.objects.get)()
+    assert delivery.channel == NotificationDelivery.CHANNEL_SOCKET
+    assert delivery.delivered_at is None, "pushed is not delivered: no page has acknowledged it yet"
     await in_general.disconnect()
     await in_random.disconnect()
 

@@ -56,7 +56,20 @@ def test_create_room_form_shows_the_error_for_a_taken_name(make_user, make_room)
 
     assert response.status_code == 200
     assert "exists already" in response.content.decode()
+    assert '<a href="/rooms/general/" data-testid="existing-room">' in response.content.decode()
     assert Room.objects.count() == 1
+
+
+def test_create_room_form_answers_a_name_of_a_hidden_private_room_as_if_it_were_free(make_user, make_room):
+    alice, bob = make_user("alice"), make_user("bob")
+    make_room("leads", is_private=True, members=(bob,))
+
+    response = client_for(alice).post("/", {"name": "Leads", "is_private": "on"})
+
+    assert response.status_code == 302
+    created = Room.objects.get(created_by=alice)
+    assert response["Location"] == f"/rooms/{created.slug}/" == "/rooms/leads-2/"
+    assert created.is_private and list(created.members.all()) == [alice]
 
 
 def test_room_page_is_404_for_a_private_room_non_member(make_user, make_room):

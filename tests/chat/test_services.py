@@ -130,3 +130,60 @@ def test_room_create_makes_creator_member_and_rejects_duplicates(make_user):
         services.room_create(creator=alice, name="team leads")
     with pytest.raises(services.InvalidRoom):
         services.room_create(creator=alice, name="!!!")
+
+
+@pytest.mark.django_db
+def test_room_create_gives_a_name_taken_by_a_hidden_private_room_a_numbered_address(make_user, make_room):
+    alice, bob = make_user("alice"), make_user("bob")
+    make_room("leads", is_private=True, members=(alice,))
+    make_room("leads-2")  # a public room with the next address: skipped, not joined
+
+    room = services.room_create(creator=bob, name="Leads")
+
+    assert (room.slug, room.name, room.is_private) == ("leads-3", "Leads", False)
+    assert list(room.members.all()) == [bob]
+
+
+@pytest.mark.django_db
+def test_room_create_numbers_a_name_at_the_address_length_limit_within_it(make_user, make_room):
+    alice, bob = make_user("alice"), make_user("bob")
+    long_name = "x" * 100
+    make_room("x" * services.SLUG_MAX_CHARS, is_private=True, members=(alice,))
+
+    room = services.room_create(creator=bob, name=long_name)
+
+    assert room.slug == "x" * (services.SLUG_MAX_CHARS - 2) + "-2"
+
+
+@pytest.mark.django_db
+def test_room_create_names_the_visible_room_a_taken_name_belongs_to(make_user, make_room):
+    alice = make_user("alice")
+    mine = make_room("leads", is_private=True, members=(alice,))
+    public = make_room("general")
+
+    for name, room in (("Leads", mine), ("General!", public)):
+        with pytest.raises(services.RoomExists) as raised:
+            services.room_create(creator=alice, name=name)
+        assert raised.value.room == room
+    assert Room.objects.count() == 2
+
+
+@pytest.mark.django_db(transaction=True)
+def test_concurrent_creators_of_a_hidden_rooms_name_each_get_their_own_address(make_user, make_room):
+    owner = make_user("owner")
+    creators = [make_user(f"u{i}") for i in range(4)]
+    make_room("leads", is_private=True, members=(owner,))
+    start = threading.Barrier(len(creators))
+    created: list[Room] = []
+
+    def create(user):
+        start.wait()
+        created.append(services.room_create(creator=user, name="Leads"))
+        connection.close()
+
+    threads = [threading.Thread(target=create, args=(u,)) for u in creators]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(room.slug for room in created) == ["leads-2", "leads-3", "leads-4", "leads-5"]

@@ -11,9 +11,11 @@ from kombu import Connection
 from playwright.sync_api import expect
 
 from chat import selectors
+from chat.models import NotificationDelivery
 from chatproject.broker import declare_topology, notifications_queue
 from chatproject.procfile import procfile_command
 from tests.e2e.conftest import store_message
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -47,6 +49,22 @@ def test_mention_in_another_room_shows_a_toast_and_an_unread_count(pipeline, ali
     expect(toast).to_contain_text("@alice can you look at this?")
     unread = page.locator('[data-testid="unread-room"][data-room="random"]')
     expect(unread.get_by_test_id("unread-count")).to_have_text("1")
+
+
+def test_the_page_acknowledges_a_mention_it_shows(pipeline, alice_bob, open_room):
+    alice, bob, _general, other = alice_bob
+    page = open_room(alice, "general")
+
+    store_message(room=other, author=bob, text="@alice did you see this?")
+
+    expect(page.get_by_test_id("notification-toast")).to_contain_text("bob mentioned you in #random")
+    # Only the page's acknowledgement makes the push count as delivered (no email follows).
+    delivery = wait_until(
+        lambda: NotificationDelivery.objects.filter(user=alice, delivered_at__isnull=False).first(),
+        timeout=30,
+        message="the page's acknowledgement recorded",
+    )
+    assert delivery.channel == NotificationDelivery.CHANNEL_SOCKET
 
 
 def test_mention_in_the_open_room_is_highlighted_and_not_counted_unread(pipeline, alice_bob, open_room):

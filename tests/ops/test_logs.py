@@ -36,6 +36,7 @@ from chatproject.broker import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTE
 from chatproject.deadletters.models import DeadLetter
 from chatproject.procfile import DaphneServer, free_port, procfile_command
 from tests.conftest import session_cookie
+from tests.mail import file_email_env
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
@@ -59,8 +60,7 @@ def mail_dir(tmp_path: Path) -> Path:
 
 @pytest.fixture
 def mail_env(mail_dir: Path) -> dict[str, str]:
-    # Four slashes: django-environ drops the first one of the path.
-    return {"EMAIL_URL": f"filemail:///{mail_dir}"}
+    return file_email_env(mail_dir)
 
 
 @pytest.fixture

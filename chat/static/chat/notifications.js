@@ -5,7 +5,8 @@
  * - decorateMessage(li, frame) for every stored message it shows: a VIP badge when
  *   frame.vip, and each @mention in the text highlighted (the reader's own name more so);
  * - receive(frame) for every {"type": "notification"} frame: a toast, an entry in the
- *   mentions list, and an unread count for the room it came from.
+ *   mentions list, and an unread count for the room it came from. room.js then acknowledges
+ *   the frame over the socket (a `notification_ack`): shown, it needs no email.
  *
  * Notifications are kept in localStorage per user, so a count survives moving between
  * rooms; opening a room marks its notifications read. The server may push one twice

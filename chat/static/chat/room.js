@@ -509,10 +509,18 @@
         } else {
           showNotice(frame.text || frame.detail || "Notification");
         }
+        // Shown: only now does the server count it delivered; unacknowledged, it is emailed.
+        acknowledgeNotification(frame.id);
         break;
       default:
         break;
     }
+  }
+
+  function acknowledgeNotification(id) {
+    var socket = state.socket;
+    if (!id || !socket || socket.readyState !== WebSocket.OPEN) return;
+    socket.send(JSON.stringify({ type: "notification_ack", id: id }));
   }
 
   function handleError(frame) {
