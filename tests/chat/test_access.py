@@ -280,3 +280,16 @@ async def test_deleted_room_closes_its_sockets_with_4404(private_room):
     await sync_to_async(leads.delete)()
 
     assert await alice.receive_output(timeout=5) == {"type": "websocket.close", "code": 4404}
+
+
+@pytest.mark.django_db(transaction=True)
+def test_revocation_with_redis_down_is_committed_and_says_so(make_user, make_room, settings, caplog):
+    bob = make_user("bob")
+    leads = make_room("leads", is_private=True, members=(bob,))
+    layers = settings.CHANNEL_LAYERS
+    settings.CHANNEL_LAYERS = {"default": {**layers["default"], "CONFIG": {"hosts": ["redis://127.0.0.1:1"]}}}
+
+    services.room_member_remove(room=leads, user=bob)
+
+    assert not leads.members.exists()
+    assert "Redis is unavailable" in caplog.text
