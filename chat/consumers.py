@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -18,7 +19,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from chat import notifications, presence, protocol, selectors, services
+from chat import access, notifications, presence, protocol, selectors, services
 from chat.dispatch import dispatch_in_arrival_order
 from chat.models import Room
 from chat.ratelimit import take_message_token
@@ -52,6 +53,11 @@ _INBOX_CLOSED = object()
 
 
 @database_sync_to_async
+def _room_access_check(session_key: str | None, user_id: int, room_id: int) -> None:
+    selectors.room_access_check(session_key=session_key, user_id=user_id, room_id=room_id)
+
+
+@database_sync_to_async
 def _missed_frames(room: Room, since: int, limit: int) -> tuple[list[dict[str, Any]], bool]:
     messages, has_more = selectors.messages_page(room=room, after=since, limit=limit)
     return [dict(protocol.message_frame(m)) for m in messages], has_more
@@ -60,7 +66,10 @@ def _missed_frames(room: Room, since: int, limit: int) -> tuple[list[dict[str, A
 class RoomConsumer(AsyncWebsocketConsumer):
     room: Room | None = None
     heartbeat: asyncio.Task | None = None
+    access_recheck: asyncio.Task | None = None
     inbox_reader: asyncio.Task | None = None
+    # Set once the socket's access ended: nothing more is delivered to it or stored from it.
+    revoked = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """Channels' AsyncConsumer.__call__, with the cheaper event loop of chat.dispatch."""
@@ -105,6 +114,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self._refuse(protocol.CLOSE_FORBIDDEN)
             return
         self.group = protocol.room_group(self.room.pk)
+        # Events about a session that ended name it by digest (chat.access.session_digest).
+        self.session_key: str | None = self.scope["session"].session_key
+        self.session_digest = access.session_digest(self.session_key or "")
         # Ids acknowledged straight to this socket, so their group copy is not sent twice.
         self.acknowledged_ids: set[int] = set()
         # Ids of notifications pushed to this socket and not yet acknowledged by its page: only
@@ -128,10 +140,11 @@ class RoomConsumer(AsyncWebsocketConsumer):
         since = self._since_param()
         if since is not None:
             await self._replay_since(since)
-        # Started last: a connect() that raised above never gets a disconnect() to cancel it.
+        # Started last: a connect() that raised above never gets a disconnect() to cancel them.
         self.heartbeat = asyncio.create_task(
             presence.presence_heartbeat(user_id=user.pk, channel_name=self.channel_name)
         )
+        self.access_recheck = asyncio.create_task(self._recheck_access_periodically())
 
     async def _refuse(self, code: int) -> None:
         await self.accept()
@@ -168,6 +181,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
         if self.room is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             await self.channel_layer.group_discard(self.user_group, self.channel_name)
+        if self.access_recheck is not None:
+            self.access_recheck.cancel()
         if self.heartbeat is not None:
             self.heartbeat.cancel()
             await presence.presence_socket_close(
@@ -175,7 +190,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             )
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if self.room is None:
+        if self.room is None or self.revoked:
             return
         self.inbox.put_nowait(text_data if text_data is not None else bytes_data)
 
@@ -193,6 +208,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
                 )
 
     async def _client_frame(self, raw: str | bytes | None) -> None:
+        if self.revoked:  # queued before the access ended
+            return
         try:
             request = protocol.parse_client_frame(raw)
         except protocol.ProtocolError as error:
@@ -216,6 +233,14 @@ class RoomConsumer(AsyncWebsocketConsumer):
             result = await _message_create(
                 room=self.room, author=user, text=request.text, client_id=request.client_id, broadcast=False
             )
+        except services.MessageNotAllowed:
+            # The write found the user's access revoked, perhaps before this socket heard of it;
+            # nothing was stored. The check says which code; access back already is a race lost.
+            await self._revoke(await self._access_close_code() or protocol.CLOSE_FORBIDDEN)
+            return
+        except Room.DoesNotExist:
+            await self._revoke(protocol.CLOSE_ROOM_NOT_FOUND)
+            return
         except (OperationalError, InterfaceError) as error:
             # PostgreSQL is down or restarting: nothing was stored, so nothing may be acknowledged.
             # The socket stays open and the page keeps the message pending for a retry.
@@ -256,6 +281,8 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         """Group event: a message stored by any process, forwarded to this socket as is."""
+        if self.revoked:  # already in this process when the socket left its groups
+            return
         if event["id"] in self.acknowledged_ids:
             self.acknowledged_ids.discard(event["id"])
             return
@@ -263,10 +290,60 @@ class RoomConsumer(AsyncWebsocketConsumer):
 
     async def chat_notification(self, event: dict[str, Any]) -> None:
         """Group event: a notification for this socket's user (chat/notifications.py)."""
+        if self.revoked:
+            return
         if len(self.awaited_acks) >= _AWAITED_ACKS_MAX:
             self.awaited_acks.clear()
         self.awaited_acks.add(event["notification"]["id"])
         await self._send_json(event["notification"])
+
+    async def chat_access_revoked(self, event: access.AccessRevokedEvent) -> None:
+        """Group event (chat/access.py): this socket's access may have ended."""
+        if self.revoked or event["room_id"] not in (None, self.room.pk):
+            return
+        if event["session"] is not None:
+            # The session's row is deleted (committed): no check can find it valid again.
+            if event["session"] == self.session_digest:
+                await self._revoke(protocol.CLOSE_UNAUTHENTICATED)
+            return
+        code = await self._access_close_code()
+        if code is not None:
+            await self._revoke(code)
+
+    async def _recheck_access_periodically(self) -> None:
+        """Runs for the socket's life: finds the revocations no signal reports (chat/access.py)."""
+        while not self.revoked:
+            # Spread out, so that sockets which reconnected together do not check together.
+            await asyncio.sleep(settings.CHAT_ACCESS_RECHECK_SECONDS * random.uniform(0.5, 1.5))
+            code = await self._access_close_code()
+            if code is not None:
+                await self._revoke(code)
+
+    async def _access_close_code(self) -> int | None:
+        """The close code this socket's access now calls for, or None while it may stay."""
+        try:
+            await _room_access_check(self.session_key, self.scope["user"].pk, self.room.pk)
+        except selectors.SessionEnded:
+            return protocol.CLOSE_UNAUTHENTICATED
+        except selectors.RoomNotFound:
+            return protocol.CLOSE_ROOM_NOT_FOUND
+        except selectors.RoomAccessDenied:
+            return protocol.CLOSE_FORBIDDEN
+        except (OperationalError, InterfaceError) as error:
+            # Not knowing is no reason to close; the periodic check asks again.
+            logger.warning(
+                "cannot check a socket's access, the database is unavailable: %s", type(error).__name__
+            )
+        return None
+
+    async def _revoke(self, code: int) -> None:
+        """Close a socket whose access ended: leave its groups first, so nothing more reaches it."""
+        if self.revoked:
+            return
+        self.revoked = True
+        await self.channel_layer.group_discard(self.group, self.channel_name)
+        await self.channel_layer.group_discard(self.user_group, self.channel_name)
+        await self.close(code=code)
 
     async def _send_json(self, frame: Any) -> None:
         await self.send(text_data=json.dumps(frame))

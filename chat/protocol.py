@@ -31,7 +31,8 @@ ERROR_RATE_LIMITED = "rate_limited"
 ERROR_UNAVAILABLE = "unavailable"
 ERROR_INTERNAL = "internal_error"
 
-# Close codes for a socket that is refused after the handshake.
+# Close codes for a socket that is refused after the handshake, or whose access ends while it is
+# open (chat/access.py): the session or its user is gone, the room is forbidden, the room is gone.
 CLOSE_UNAUTHENTICATED = 4401
 CLOSE_FORBIDDEN = 4403
 CLOSE_ROOM_NOT_FOUND = 4404

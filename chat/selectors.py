@@ -3,9 +3,20 @@
 from __future__ import annotations
 
 import time
+from importlib import import_module
 
+from django.conf import settings
+from django.contrib.auth import (
+    BACKEND_SESSION_KEY,
+    HASH_SESSION_KEY,
+    SESSION_KEY,
+    get_user_model,
+    load_backend,
+)
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser, Group
+from django.core.exceptions import ValidationError
 from django.db.models import Exists, OuterRef, Q, QuerySet
+from django.utils.crypto import constant_time_compare
 
 from chat.models import Message, Room
 
@@ -20,6 +31,10 @@ class RoomNotFound(Exception):
 
 class RoomAccessDenied(Exception):
     pass
+
+
+class SessionEnded(Exception):
+    """The session behind an open socket is over, or its user may no longer log in."""
 
 
 def rooms_for_user(*, user: AbstractBaseUser) -> QuerySet[Room]:
@@ -44,6 +59,50 @@ def user_can_read_room(*, user: AbstractBaseUser | AnonymousUser, room: Room) ->
     if not room.is_private:
         return True
     return room.members.filter(pk=user.pk).exists()
+
+
+def room_access_check(*, session_key: str | None, user_id: int, room_id: int) -> Room:
+    """Called while a socket is open, to learn whether it may stay: returns its room or raises.
+
+    SessionEnded when its session no longer logs in `user_id` (session_user), RoomNotFound when
+    the room is gone, RoomAccessDenied when the user may no longer read it (user_can_read_room).
+    """
+    user = session_user(session_key=session_key) if session_key else None
+    if user is None or user.pk != user_id:
+        raise SessionEnded(user_id)
+    room = Room.objects.filter(pk=room_id).first()
+    if room is None:
+        raise RoomNotFound(room_id)
+    if not user_can_read_room(user=user, room=room):
+        raise RoomAccessDenied(room.slug)
+    return room
+
+
+def session_user(*, session_key: str) -> AbstractBaseUser | None:
+    """The user a session logs in, or None once it does not: logged out, deleted or expired,
+    the user deleted or inactive, or their password changed since (the session's auth hash).
+
+    Django runs the same check on every request (django.contrib.auth.get_user); a socket
+    outlives its request. Unlike get_user this only reads: get_user moves a session verified by
+    an old key of SECRET_KEY_FALLBACKS to a new session key, which would log out the browser
+    holding the old one.
+    """
+    data = import_module(settings.SESSION_ENGINE).SessionStore(session_key=session_key).load()
+    try:
+        user_id = get_user_model()._meta.pk.to_python(data[SESSION_KEY])
+        backend_path = data[BACKEND_SESSION_KEY]
+        session_hash = data[HASH_SESSION_KEY]
+    except (KeyError, ValidationError):
+        return None
+    if backend_path not in settings.AUTHENTICATION_BACKENDS:
+        return None
+    user = load_backend(backend_path).get_user(user_id)
+    if user is None or not user.is_active:
+        return None
+    secrets = [settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS]
+    if not any(constant_time_compare(session_hash, user._get_session_auth_hash(secret=s)) for s in secrets):
+        return None
+    return user
 
 
 def _vip_member(user_ref: OuterRef) -> Exists:

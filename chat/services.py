@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
+from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import IntegrityError, connection, transaction
 from django.utils.text import slugify
@@ -31,6 +32,10 @@ class RoomExists(InvalidRoom):
     def __init__(self, room: Room) -> None:
         super().__init__(f"A room with the address “{room.slug}” exists already.")
         self.room = room
+
+
+class MessageNotAllowed(Exception):
+    """The author may not post in the room (inactive, or not a member of a private room)."""
 
 
 @dataclass(frozen=True)
@@ -99,13 +104,36 @@ def _free_numbered_slug(slug: str) -> str:
     return _numbered_slug(slug, number)
 
 
+def room_member_remove(*, room: Room, user: AbstractBaseUser) -> None:
+    """Take `user` out of `room`'s members; in a private room their open sockets there close.
+
+    A public room is open to every logged-in user, members or not, so its sockets stay open.
+    """
+    with transaction.atomic():
+        room.members.remove(user)
+        # Side effect, on commit: chat.access tells the user's sockets to check their access
+        # again (its m2m_changed receiver, which sees the admin's and a shell's removals too).
+
+
+def user_deactivate(*, user: AbstractBaseUser) -> None:
+    """Stop `user` from logging in; every socket they have open closes with 4401."""
+    with transaction.atomic():
+        user.is_active = False
+        user.save(update_fields=["is_active"])
+        # Side effect, on commit: chat.access tells the user's sockets to check their access
+        # again (its post_save receiver, which sees the admin's and a shell's saves too).
+        # message_create refuses the user's writes from the commit on.
+
+
 def message_create(
     *, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID, broadcast: bool = True
 ) -> MessageResult:
     """Store a message, then (on commit) broadcast it to the room.
 
     Idempotent per (author, client_id): a resend returns the stored message and creates
-    nothing. The caller has validated `text` (chat.protocol). With `broadcast=False` the
+    nothing. Raises MessageNotAllowed, storing nothing, when the author is inactive or not a
+    member of a private room, and Room.DoesNotExist when the room is gone. The caller has
+    validated `text` (chat.protocol). With `broadcast=False` the
     caller awaits `message_broadcast` itself once this has returned (committed): the room
     socket does, because it is on the event loop already, and a worker thread blocked in
     async_to_sync until that loop runs the send costs the thread pool more than the send.
@@ -140,17 +168,30 @@ def message_create(
     return MessageResult(message, created=True)
 
 
-# One statement takes the room's seq number, inserts the message and its chat.message.created
-# outbox event, so the room's row lock (taken by the UPDATE) is held for one round trip and the
-# commit (plus one for all of its mentions, chat/notifications.py). As three ORM statements, each
-# round trip inside the lock also waited for the web process's GIL, and the room's other writers
-# queued behind it: that was the loadtest's latency tail, and the ORM's save path a fifth of the
-# process's CPU (docs/performance.md, step 13). created_at is PostgreSQL's clock, read once the
-# lock is held, so it follows seq within a room whichever web process wrote the message. A
-# rollback (a resend's unique violation included) still gives the seq number back.
+# One statement checks that the author may post (active, and a member when the room is private:
+# the rule of chat.selectors.user_can_read_room), takes the room's seq number, inserts the message
+# and its chat.message.created outbox event. A user whose access was revoked gets nothing stored,
+# at no extra round trip, and the room's row lock (taken by the UPDATE) is held for one round trip
+# and the commit (plus one for all of its mentions, chat/notifications.py). As three ORM
+# statements, each round trip inside the lock also waited for the web process's GIL, and the
+# room's other writers queued behind it: that was the loadtest's latency tail, and the ORM's save
+# path a fifth of the process's CPU (docs/performance.md, step 13). created_at is PostgreSQL's
+# clock, read once the lock is held, so it follows seq within a room whichever web process wrote
+# the message. A rollback (a resend's unique violation included) still gives the seq number back.
+_USER_TABLE = get_user_model()._meta.db_table
+_MEMBER_TABLE = Room.members.through._meta.db_table
+_MEMBER_ROOM_COLUMN = Room.members.field.m2m_column_name()
+_MEMBER_USER_COLUMN = Room.members.field.m2m_reverse_name()
 _MESSAGE_INSERT_SQL = f"""
 WITH seq AS (
-    UPDATE {Room._meta.db_table} SET last_seq = last_seq + 1 WHERE id = %(room_id)s RETURNING last_seq
+    UPDATE {Room._meta.db_table} AS room SET last_seq = last_seq + 1
+    WHERE room.id = %(room_id)s
+      AND EXISTS (SELECT 1 FROM {_USER_TABLE} AS author WHERE author.id = %(author_id)s AND author.is_active)
+      AND (NOT room.is_private OR EXISTS (
+          SELECT 1 FROM {_MEMBER_TABLE} AS member
+          WHERE member.{_MEMBER_ROOM_COLUMN} = room.id AND member.{_MEMBER_USER_COLUMN} = %(author_id)s
+      ))
+    RETURNING last_seq
 ), message AS (
     INSERT INTO {Message._meta.db_table} (room_id, author_id, text, client_id, created_at, seq)
     SELECT %(room_id)s, %(author_id)s, %(text)s, %(client_id)s, clock_timestamp(), last_seq FROM seq
@@ -193,7 +234,10 @@ def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_i
         )
         row = cursor.fetchone()
     if row is None:
-        raise Room.DoesNotExist(f"room {room.pk} no longer exists")
+        # Rare (a revoked user, a deleted room), so the reason costs a query only then.
+        if not Room.objects.filter(pk=room.pk).exists():
+            raise Room.DoesNotExist(f"room {room.pk} no longer exists")
+        raise MessageNotAllowed(f"user {author.pk} may not post in room {room.pk}")
     message_id, room.last_seq, created_at = row
     return Message(
         id=message_id,

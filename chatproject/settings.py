@@ -366,6 +366,9 @@ CHAT_RATE_PER_SECOND = env.float("CHAT_RATE_PER_SECOND", default=5.0)
 CHAT_RATE_BURST = env.int("CHAT_RATE_BURST", default=20)
 # How many missed messages a reconnecting socket gets replayed before it is told to resync.
 CHAT_REPLAY_LIMIT = env.int("CHAT_REPLAY_LIMIT", default=500)
+# How often (give or take half) an open socket checks its session, user and room again: the
+# safety net for revocations no signal reports (chat/access.py); the others close it at once.
+CHAT_ACCESS_RECHECK_SECONDS = env.float("CHAT_ACCESS_RECHECK_SECONDS", default=60.0)
 CHAT_HISTORY_PAGE = 50
 
 # Monitoring (chatproject/monitoring, docs/monitoring.md). Metrics ports of the processes that

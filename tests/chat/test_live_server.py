@@ -12,6 +12,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from chat import services
 from chat.models import Message
 from chatproject.database import database_url
 from chatproject.procfile import DaphneServer, free_port
@@ -189,3 +190,16 @@ async def test_database_outage_answers_unavailable_and_the_resend_is_stored_once
     finally:
         await sync_to_async(server.stop)()
         proxy.close()
+
+
+async def test_member_removed_in_another_process_is_closed_with_4403(live_daphne, make_user, make_room):
+    # The revocation commits here; the socket lives in daphne: the event crosses Redis.
+    bob = await sync_to_async(make_user)("bob")
+    leads = await sync_to_async(make_room)("leads", is_private=True, members=(bob,))
+    socket = await open_socket(live_daphne, bob, "leads")
+
+    await sync_to_async(services.room_member_remove)(room=leads, user=bob)
+
+    with pytest.raises(ConnectionClosed) as closed:
+        await next_frame(socket)
+    assert closed.value.rcvd.code == 4403

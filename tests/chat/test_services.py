@@ -121,6 +121,55 @@ def test_message_to_a_deleted_room_raises_and_stores_nothing(make_user, make_roo
 
 
 @pytest.mark.django_db
+def test_non_member_cannot_post_in_a_private_room_and_nothing_is_stored(make_user, make_room):
+    alice, bob = make_user("alice"), make_user("bob")
+    room = make_room("leads", is_private=True, members=(alice,))
+
+    with pytest.raises(services.MessageNotAllowed):
+        services.message_create(room=room, author=bob, text="let me in", client_id=uuid.uuid4())
+
+    assert not Message.objects.exists() and not OutboxEvent.objects.exists()
+    assert Room.objects.get(pk=room.pk).last_seq == 0
+    assert (
+        services.message_create(room=room, author=alice, text="hi", client_id=uuid.uuid4()).message.seq == 1
+    )
+
+
+@pytest.mark.django_db
+def test_removed_member_cannot_post_in_a_private_room(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("leads", is_private=True, members=(alice,))
+    services.message_create(room=room, author=alice, text="before", client_id=uuid.uuid4())
+
+    services.room_member_remove(room=room, user=alice)
+
+    with pytest.raises(services.MessageNotAllowed):
+        services.message_create(room=room, author=alice, text="after", client_id=uuid.uuid4())
+    assert list(Message.objects.values_list("text", flat=True)) == ["before"]
+
+
+@pytest.mark.django_db
+def test_deactivated_user_cannot_post_even_in_a_public_room(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("general")
+
+    services.user_deactivate(user=alice)
+
+    with pytest.raises(services.MessageNotAllowed):
+        services.message_create(room=room, author=alice, text="hello?", client_id=uuid.uuid4())
+    assert not Message.objects.exists() and not OutboxEvent.objects.exists()
+
+
+@pytest.mark.django_db
+def test_non_member_posts_in_a_public_room(make_user, make_room):
+    # Membership grants nothing in a public room: the write path follows user_can_read_room.
+    alice, bob = make_user("alice"), make_user("bob")
+    room = make_room("general", members=(alice,))
+
+    assert services.message_create(room=room, author=bob, text="hi", client_id=uuid.uuid4()).created
+
+
+@pytest.mark.django_db
 def test_room_create_makes_creator_member_and_rejects_duplicates(make_user):
     alice = make_user("alice")
     room = services.room_create(creator=alice, name="Team Leads", is_private=True)
