@@ -17,6 +17,7 @@ from chat import services
 from chat.models import Message, Room
 from chatproject.asgi import application
 from tests.chat.test_consumer import message
+from tests.conftest import site_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -38,7 +39,7 @@ def logged_in_client(user) -> Client:
 
 async def open_socket(client: Client, slug: str) -> WebsocketCommunicator:
     headers = [
-        (b"origin", b"http://localhost"),
+        (b"origin", site_origin().encode()),
         (b"cookie", f"sessionid={client.session.session_key}".encode()),
     ]
     communicator = WebsocketCommunicator(application, f"/ws/rooms/{slug}/", headers=headers)
