@@ -76,7 +76,7 @@ HTTP_REQUESTS_PER_SECOND = 2.0
 # A socket sends this many messages, then drops (half close cleanly, half lose the TCP
 # connection) and reconnects; an HTTP client logs out and in again after this many requests.
 MESSAGES_PER_SOCKET_LIFE = (4, 12)
-REQUESTS_PER_LOGIN = 15
+REQUESTS_PER_LOGIN = 30
 MENTION_SHARE = 0.2
 # How long the pipeline may take to drain after the traffic stops.
 DRAIN_SECONDS = 120.0
