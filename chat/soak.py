@@ -10,8 +10,8 @@ by analytics exactly once.
 
 Verdicts (`Series.verdict`): the first third of the samples is the warm-up. A count (connections,
 descriptors, threads, keys) is flat when its maximum after the warm-up is at most the warm-up's
-maximum plus a small slack; a memory figure when its maximum after the warm-up is less than 10%
-above the warm-up's; a backlog (queues, outbox) when the last third's maximum is at most the first
+maximum plus a small slack; a memory figure when the last third's maximum is less than 10% above
+the middle third's; a backlog (queues, outbox) when the last third's maximum is at most the first
 third's plus a slack. Connections, descriptors and memory of the processes decide the outcome.
 """
 
@@ -225,13 +225,16 @@ class Series:
         n = len(self.values)
         if n < 3:
             return "too short"
-        warmup, rest = self.values[: n // 3], self.values[n // 3 :]
+        third = n // 3
+        warmup, middle, last = self.values[:third], self.values[third : n - third], self.values[n - third :]
         if self.rule == "memory":
-            grew = max(rest) > max(warmup) * (1 + MEMORY_GROWTH_LIMIT)
+            # A fresh process's memory climbs through its warm-up (imports, caches, the young
+            # generation the web process lets grow before collecting): judged after it.
+            grew = max(last) > max(middle) * (1 + MEMORY_GROWTH_LIMIT)
         elif self.rule == "backlog":
-            grew = max(self.values[-(n // 3) :]) > max(warmup) + self.slack
+            grew = max(last) > max(warmup) + self.slack
         else:
-            grew = max(rest) > max(warmup) + self.slack
+            grew = max(middle + last) > max(warmup) + self.slack
         return "growing" if grew else "flat"
 
     def summary(self) -> dict[str, Any]:
@@ -244,6 +247,7 @@ class Series:
             "unit": "MiB" if self.rule == "memory" else "",
             "verdict": self.verdict(),
             "decides": self.decides,
+            "values": self.values,
         }
 
 

@@ -42,9 +42,9 @@ def test_connections_that_stay_within_the_slack_are_flat():
     assert series.verdict() == "flat"
 
 
-def test_memory_that_grows_by_a_tenth_after_the_warm_up_is_growing():
-    assert Series("rss", "memory", True, [100, 100, 100, 105, 108, 111]).verdict() == "growing"
-    assert Series("rss", "memory", True, [80, 100, 100, 104, 109, 109]).verdict() == "flat"
+def test_memory_that_grows_by_a_tenth_from_the_middle_third_to_the_last_is_growing():
+    assert Series("rss", "memory", True, [80, 90, 100, 100, 108, 111]).verdict() == "growing"
+    assert Series("rss", "memory", True, [60, 80, 100, 104, 109, 109]).verdict() == "flat"
 
 
 def test_a_backlog_judges_the_last_third_against_the_first():
