@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import random
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
@@ -23,6 +22,7 @@ from chat import access, notifications, presence, protocol, selectors, services
 from chat.dispatch import dispatch_in_arrival_order
 from chat.models import Room
 from chat.ratelimit import take_message_token
+from chatproject.database_threads import DatabaseThreadPool
 from chatproject.monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
 
 logger = logging.getLogger(__name__)
@@ -36,9 +36,12 @@ def _room_for_user(slug: str, user: Any) -> Room:
 # Writes run off the single thread-sensitive executor so that one slow commit does not
 # queue every other socket of the process behind it, in a pool of their own: a write mostly
 # waits on PostgreSQL, and asyncio's default pool (CPUs + 4 threads) capped one process at
-# about 6 writes in flight (docs/performance.md). Each thread keeps one database connection.
-_WRITE_THREADS = 16
-_WRITE_EXECUTOR = ThreadPoolExecutor(max_workers=_WRITE_THREADS, thread_name_prefix="chat-write")
+# about 6 writes in flight (docs/performance.md). Each thread reuses one database connection
+# and closes it when idle (chatproject/database_threads.py).
+WRITE_THREADS = 16
+_WRITE_EXECUTOR = DatabaseThreadPool(
+    size=WRITE_THREADS, name="chat-write", idle_seconds=settings.DB_CONN_IDLE_SECONDS
+)
 _message_create = database_sync_to_async(
     services.message_create, thread_sensitive=False, executor=_WRITE_EXECUTOR
 )

@@ -204,13 +204,13 @@ def _percentile(values: list[float], pct: float) -> float | None:
 # --- Database side: users, rooms, sessions ------------------------------------------------
 
 
-def loadtest_users_ensure(*, count: int) -> list[AbstractBaseUser]:
-    """`count` users named loadtest-user-NNNN, created once and reused by later runs.
+def loadtest_users_ensure(*, count: int, prefix: str = f"{PREFIX}user-") -> list[AbstractBaseUser]:
+    """`count` users named <prefix>NNNN (loadtest-user-NNNN), created once and reused by later runs.
 
     They have no usable password: they only ever log in through sessions made here.
     """
     user_model = get_user_model()
-    names = [f"{PREFIX}user-{i:04d}" for i in range(count)]
+    names = [f"{prefix}{i:04d}" for i in range(count)]
     existing = set(user_model.objects.filter(username__in=names).values_list("username", flat=True))
     missing = []
     for name in names:
@@ -222,13 +222,13 @@ def loadtest_users_ensure(*, count: int) -> list[AbstractBaseUser]:
     return list(user_model.objects.filter(username__in=names).order_by("username"))
 
 
-def loadtest_rooms_ensure(*, count: int) -> list[Room]:
-    """`count` public rooms named loadtest-room-NN, created once and reused by later runs."""
+def loadtest_rooms_ensure(
+    *, count: int, prefix: str = f"{PREFIX}room-", title: str = "Load test"
+) -> list[Room]:
+    """`count` public rooms named <prefix>NN (loadtest-room-NN), created once and reused by later runs."""
     rooms = []
     for i in range(count):
-        room, _ = Room.objects.get_or_create(
-            slug=f"{PREFIX}room-{i:02d}", defaults={"name": f"Load test {i:02d}"}
-        )
+        room, _ = Room.objects.get_or_create(slug=f"{prefix}{i:02d}", defaults={"name": f"{title} {i:02d}"})
         rooms.append(room)
     return rooms
 
@@ -341,7 +341,10 @@ def process_rss_bytes(pid: int) -> int | None:
 # --- The clients ---------------------------------------------------------------------------
 
 
-async def _open_socket(target: Target, client: LoadClient, errors: Counter[str]) -> ClientConnection | None:
+async def client_socket_open(
+    target: Target, client: LoadClient, errors: Counter[str]
+) -> ClientConnection | None:
+    """The client's socket, open; None (the failure counted in `errors`) when it cannot connect."""
     try:
         return await connect(
             target.room_url(client.room),
@@ -365,7 +368,7 @@ async def _open_sockets(
 
     async def open_one(client: LoadClient) -> ClientConnection | None:
         async with gate:
-            return await _open_socket(target, client, errors)
+            return await client_socket_open(target, client, errors)
 
     return await asyncio.gather(*(open_one(client) for client in clients))
 
@@ -541,7 +544,7 @@ async def connections_run(
     async def open_counted(client: LoadClient, gate: asyncio.Semaphore) -> ClientConnection | None:
         nonlocal opened
         async with gate:
-            ws = await _open_socket(target, client, report.errors)
+            ws = await client_socket_open(target, client, report.errors)
         opened += 1
         if progress:
             progress(opened, len(clients))

@@ -3,6 +3,7 @@
 import gc
 import os
 
+from django.conf import settings
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
@@ -12,11 +13,15 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the apps loa
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
+from chatproject.database_threads import BoundedHttpThreads  # noqa: E402
 from chatproject.origins import SiteOriginValidator  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
-        "http": django_asgi_app,
+        # A fixed set of threads for requests, so connections are bounded (database_threads).
+        "http": BoundedHttpThreads(
+            django_asgi_app, size=settings.WEB_HTTP_THREADS, idle_seconds=settings.DB_CONN_IDLE_SECONDS
+        ),
         # Cookie auth makes cross-site socket hijacking possible; refusing foreign Origins
         # (scheme, host and port: chatproject/origins.py) is what CSRF protection is for forms.
         "websocket": SiteOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),

@@ -98,14 +98,25 @@ TEMPLATES = [
 DATABASES = {
     "default": env.db("DATABASE_URL", default="postgres://postgres@localhost:5432/chat"),
 }
-# Persistent connections: the consumer's sync_to_async thread pool reuses them instead of
-# opening a PostgreSQL connection per message.
+# Persistent connections: each thread reuses its own instead of opening a PostgreSQL connection
+# per message or request, and replaces it after this many seconds. Only safe with a bounded
+# number of threads per process (chatproject/database_threads.py, docs/architecture.md).
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 # No `SELECT 1` before each use of a pooled connection: on the socket's write path it was a
 # round trip per message and doubled p99 under load (docs/performance.md). The cost: after a
 # PostgreSQL restart, each pooled connection fails once (a socket answers `unavailable`, the
 # page retries; a page view may answer 500 once), and Django then replaces it.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
+# A web process's thread closes its connection after this many seconds without work
+# (chatproject/database_threads.py), so an idle web process holds no connections.
+DB_CONN_IDLE_SECONDS = env.float("DB_CONN_IDLE_SECONDS", default=30.0)
+# Threads that run HTTP requests in a web process (chatproject/database_threads.py): at most this
+# many requests run Django's synchronous code at once, each thread holding at most one PostgreSQL
+# connection; a request waits for a free thread. A web process's connections are at most this
+# plus the socket write threads plus one (docs/architecture.md).
+WEB_HTTP_THREADS = env.int("WEB_HTTP_THREADS", default=8)
+if WEB_HTTP_THREADS < 1:
+    raise ImproperlyConfigured("WEB_HTTP_THREADS must be at least 1")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://localhost:6379/0")
