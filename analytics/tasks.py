@@ -12,7 +12,7 @@ import logging
 import random
 from typing import Any
 
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import Reject
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
@@ -24,7 +24,6 @@ from analytics.services import (
     ledger_horizon,
     processed_events_prune,
 )
-from chatproject.celery import app
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +34,7 @@ def retry_delay(retries: int) -> float:
     return random.uniform(ceiling / 2, ceiling)
 
 
-@app.task(
+@shared_task(
     name="analytics.record_chat_events",
     bind=True,
     max_retries=settings.ANALYTICS_RETRY_MAX,
@@ -68,7 +67,7 @@ def record_chat_events(self: Task, events: Any) -> dict[str, int]:
 
 # A failed prune (database down) is acked, not dead-lettered: the next beat, an hour later, is
 # the retry, and it deletes whatever this one left.
-@app.task(name="analytics.prune_processed_events", acks_on_failure_or_timeout=True)
+@shared_task(name="analytics.prune_processed_events", acks_on_failure_or_timeout=True)
 def prune_processed_events() -> int:
     """Delete ledger rows past ANALYTICS_LEDGER_RETENTION_DAYS; sent hourly by Celery beat."""
     pruned = processed_events_prune()

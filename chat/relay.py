@@ -31,6 +31,7 @@ import amqp
 import psycopg2
 import psycopg2.extensions
 from amqp.exceptions import PreconditionFailed
+from celery import current_app
 from django.conf import settings
 from django.db import DatabaseError, transaction
 from django.db import connection as django_connection
@@ -159,10 +160,8 @@ def task_message_build(*, routing_key: str, rows: list[tuple[int, dict[str, Any]
 def _task_message(
     *, routing_key: str, row_ids: list[int], events_json: list[str], priority: int, expiries: list[str]
 ) -> TaskMessage:
-    from chatproject.celery import app
-
     task_id = str(uuid.uuid4())
-    headers, properties, body, _ = app.amqp.as_task_v2(
+    headers, properties, body, _ = current_app.amqp.as_task_v2(
         task_id,
         EVENT_TASKS[routing_key],
         args=[[]],  # the events are spliced into the body below

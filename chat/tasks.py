@@ -12,7 +12,7 @@ import smtplib
 from typing import Any
 
 import redis
-from celery import Task
+from celery import Task, shared_task
 from celery.exceptions import Reject
 from django.db import InterfaceError, OperationalError
 
@@ -21,7 +21,6 @@ from chat.notifications import (
     mention_notifications_deliver,
     notification_fallback_emails_send,
 )
-from chatproject.celery import app
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +29,7 @@ TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.RedisError, smtplib.
 RETRY_MAX = 5
 
 
-@app.task(name="chat.deliver_mention_notifications", bind=True, max_retries=RETRY_MAX)
+@shared_task(name="chat.deliver_mention_notifications", bind=True, max_retries=RETRY_MAX)
 def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     """Deliver one relay message's mention events (usually one); safe under redelivery.
 
@@ -55,7 +54,7 @@ def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     }
 
 
-@app.task(name="chat.send_notification_fallback_emails")
+@shared_task(name="chat.send_notification_fallback_emails")
 def send_notification_fallback_emails() -> dict[str, int]:
     """Email the pushes no page acknowledged in time (a batch; beat runs this every few seconds).
 

@@ -6,13 +6,14 @@ reports, when the analytics workers are gone.
 
 from __future__ import annotations
 
-from chatproject.celery import app
+from celery import shared_task
+
 from chatproject.monitoring.services import alerts_check
 
 
 # A failed run (database down) is acked, not dead-lettered: the next beat, ALERT_CHECK_SECONDS
 # later, is the retry, and a dead letter per failed check would itself raise the DLQ alert.
-@app.task(name="monitoring.check_alerts", acks_on_failure_or_timeout=True)
+@shared_task(name="monitoring.check_alerts", acks_on_failure_or_timeout=True)
 def check_alerts() -> dict[str, str]:
     """Evaluate every alert once; returns the level changes (key -> new level) for the log."""
     return {transition.key: transition.level.label for transition in alerts_check()}

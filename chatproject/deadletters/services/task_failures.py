@@ -16,6 +16,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from celery import current_app
 from django.db import connection, transaction
 from django.utils import timezone
 
@@ -146,8 +147,6 @@ def task_failure_publish(
     The note goes to the dead-letter exchange, so it reaches `dead_letters` before the dead letter
     the worker is about to reject; the archiver records it as a TaskFailure and joins it.
     """
-    from chatproject.celery import app
-
     note = {
         "task_id": task_id,
         "task_name": task_name,
@@ -157,7 +156,7 @@ def task_failure_publish(
         "attempts": attempts,
     }
     # CELERY_BROKER_TRANSPORT_OPTIONS has confirm_publish: publish returns once RabbitMQ has it.
-    with app.producer_or_acquire() as producer:
+    with current_app.producer_or_acquire() as producer:
         producer.publish(
             note,
             exchange=DEAD_LETTER_EXCHANGE,
