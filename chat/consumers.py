@@ -23,7 +23,7 @@ from chat.dispatch import dispatch_in_arrival_order
 from chat.models import Room
 from chat.ratelimit import take_message_token
 from chatproject.database_threads import DatabaseThreadPool
-from chatproject.monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
+from monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
 
 logger = logging.getLogger(__name__)
 

@@ -48,7 +48,7 @@ from chatproject.broker_connection import BrokerUnavailable, first_line
 from chatproject.confirms import ConfirmingPublisher, Outgoing
 from chatproject.database import database_connect_autocommit, delete_in_chunks
 from chatproject.health import redacted_url
-from chatproject.monitoring.metrics import RELAY_PUBLISH_SECONDS
+from monitoring.metrics import RELAY_PUBLISH_SECONDS
 
 logger = logging.getLogger(__name__)
 

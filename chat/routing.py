@@ -1,7 +1,7 @@
 from django.urls import path
 
 from chat.consumers import RoomConsumer
-from chatproject.monitoring.consumers import StaffAlertConsumer
+from monitoring.consumers import StaffAlertConsumer
 
 websocket_urlpatterns = [
     path("ws/rooms/<slug:slug>/", RoomConsumer.as_asgi()),

@@ -48,7 +48,7 @@ from analytics.selectors import room_message_count
 from chat import loadtest
 from chat.models import Message, Room
 from chatproject.database_threads import DatabaseThreadPool
-from chatproject.monitoring.selectors import (
+from monitoring.selectors import (
     SourceUnavailable,
     monitored_queues,
     outbox_backlog,

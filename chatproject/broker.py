@@ -42,7 +42,7 @@ ANALYTICS_QUEUE = Queue(
     queue_arguments=WORK_QUEUE_ARGUMENTS,
 )
 
-# The periodic alert check (chatproject/monitoring/tasks.py) has a queue and a worker of its own
+# The periodic alert check (monitoring/tasks.py) has a queue and a worker of its own
 # (Procfile `monitor`), so it still runs, and reports, when the analytics workers are gone.
 MONITORING_EXCHANGE = Exchange("monitoring", type="direct", durable=True)
 MONITORING_QUEUE = Queue(

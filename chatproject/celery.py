@@ -11,7 +11,7 @@ import os
 
 from celery import Celery, bootsteps
 
-from chatproject.monitoring.worker_metrics import install_worker_metrics
+from monitoring.worker_metrics import install_worker_metrics
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 

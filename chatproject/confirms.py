@@ -1,6 +1,6 @@
 """Publishing with pipelined publisher confirms: a message counts as sent only once RabbitMQ said so.
 
-Used by the outbox relay (chat/relay.py) and by dead-letter replay (chatproject/deadletters).
+Used by the outbox relay (chat/relay.py) and by dead-letter replay (deadletters).
 A batch is published, then one wait covers all its confirms, instead of a round trip per
 message (per-message confirms are five times slower, docs/performance.md). Messages go out
 `mandatory`, so an unroutable one comes back (basic.return, sent before its ack) instead of

@@ -41,7 +41,7 @@ CHAT_ALLOWED_ORIGINS = env.list(
 INSTALLED_APPS = [
     "daphne",
     # Before django.contrib.admin: its admin/base_site.html adds the staff alert banner.
-    "chatproject.monitoring",
+    "monitoring",
     "django_prometheus",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -54,7 +54,7 @@ INSTALLED_APPS = [
     "channels",
     "chat",
     "analytics",
-    "chatproject.deadletters",
+    "deadletters",
 ]
 
 MIDDLEWARE = [
@@ -89,7 +89,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "chatproject.monitoring.context_processors.staff_alerts",
+                "monitoring.context_processors.staff_alerts",
             ],
         },
     },
@@ -217,7 +217,7 @@ if ANALYTICS_LEDGER_RETENTION_DAYS < 1:
 # so a test can SIGKILL it at that exact point.
 ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", default=0.0)
 ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
-# Dead letters (chatproject/deadletters): deliveries the archiver holds unacked at once (a crash
+# Dead letters (deadletters): deliveries the archiver holds unacked at once (a crash
 # redelivers at most these, each archived once); how long failure details no dead letter claimed
 # are kept; the RabbitMQ management API for queue rates (empty: passive declares only); and a
 # test-only pause between commit and ack so tests/deadletters can SIGKILL the archiver there.
@@ -382,7 +382,7 @@ CHAT_REPLAY_LIMIT = env.int("CHAT_REPLAY_LIMIT", default=500)
 CHAT_ACCESS_RECHECK_SECONDS = env.float("CHAT_ACCESS_RECHECK_SECONDS", default=60.0)
 CHAT_HISTORY_PAGE = 50
 
-# Monitoring (chatproject/monitoring, docs/monitoring.md). Metrics ports of the processes that
+# Monitoring (monitoring, docs/monitoring.md). Metrics ports of the processes that
 # serve no HTTP: Celery workers (`--metrics-port` overrides per worker; 0 disables) and the relay.
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
 RELAY_METRICS_PORT = env.int("RELAY_METRICS_PORT", default=9809)

@@ -11,6 +11,6 @@ urlpatterns = [
     path("accounts/signup/", views.signup, name="signup"),
     path("accounts/", include("django.contrib.auth.urls")),
     path("admin/", admin.site.urls),
-    path("", include("chatproject.monitoring.urls")),
+    path("", include("monitoring.urls")),
     path("", include("analytics.urls")),
 ]

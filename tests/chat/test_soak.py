@@ -11,8 +11,8 @@ from django.conf import settings
 from chat.loadtest import Target
 from chat.soak import PROCESS_SIGNATURES, Series, _has_words, chat_processes_find, soak_run
 from chatproject.broker import ANALYTICS_QUEUE
-from chatproject.monitoring.selectors import queue_stats
 from chatproject.procfile import ROOT, procfile_command
+from monitoring.selectors import queue_stats
 from tests.waiting import wait_until
 
 

@@ -88,7 +88,7 @@ def _empty_queues(request: pytest.FixtureRequest) -> None:
     """Broker tests share the session's vhost: start each with every topology queue empty."""
     if request.node.get_closest_marker("broker") is None:
         return
-    from chatproject.deadletters.selectors import topology_queues
+    from deadletters.selectors import topology_queues
 
     broker_url = request.getfixturevalue("broker_url")
     with Connection(broker_url) as conn:
@@ -180,7 +180,7 @@ def archive_letter(
     *, task_id: str | None = None, reason: str = "rejected", queue: str = "analytics", **extra: Any
 ):
     """Archive a dead letter as the archiver would receive it (no broker involved)."""
-    from chatproject.deadletters.services.archive import dead_letter_archive
+    from deadletters.services.archive import dead_letter_archive
 
     message = analytics_task_message([chat_event(room_id=1, author_id=1)])
     headers = dict(message.properties["application_headers"])

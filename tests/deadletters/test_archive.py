@@ -16,9 +16,9 @@ from kombu import Connection, Queue
 
 from chat.relay import task_message_build
 from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
-from chatproject.deadletters.models import DeadLetter
-from chatproject.deadletters.services.resolution import replay_message
 from chatproject.procfile import free_port
+from deadletters.models import DeadLetter
+from deadletters.services.resolution import replay_message
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,

@@ -9,7 +9,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from chatproject.deadletters.models import DeadLetter, DeadLetterAction
+from deadletters.models import DeadLetter, DeadLetterAction
 from tests.deadletters.conftest import archive_letter
 from tests.waiting import wait_until
 
@@ -84,7 +84,7 @@ def test_dlq_replay_by_id_republishes_and_marks_it(letters, broker_url):
 
 @pytest.mark.broker
 def test_queues_json_lists_every_topology_queue_with_its_dead_letter_settings(broker_url):
-    from chatproject.deadletters.selectors import topology_queues
+    from deadletters.selectors import topology_queues
 
     def rows_from_the_api() -> dict | None:
         rows = {row["name"]: row for row in json.loads(run("queues", "--json"))}

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from chatproject.monitoring.tasks import check_alerts
 from chatproject.procfile import free_port, procfile_command, wait_for_port
+from monitoring.tasks import check_alerts
 from tests.monitoring.conftest import sample
 
 pytestmark = pytest.mark.broker

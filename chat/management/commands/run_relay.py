@@ -6,7 +6,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand
 
 from chat.relay import relay_run
-from chatproject.monitoring.endpoints import metrics_server_start
+from monitoring.endpoints import metrics_server_start
 
 
 class Command(BaseCommand):

@@ -1,0 +1,208 @@
+"""The dead-letter archiver loop (`manage.py run_dlq_archiver`): `dead_letters` -> PostgreSQL.
+
+Manual acks: a batch of deliveries is acked only after `dead_letters_archive` committed its rows,
+so a crash (SIGKILL included) at any point leaves them unacked and RabbitMQ redelivers them; the
+rows stay `ack_pending` until RabbitMQ has handled the ack, and a redelivery takes over such a row
+instead of adding one. A letter the database refuses does not hold back the others: it is stored
+in minimal form, and one that cannot even be stored so is held unacked and handed back to RabbitMQ
+after DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS. Survives broker and database outages by reconnecting
+with backoff; the unacked messages of a dropped connection come back by themselves.
+
+While idle it keeps its broker connection alive with AMQP heartbeats (DLQ_ARCHIVER_HEARTBEAT_SECONDS),
+so a broker gone without FIN or RST (a network partition) is noticed and the connection replaced,
+without waiting on a close handshake that cannot come (chatproject/broker_connection.py).
+
+Hourly (and once at start) it also prunes what the archive no longer needs: failure details no
+dead letter claimed, and resolved dead letters past their retention.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from collections.abc import Callable
+
+import amqp
+from django.conf import settings
+from django.db import DatabaseError, close_old_connections
+
+from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
+from chatproject.broker_connection import (
+    BrokerUnavailable,
+    broker_connection,
+    broker_keep_alive,
+    keep_alive_interval,
+)
+from chatproject.health import redacted_url
+from deadletters.services.archive import (
+    ArchiveOutcome,
+    dead_letters_archive,
+    dead_letters_mark_acked,
+)
+from deadletters.services.retention import dead_letters_prune, task_failures_prune
+
+logger = logging.getLogger(__name__)
+
+MAX_BACKOFF_SECONDS = 30.0
+PRUNE_EVERY_SECONDS = 3600.0
+# How long to wait for more deliveries once one arrived, to archive them in one transaction.
+BATCH_GATHER_SECONDS = 0.02
+# The idle archiver wakes at least this often (more often for short heartbeat intervals) to prune
+# and to hand held letters back when due.
+IDLE_WAKE_SECONDS = 1.0
+
+
+def dead_letter_archiver_run(
+    *,
+    broker_url: str | None = None,
+    prefetch: int | None = None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> None:
+    """Consume `dead_letters` until `should_stop()`; every delivery is archived, then acked."""
+    broker_url = broker_url or settings.CELERY_BROKER_URL
+    prefetch = prefetch or settings.DLQ_ARCHIVER_PREFETCH
+    heartbeat = settings.DLQ_ARCHIVER_HEARTBEAT_SECONDS
+    idle_wake = min(IDLE_WAKE_SECONDS, keep_alive_interval(heartbeat) or IDLE_WAKE_SECONDS)
+    url = redacted_url(broker_url)
+    backoff = 0.5
+    next_prune = time.monotonic()
+    broker_state = "starting"
+    while not should_stop():
+        try:
+            with broker_connection(broker_url, heartbeat=heartbeat) as conn:
+                declare_topology(conn)
+                channel: amqp.Channel = conn.default_channel
+                # Bounded prefetch: a crash redelivers at most this many, each archived once.
+                channel.basic_qos(0, prefetch, False)
+                arrived: list[amqp.Message] = []
+                # Delivery tag -> when it was found unstorable; these stay unacked on this channel.
+                held: dict[int, float] = {}
+                channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=arrived.append, no_ack=False)
+                if broker_state == "lost":
+                    logger.info("dead-letter archiver reconnected to RabbitMQ at %s", url)
+                logger.info(
+                    "dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, prefetch
+                )
+                broker_state = "consuming"
+                backoff = 0.5
+                while not should_stop():
+                    if time.monotonic() >= next_prune:
+                        # The broker hears from us between chunks: a long prune must not look dead.
+                        _prune(between_chunks=lambda: broker_keep_alive(conn))
+                        next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
+                    _requeue_held_when_due(channel, held)
+                    # Deliveries can arrive while a batch is acked; those are archived without waiting.
+                    if not arrived:
+                        select.select([conn.connection.sock], [], [], idle_wake)
+                    # Reads what the broker sent (deliveries, heartbeats) and sends a heartbeat when due.
+                    broker_keep_alive(conn)
+                    if not arrived:
+                        continue
+                    # Whatever the broker has already pushed joins the batch: one commit for many.
+                    while len(arrived) < prefetch:
+                        try:
+                            conn.drain_events(timeout=BATCH_GATHER_SECONDS)
+                        except TimeoutError:
+                            break
+                    batch = arrived[:]
+                    arrived.clear()
+                    _archive_and_ack(channel, batch, held=held, prefetch=prefetch)
+        except BrokerUnavailable as error:
+            if broker_state == "consuming":
+                broker_state = "lost"
+                logger.warning(
+                    "lost the broker connection to %s (%s); dead letters wait in their queue, "
+                    "the archiver reconnects",
+                    url,
+                    error,
+                )
+            else:
+                logger.warning(
+                    "broker unreachable at %s (%s); the archiver retries in %.1fs", url, error, backoff
+                )
+        except DatabaseError as error:
+            # Only a lost connection gets here (services.archive.CONNECTION_ERRORS). Closing the broker
+            # connection hands the unacked deliveries back to RabbitMQ.
+            logger.warning("database unavailable (%s); the archiver retries in %.1fs", error, backoff)
+            close_old_connections()
+        time.sleep(backoff)
+        backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
+
+
+def _prune(*, between_chunks: Callable[[], None]) -> None:
+    pruned = task_failures_prune(between_chunks=between_chunks)
+    if pruned:
+        logger.info("pruned %d task failures no dead letter claimed", pruned)
+    pruned = dead_letters_prune(between_chunks=between_chunks)
+    if pruned:
+        logger.info("pruned %d resolved dead letters past DLQ_RESOLVED_RETENTION_DAYS", pruned)
+
+
+def _archive_and_ack(
+    channel: amqp.Channel, batch: list[amqp.Message], *, held: dict[int, float], prefetch: int
+) -> None:
+    if not batch:
+        return
+    deliveries = []
+    for message in batch:
+        properties = dict(message.properties)
+        deliveries.append(
+            {
+                "body": message.body,
+                "headers": properties.pop("application_headers", None) or {},
+                "properties": properties,
+                "exchange": message.delivery_info.get("exchange", ""),
+                "routing_key": message.delivery_info.get("routing_key", ""),
+                "redelivered": bool(message.delivery_info.get("redelivered")),
+            }
+        )
+    results = dead_letters_archive(deliveries=deliveries)
+    if settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS:
+        # tests/deadletters: committed, not yet acked -- the worst moment to be SIGKILLed.
+        logger.warning("fault injection: batch committed, pausing before its ack")
+        time.sleep(settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS)
+    unstorable = [m for m, r in zip(batch, results, strict=True) if not r.stored]
+    if held or unstorable:
+        # A multiple ack would take the held deliveries with it.
+        for message, result in zip(batch, results, strict=True):
+            if result.stored:
+                channel.basic_ack(message.delivery_tag)
+    else:
+        # Delivery tags grow on a channel and the batch holds every unacked one: ack them all at once.
+        channel.basic_ack(batch[-1].delivery_tag, multiple=True)
+    held.update(dict.fromkeys((m.delivery_tag for m in unstorable), time.monotonic()))
+    # RabbitMQ answers basic.qos only after it handled the acks sent before it on this channel: from
+    # then on these deliveries cannot come back, and no redelivery may take their rows over.
+    channel.basic_qos(0, prefetch, False)
+    dead_letters_mark_acked(dead_letters=[r.dead_letter for r in results if r.dead_letter is not None])
+    for result in results:
+        dl = result.dead_letter
+        if result.outcome is ArchiveOutcome.ARCHIVED and dl is not None:
+            logger.info(
+                "archived dead letter #%d: %s from %s (%s)",
+                dl.pk,
+                dl.task_name or dl.routing_key,
+                dl.origin_queue,
+                dl.reason,
+            )
+    if unstorable:
+        logger.error(
+            "holding %d dead letters that could not be stored at all (%d held); they go back to the "
+            "queue in %.0fs",
+            len(unstorable),
+            len(held),
+            settings.DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS,
+        )
+
+
+def _requeue_held_when_due(channel: amqp.Channel, held: dict[int, float]) -> None:
+    """Hand the deliveries held for DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS back to RabbitMQ: each is
+    tried again once per that interval, never in a loop, and never dropped."""
+    due_before = time.monotonic() - settings.DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS
+    due = [tag for tag, since in held.items() if since <= due_before]
+    for tag in due:
+        channel.basic_reject(tag, requeue=True)
+        del held[tag]
+    if due:
+        logger.warning("handed %d unstorable dead letters back to the queue to try them again", len(due))

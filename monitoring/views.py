@@ -1,0 +1,41 @@
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from monitoring.collectors import web_metrics_text
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus scrape endpoint of the web process (see collectors.py for what it contains).
+
+    Queue names and backlogs are not for the public. With METRICS_BEARER_TOKEN set, only a request
+    carrying that token is answered, from any address: behind a reverse proxy on the same host every
+    request comes from loopback, so the address proves nothing. Without it, only peers in
+    METRICS_ALLOWED_NETWORKS are.
+    """
+    if not metrics_reader_allowed(
+        address=request.META.get("REMOTE_ADDR", ""),
+        authorization=request.headers.get("Authorization", ""),
+    ):
+        return HttpResponseForbidden("metrics are served to the monitoring system only\n")
+    return HttpResponse(web_metrics_text(), content_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_reader_allowed(*, address: str, authorization: str) -> bool:
+    token = settings.METRICS_BEARER_TOKEN
+    if token:
+        scheme, _, credentials = authorization.partition(" ")
+        # Constant time: how much of a guess matched must not show in the response time.
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            credentials.strip().encode(), token.encode()
+        )
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(network) for network in settings.METRICS_ALLOWED_NETWORKS)
