@@ -27,9 +27,9 @@ from django.utils import timezone
 from analytics.models import ProcessedEvent
 from analytics.selectors import LagStats, processing_lag
 from chat.models import OutboxEvent, Room
-from chat.outbox import ROUTING_MESSAGE_CREATED
 from chat.services import message_create
 from chatproject.procfile import ROOT, child_process_env, procfile_command
+from messaging.outbox import ROUTING_MESSAGE_CREATED
 
 BENCH_PREFIX = "bench-lag-"
 READY_TIMEOUT_SECONDS = 60.0

@@ -26,8 +26,8 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
-from chat.outbox import ROUTING_MESSAGE_CREATED
 from chatproject.database import delete_in_chunks
+from messaging.outbox import ROUTING_MESSAGE_CREATED
 
 # The horizon sits this far inside the retention, so that a ledger row cannot be pruned between
 # the horizon check and the insert that would find it, whatever the clock skew between the hosts

@@ -47,7 +47,7 @@ class Message(models.Model):
 class OutboxEvent(models.Model):
     """An event to publish to RabbitMQ, written in the same transaction as its cause.
 
-    The relay (chat/relay.py) publishes pending rows and sets `sent_at` only after the
+    The relay (messaging/relay.py) publishes pending rows and sets `sent_at` only after the
     broker confirmed them, so a crash anywhere means a resend, never a loss.
     """
 

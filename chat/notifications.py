@@ -46,10 +46,10 @@ from django.utils import timezone
 
 from chat import protocol
 from chat.models import Message, NotificationDelivery
-from chat.outbox import ROUTING_MENTION, outbox_events_add
 from chat.presence import user_open_sockets
 from chat.selectors import user_can_read_room
-from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW
+from messaging.outbox import ROUTING_MENTION, outbox_events_add
+from messaging.topology import PRIORITY_HIGH, PRIORITY_LOW
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Runs in a RabbitMQ vhost of its own (deleted afterwards) with its own notifier process (the
 Procfile's `notifier` command), so no real worker sees the benchmark's tasks. Task messages are
-built and published by the relay's own code (chat.relay: `task_message_build`, EventPublisher
+built and published by the relay's own code (messaging.relay: `task_message_build`, EventPublisher
 with confirms), one mention event per message as the relay publishes them; the worker runs the
 real delivery service, mailing an offline user through the locmem email backend. Latency is
 the ledger's `delivered_at` minus the event's `queued_at` (the moment it was handed to the
@@ -33,16 +33,16 @@ from kombu import Connection
 
 from chat.models import Message, NotificationDelivery, Room
 from chat.notifications import KIND_MENTION
-from chat.outbox import ROUTING_MENTION
-from chat.relay import EventPublisher, task_message_build
-from chatproject.broker import (
+from chatproject.procfile import ROOT, child_process_env, procfile_command
+from messaging.outbox import ROUTING_MENTION
+from messaging.relay import EventPublisher, task_message_build
+from messaging.topology import (
     PRIORITY_HIGH,
     PRIORITY_LOW,
     ScratchVhostError,
     notifications_queue,
     scratch_vhost,
 )
-from chatproject.procfile import ROOT, child_process_env, procfile_command
 
 T = TypeVar("T")
 

@@ -21,9 +21,9 @@ from django.utils import timezone
 from kombu import Connection
 
 from chat.models import OutboxEvent
-from chat.outbox import ROUTING_MESSAGE_CREATED
-from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import QUEUES, ScratchVhostError, scratch_vhost
+from messaging.outbox import ROUTING_MESSAGE_CREATED
+from messaging.relay import EventPublisher, publish_pending_events
+from messaging.topology import QUEUES, ScratchVhostError, scratch_vhost
 
 SEED_QUEUE = "bench_publish"
 

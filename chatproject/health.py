@@ -10,8 +10,8 @@ from django.conf import settings
 from django.db import connections
 from kombu import Connection
 
-from chatproject.broker_connection import first_line
 from chatproject.database import database_url
+from messaging.connection import first_line
 
 TIMEOUT_SECONDS = 2.0
 

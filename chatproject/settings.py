@@ -7,7 +7,7 @@ import environ
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
-from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
+from messaging.topology import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -52,6 +52,7 @@ INSTALLED_APPS = [
     # Failed-login records and lockouts (chat/accounts.py); its admin lists them for staff to lift.
     "axes",
     "channels",
+    "messaging",
     "chat",
     "analytics",
     "deadletters",
@@ -137,7 +138,7 @@ CHANNEL_LAYERS = {
 }
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="amqp://guest:guest@localhost:5672//")
-# Celery (chatproject/celery.py); queues and routes come from chatproject/broker.py.
+# Celery (chatproject/celery.py); queues and routes come from messaging/topology.py.
 # JSON only: a message is data other processes (the relay, the DLQ archiver) build and read; no pickle.
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
@@ -159,10 +160,10 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost connection unacked (acks_late) messages are redelivered anyway; stop running copies.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
-CELERY_WORKER_CONSUMER = "chatproject.worker_consumer:DeadLetteringConsumer"
+CELERY_WORKER_CONSUMER = "messaging.worker_intake:DeadLetteringIntake"
 # One module owns the topology; Celery declares and consumes exactly those queues.
 # The notifications priority queue: classic, since priorities need classic queues before RabbitMQ
-# 4.0 (chatproject/broker.py `notifications_queue` says what changes with "quorum").
+# 4.0 (messaging/topology.py `notifications_queue` says what changes with "quorum").
 NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
 CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE))
 CELERY_TASK_ROUTES = {
@@ -183,7 +184,7 @@ NOTIFICATION_ACK_SWEEP_SECONDS = env.float("NOTIFICATION_ACK_SWEEP_SECONDS", def
 # entry older than TTL (a crashed web process) no longer counts as online.
 PRESENCE_HEARTBEAT_SECONDS = env.float("PRESENCE_HEARTBEAT_SECONDS", default=30.0)
 PRESENCE_TTL_SECONDS = env.float("PRESENCE_TTL_SECONDS", default=75.0)
-# The relay (chat/relay.py): events per published task message, the fallback poll when no
+# The relay (messaging/relay.py): events per published task message, the fallback poll when no
 # NOTIFY arrives, and how long sent outbox rows are kept for inspection before pruning.
 OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", default=200)
 OUTBOX_POLL_SECONDS = env.float("OUTBOX_POLL_SECONDS", default=5.0)

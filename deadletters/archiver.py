@@ -10,7 +10,7 @@ with backoff; the unacked messages of a dropped connection come back by themselv
 
 While idle it keeps its broker connection alive with AMQP heartbeats (DLQ_ARCHIVER_HEARTBEAT_SECONDS),
 so a broker gone without FIN or RST (a network partition) is noticed and the connection replaced,
-without waiting on a close handshake that cannot come (chatproject/broker_connection.py).
+without waiting on a close handshake that cannot come (messaging/connection.py).
 
 Hourly (and once at start) it also prunes what the archive no longer needs: failure details no
 dead letter claimed, and resolved dead letters past their retention.
@@ -27,13 +27,6 @@ import amqp
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 
-from chatproject.broker import DEAD_LETTER_QUEUE, declare_topology
-from chatproject.broker_connection import (
-    BrokerUnavailable,
-    broker_connection,
-    broker_keep_alive,
-    keep_alive_interval,
-)
 from chatproject.health import redacted_url
 from deadletters.services.archive import (
     ArchiveOutcome,
@@ -41,6 +34,13 @@ from deadletters.services.archive import (
     dead_letters_mark_acked,
 )
 from deadletters.services.retention import dead_letters_prune, task_failures_prune
+from messaging.connection import (
+    BrokerUnavailable,
+    broker_connection,
+    broker_keep_alive,
+    keep_alive_interval,
+)
+from messaging.topology import DEAD_LETTER_QUEUE, declare_topology
 
 logger = logging.getLogger(__name__)
 

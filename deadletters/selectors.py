@@ -18,8 +18,8 @@ from django.db.models import QuerySet
 from kombu import Connection
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from chatproject.broker import declared_queues
 from deadletters.models import DeadLetter
+from messaging.topology import declared_queues
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ class QueueStatus:
 
 
 def topology_queues() -> tuple[Any, ...]:
-    """Every queue chatproject/broker.py declares, including those shaped by settings (notifications)."""
+    """Every queue messaging/topology.py declares, including those shaped by settings (notifications)."""
     return tuple(declared_queues())
 
 
@@ -116,7 +116,7 @@ def _rate(stats: dict[str, Any], key: str) -> float | None:
 
 
 def queue_statuses(*, broker_url: str | None = None) -> list[QueueStatus]:
-    """Every queue of chatproject/broker.py as the broker sees it right now.
+    """Every queue of messaging/topology.py as the broker sees it right now.
 
     The management API (when the plugin is enabled) gives unacked counts and rates; without it a
     passive declare still gives ready messages and consumers, and the dead-letter settings are

@@ -160,7 +160,7 @@ def queue_stats(*, queues: tuple[Queue, ...], broker_url: str | None = None) -> 
 
 def monitored_queues() -> tuple[Queue, ...]:
     """Every queue Celery consumes (CELERY_TASK_QUEUES) and the dead-letter queue."""
-    from chatproject.broker import DEAD_LETTER_QUEUE
+    from messaging.topology import DEAD_LETTER_QUEUE
 
     queues = {queue.name: queue for queue in (*settings.CELERY_TASK_QUEUES, DEAD_LETTER_QUEUE)}
     return tuple(queues.values())

@@ -176,7 +176,7 @@ def broker_url() -> Iterator[str]:
     """
     from celery import current_app
 
-    from chatproject.broker import scratch_vhost
+    from messaging.topology import scratch_vhost
 
     previous = settings.CELERY_BROKER_URL
     with scratch_vhost(f"test_{os.getpid()}", broker_url=previous) as url:

@@ -100,7 +100,7 @@ def _expiry_or_overflow_message(reason: str, queue: str, entry: Mapping[str, Any
 
 def _undecodable_error(raw: bytes, properties: Mapping[str, Any]) -> tuple[str, str]:
     """(error class, message) when a JSON body cannot be decoded: the worker rejects those
-    before any task runs (chatproject/worker_consumer.py), so no failure record comes for them."""
+    before any task runs (messaging/worker_intake.py), so no failure record comes for them."""
     if properties.get("content_type") != "application/json":
         return "", ""
     try:

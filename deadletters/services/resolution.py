@@ -19,9 +19,9 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from chatproject.broker_connection import BrokerUnavailable
-from chatproject.confirms import ConfirmingPublisher, Outgoing
 from deadletters.models import DeadLetter, DeadLetterAction
+from messaging.confirms import ConfirmingPublisher, Outgoing
+from messaging.connection import BrokerUnavailable
 
 logger = logging.getLogger(__name__)
 

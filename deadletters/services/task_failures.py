@@ -20,9 +20,9 @@ from celery import current_app
 from django.db import connection, transaction
 from django.utils import timezone
 
-from chatproject.broker import DEAD_LETTER_EXCHANGE
 from deadletters.models import DeadLetter, TaskFailure
 from deadletters.services.delivery_rows import body_bytes
+from messaging.topology import DEAD_LETTER_EXCHANGE
 
 # A failure note a worker sent through the broker because it could not reach the database.
 FAILURE_NOTE_HEADER = "x-task-failure-note"

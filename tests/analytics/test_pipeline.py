@@ -19,7 +19,7 @@ from analytics.models import ProcessedEvent
 from chat import services
 from chat.models import Message, OutboxEvent
 from chatproject.asgi import application
-from chatproject.broker import ANALYTICS_QUEUE
+from messaging.topology import ANALYTICS_QUEUE
 from tests.conftest import session_cookie, site_origin
 from tests.waiting import wait_until
 

@@ -13,7 +13,7 @@ from kombu import Connection, Queue
 
 from chat.models import OutboxEvent
 from chat.services import message_create
-from chatproject.broker import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE
+from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE
 
 
 @dataclass

@@ -11,8 +11,8 @@ from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
 from chat.models import OutboxEvent
-from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
-from chat.relay import (
+from messaging.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
+from messaging.relay import (
     EventPublisher,
     OutboxListener,
     RelayLog,
@@ -20,7 +20,7 @@ from chat.relay import (
     publish_pending_events,
     unroutable_pending_events,
 )
-from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
+from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 
@@ -133,7 +133,7 @@ def test_events_no_task_consumes_stay_pending_and_are_counted_by_routing_key(
 def test_relay_log_names_each_unroutable_routing_key_once_while_it_stays_pending(caplog):
     log = RelayLog("amqp://guest:guest@localhost//")
 
-    with caplog.at_level(logging.INFO, logger="chat.relay"):
+    with caplog.at_level(logging.INFO, logger="messaging.relay"):
         log.unroutable({"chat.renamed": 2})
         log.unroutable({"chat.renamed": 3, "chat.typo": 1})
         log.unroutable({"chat.typo": 1})
@@ -142,12 +142,12 @@ def test_relay_log_names_each_unroutable_routing_key_once_while_it_stays_pending
         (
             "ERROR",
             "2 outbox events with routing key 'chat.renamed' stay pending: no task consumes it "
-            "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+            "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
         ),
         (
             "ERROR",
             "1 outbox events with routing key 'chat.typo' stay pending: no task consumes it "
-            "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+            "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
         ),
         ("INFO", "no outbox events with routing key 'chat.renamed' are pending any more"),
     ]

@@ -11,9 +11,9 @@ import pytest
 from django.db import transaction
 
 from chat.models import OutboxEvent
-from chat.outbox import outbox_event_add
-from chat.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
 from chatproject.procfile import free_port
+from messaging.outbox import outbox_event_add
+from messaging.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_until
 

@@ -30,10 +30,10 @@ from chat.notifications import (
     notification_acknowledge,
     notification_fallback_emails_send,
 )
-from chat.outbox import ROUTING_MENTION
-from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import declare_topology, notifications_queue
 from chatproject.procfile import DaphneServer, procfile_command
+from messaging.outbox import ROUTING_MENTION
+from messaging.relay import EventPublisher, publish_pending_events
+from messaging.topology import declare_topology, notifications_queue
 from tests.chat.test_consumer import connect, message, reply_to
 from tests.conftest import session_cookie
 from tests.mail import file_email_env, sent_emails

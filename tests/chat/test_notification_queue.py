@@ -21,15 +21,15 @@ from kombu import Connection
 
 from chat import selectors, services
 from chat.models import NotificationDelivery, OutboxEvent
-from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import (
+from chatproject.procfile import procfile_command
+from messaging.relay import EventPublisher, publish_pending_events
+from messaging.topology import (
     DEAD_LETTER_QUEUE,
     PRIORITY_HIGH,
     PRIORITY_LOW,
     declare_topology,
     notifications_queue,
 )
-from chatproject.procfile import procfile_command
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

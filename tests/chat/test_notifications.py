@@ -23,8 +23,8 @@ from django.utils import timezone
 from chat import presence, protocol, selectors, services
 from chat.models import Message, NotificationDelivery, OutboxEvent
 from chat.notifications import mention_notifications_deliver
-from chat.outbox import ROUTING_MENTION
-from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW
+from messaging.outbox import ROUTING_MENTION
+from messaging.topology import PRIORITY_HIGH, PRIORITY_LOW
 from tests.chat.test_consumer import connect
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -10,8 +10,8 @@ from django.conf import settings
 
 from chat.loadtest import Target
 from chat.soak import PROCESS_SIGNATURES, Series, _has_words, chat_processes_find, soak_run
-from chatproject.broker import ANALYTICS_QUEUE
 from chatproject.procfile import ROOT, procfile_command
+from messaging.topology import ANALYTICS_QUEUE
 from monitoring.selectors import queue_stats
 from tests.waiting import wait_until
 

@@ -18,9 +18,9 @@ import pytest
 from django.db import connection
 from kombu import Connection
 
-from chat.relay import task_message_build
-from chatproject.broker import CHAT_EVENTS_EXCHANGE
 from chatproject.procfile import procfile_command
+from messaging.relay import task_message_build
+from messaging.topology import CHAT_EVENTS_EXCHANGE
 from tests.waiting import wait_until
 
 ROUTING_KEY = "chat.message.created"

@@ -14,11 +14,11 @@ from django.urls import reverse
 from django.utils import timezone
 from kombu import Connection, Queue
 
-from chat.relay import task_message_build
-from chatproject.broker import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.procfile import free_port
 from deadletters.models import DeadLetter
 from deadletters.services.resolution import replay_message
+from messaging.relay import task_message_build
+from messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,

@@ -11,7 +11,6 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
-from deadletters.retrying import DeadLetteringTask
 from deadletters.services.archive import (
     ArchiveOutcome,
     dead_letter_archive,
@@ -22,6 +21,7 @@ from deadletters.services.delivery_rows import body_bytes
 from deadletters.services.resolution import REPLAY_HEADER, dead_letter_discard, replay_message
 from deadletters.services.retention import dead_letters_prune, task_failures_prune
 from deadletters.services.task_failures import FAILURE_NOTE_HEADER, task_failure_record
+from messaging.retrying import DeadLetteringTask
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,

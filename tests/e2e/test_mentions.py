@@ -12,8 +12,8 @@ from playwright.sync_api import expect
 
 from chat import selectors
 from chat.models import NotificationDelivery
-from chatproject.broker import declare_topology, notifications_queue
 from chatproject.procfile import procfile_command
+from messaging.topology import declare_topology, notifications_queue
 from tests.e2e.conftest import store_message
 from tests.waiting import wait_until
 

@@ -8,7 +8,7 @@ import pytest
 from django.utils import timezone
 from kombu import Connection, Producer
 
-from chatproject.broker import MONITORING_QUEUE
+from messaging.topology import MONITORING_QUEUE
 from monitoring.models import AlertLevel, AlertState, QueueSample
 from monitoring.selectors import QueueStat
 from monitoring.services import alerts_check, queue_findings

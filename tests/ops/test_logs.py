@@ -30,11 +30,11 @@ from websockets.sync.client import connect as websocket_connect
 
 from analytics.models import ProcessedEvent
 from chat.models import Message, NotificationDelivery
-from chat.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
-from chat.relay import task_message_build
-from chatproject.broker import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
 from chatproject.procfile import DaphneServer, free_port, procfile_command
 from deadletters.models import DeadLetter
+from messaging.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
+from messaging.relay import task_message_build
+from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
 from tests.conftest import session_cookie
 from tests.mail import file_email_env
 from tests.waiting import wait_until

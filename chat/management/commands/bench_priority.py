@@ -33,7 +33,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["backlog"] < 2 or options["vip"] < 2:
             raise CommandError("--backlog and --vip must be at least 2 (percentiles need samples)")
-        logging.getLogger("chat.relay").setLevel(logging.WARNING)
+        logging.getLogger("messaging.relay").setLevel(logging.WARNING)
         state = health.check_broker()
         if not state.ok:
             raise CommandError(state.explain())

@@ -18,7 +18,7 @@ def _cell(value: object) -> str:
 
 
 class Command(BaseCommand):
-    help = "Show each queue of chatproject/broker.py: ready, unacked, consumers, dead-letter settings."
+    help = "Show each queue of messaging/topology.py: ready, unacked, consumers, dead-letter settings."
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser) -> None:

@@ -1,13 +1,13 @@
 """Publishing with pipelined publisher confirms: a message counts as sent only once RabbitMQ said so.
 
-Used by the outbox relay (chat/relay.py) and by dead-letter replay (deadletters).
+Used by the outbox relay (messaging/relay.py) and by dead-letter replay (deadletters).
 A batch is published, then one wait covers all its confirms, instead of a round trip per
 message (per-message confirms are five times slower, docs/performance.md). Messages go out
 `mandatory`, so an unroutable one comes back (basic.return, sent before its ack) instead of
 being confirmed and silently dropped.
 
 A long-lived publisher (the relay) asks for AMQP heartbeats and calls `keep_alive` while idle;
-its connection is kept by chatproject/broker_connection.py (timeouts, heartbeats, dropping a broken one).
+its connection is kept by messaging/connection.py (timeouts, heartbeats, dropping a broken one).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import amqp
 from kombu import Connection
 
-from chatproject.broker_connection import (
+from messaging.connection import (
     BROKER_ERRORS,
     BrokerUnavailable,
     broker_close,

@@ -42,12 +42,12 @@ from django.utils import timezone
 from kombu import Connection
 
 from chat.models import OutboxEvent
-from chat.outbox import OUTBOX_NOTIFY_CHANNEL
-from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
-from chatproject.broker_connection import BrokerUnavailable, first_line
-from chatproject.confirms import ConfirmingPublisher, Outgoing
 from chatproject.database import database_connect_autocommit, delete_in_chunks
 from chatproject.health import redacted_url
+from messaging.confirms import ConfirmingPublisher, Outgoing
+from messaging.connection import BrokerUnavailable, first_line
+from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
+from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
 from monitoring.metrics import RELAY_PUBLISH_SECONDS
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def _declare_topology(connection: Connection) -> None:
         declare_topology(connection)
     except PreconditionFailed as error:
         logger.error(
-            "the broker's topology differs from chatproject/broker.py (%s); "
+            "the broker's topology differs from messaging/topology.py (%s); "
             "run `manage.py setup_broker --check`",
             first_line(error),
         )
@@ -413,7 +413,7 @@ class RelayLog:
         for routing_key in sorted(pending_by_key.keys() - self.unroutable_keys):
             logger.error(
                 "%d outbox events with routing key %r stay pending: no task consumes it "
-                "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+                "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
                 pending_by_key[routing_key],
                 routing_key,
             )

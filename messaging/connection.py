@@ -1,6 +1,6 @@
 """Long-lived RabbitMQ connections that neither hang nor die unnoticed.
 
-Used by the confirming publisher (chatproject/confirms.py: the relay, dead-letter replay) and the
+Used by the confirming publisher (messaging/confirms.py: the relay, dead-letter replay) and the
 dead-letter archiver. No socket read or write waits longer than SOCKET_TIMEOUT_SECONDS, and a
 connection that failed is dropped without the AMQP close handshake, which would only wait on it.
 

@@ -1,4 +1,4 @@
-"""Writing events to the transactional outbox; chat/relay.py moves them to RabbitMQ."""
+"""Writing events to the transactional outbox; messaging/relay.py moves them to RabbitMQ."""
 
 from __future__ import annotations
 

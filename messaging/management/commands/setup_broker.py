@@ -9,11 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 from chatproject import health
-from chatproject.broker import EXCHANGES, declare_topology, declared_queues, topology_differences
+from messaging.topology import EXCHANGES, declare_topology, declared_queues, topology_differences
 
 
 class Command(BaseCommand):
-    help = "Declare the exchanges and queues of chatproject/broker.py (idempotent); --check only compares."
+    help = "Declare the exchanges and queues of messaging/topology.py (idempotent); --check only compares."
     requires_system_checks: list[str] = []
 
     def add_arguments(self, parser) -> None:
@@ -53,7 +53,7 @@ class Command(BaseCommand):
             Console(file=self.stderr._out, width=160).print(table)
         if differences:
             raise CommandError(
-                f"{len(differences)} difference(s) between the broker and chatproject/broker.py"
+                f"{len(differences)} difference(s) between the broker and messaging/topology.py"
             )
         if not options["json"]:
             verb = "match" if options["check"] else "are declared"

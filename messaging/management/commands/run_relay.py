@@ -5,7 +5,7 @@ import signal
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
-from chat.relay import relay_run
+from messaging.relay import relay_run
 from monitoring.endpoints import metrics_server_start
 
 

@@ -22,7 +22,7 @@ from celery.worker.consumer import consumer as celery_consumer
 logger = logging.getLogger(__name__)
 
 
-class DeadLetteringConsumer(Consumer):
+class DeadLetteringIntake(Consumer):
     def on_decode_error(self, message, exc: Exception) -> None:
         headers = message.headers or {}
         logger.critical(
