@@ -456,5 +456,10 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
-    "loggers": {"django.channels.server": {"level": "WARNING"}},
+    "loggers": {
+        "django.channels.server": {"level": "WARNING"},
+        # Axes announces itself at every start and each successful login at INFO: a line per
+        # management command and per login that says nothing. Lockouts and failures stay (WARNING).
+        "axes": {"level": "WARNING"},
+    },
 }
