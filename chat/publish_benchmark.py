@@ -20,7 +20,7 @@ from django.db import connection
 from django.utils import timezone
 from kombu import Connection
 
-from chat.models import OutboxEvent
+from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MESSAGE_CREATED
 from messaging.relay import EventPublisher, publish_pending_events
 from messaging.topology import QUEUES, ScratchVhostError, scratch_vhost

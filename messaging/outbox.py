@@ -7,7 +7,7 @@ from typing import Any
 
 from django.db import connection
 
-from chat.models import OutboxEvent
+from messaging.models import OutboxEvent
 
 # The relay LISTENs on this channel. A trigger on the outbox table NOTIFYs it for every INSERT
 # (migration chat 0004); PostgreSQL delivers a NOTIFY only when (and if) the transaction that

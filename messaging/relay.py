@@ -41,11 +41,11 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 from kombu import Connection
 
-from chat.models import OutboxEvent
 from chatproject.database import database_connect_autocommit, delete_in_chunks
 from chatproject.health import redacted_url
 from messaging.confirms import ConfirmingPublisher, Outgoing
 from messaging.connection import BrokerUnavailable, first_line
+from messaging.models import OutboxEvent
 from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
 from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
 from monitoring.metrics import RELAY_PUBLISH_SECONDS

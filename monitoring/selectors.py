@@ -18,7 +18,7 @@ from django.db.models.functions import Coalesce
 from django.utils import timezone
 from kombu import Connection, Queue
 
-from chat.models import OutboxEvent
+from messaging.models import OutboxEvent
 from monitoring.models import AlertLevel, AlertState, QueueSample
 
 # The alerts (dead letters, queues without consumers or draining too slowly) tell what the broker

@@ -17,8 +17,9 @@ from django.test import Client
 from analytics import selectors
 from analytics.models import ProcessedEvent
 from chat import services
-from chat.models import Message, OutboxEvent
+from chat.models import Message
 from chatproject.asgi import application
+from messaging.models import OutboxEvent
 from messaging.topology import ANALYTICS_QUEUE
 from tests.conftest import session_cookie, site_origin
 from tests.waiting import wait_until

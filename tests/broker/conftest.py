@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 from kombu import Connection, Queue
 
-from chat.models import OutboxEvent
 from chat.services import message_create
+from messaging.models import OutboxEvent
 from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE
 
 

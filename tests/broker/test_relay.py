@@ -10,7 +10,7 @@ from django.db import transaction
 from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
-from chat.models import OutboxEvent
+from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
 from messaging.relay import (
     EventPublisher,

@@ -24,13 +24,14 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from chat import presence, services
-from chat.models import Message, NotificationDelivery, OutboxEvent
+from chat.models import Message, NotificationDelivery
 from chat.notifications import (
     mention_notifications_deliver,
     notification_acknowledge,
     notification_fallback_emails_send,
 )
 from chatproject.procfile import DaphneServer, procfile_command
+from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MENTION
 from messaging.relay import EventPublisher, publish_pending_events
 from messaging.topology import declare_topology, notifications_queue

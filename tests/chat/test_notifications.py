@@ -21,8 +21,9 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import presence, protocol, selectors, services
-from chat.models import Message, NotificationDelivery, OutboxEvent
+from chat.models import Message, NotificationDelivery
 from chat.notifications import mention_notifications_deliver
+from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MENTION
 from messaging.topology import PRIORITY_HIGH, PRIORITY_LOW
 from tests.chat.test_consumer import connect

@@ -6,7 +6,8 @@ import pytest
 from django.db import connection
 
 from chat import services
-from chat.models import Message, OutboxEvent, Room
+from chat.models import Message, Room
+from messaging.models import OutboxEvent
 
 
 @pytest.mark.django_db(transaction=True)
