@@ -26,7 +26,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
-from chatproject.database import delete_in_chunks
+from infrastructure.postgres import delete_in_chunks
 from messaging.outbox import ROUTING_MESSAGE_CREATED
 
 # The horizon sits this far inside the retention, so that a ledger row cannot be pruned between

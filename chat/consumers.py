@@ -22,7 +22,7 @@ from chat import access, notifications, presence, protocol, selectors, services
 from chat.dispatch import dispatch_in_arrival_order
 from chat.models import Room
 from chat.ratelimit import take_message_token
-from chatproject.database_threads import DatabaseThreadPool
+from infrastructure.database_threads import DatabaseThreadPool
 from monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def _room_for_user(slug: str, user: Any) -> Room:
 # queue every other socket of the process behind it, in a pool of their own: a write mostly
 # waits on PostgreSQL, and asyncio's default pool (CPUs + 4 threads) capped one process at
 # about 6 writes in flight (docs/performance.md). Each thread reuses one database connection
-# and closes it when idle (chatproject/database_threads.py).
+# and closes it when idle (infrastructure/database_threads.py).
 WRITE_THREADS = 16
 _WRITE_EXECUTOR = DatabaseThreadPool(
     size=WRITE_THREADS, name="chat-write", idle_seconds=settings.DB_CONN_IDLE_SECONDS

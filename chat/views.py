@@ -14,10 +14,10 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
 from chat import protocol, selectors, services
+from chat.client_address import client_address
 from chat.forms import RoomForm
 from chat.ratelimit import take_signup_token
-from chatproject import health
-from chatproject.client_address import client_address
+from infrastructure import health
 
 HISTORY_MAX_LIMIT = 100
 

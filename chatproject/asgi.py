@@ -13,8 +13,8 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the apps loa
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
 from chat.routing import websocket_urlpatterns  # noqa: E402
-from chatproject.database_threads import BoundedHttpThreads  # noqa: E402
 from chatproject.origins import SiteOriginValidator  # noqa: E402
+from infrastructure.database_threads import BoundedHttpThreads  # noqa: E402
 
 application = ProtocolTypeRouter(
     {

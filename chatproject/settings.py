@@ -56,6 +56,7 @@ INSTALLED_APPS = [
     "chat",
     "analytics",
     "deadletters",
+    "bench",
 ]
 
 MIDDLEWARE = [
@@ -101,7 +102,7 @@ DATABASES = {
 }
 # Persistent connections: each thread reuses its own instead of opening a PostgreSQL connection
 # per message or request, and replaces it after this many seconds. Only safe with a bounded
-# number of threads per process (chatproject/database_threads.py, docs/architecture.md).
+# number of threads per process (infrastructure/database_threads.py, docs/architecture.md).
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 # No `SELECT 1` before each use of a pooled connection: on the socket's write path it was a
 # round trip per message and doubled p99 under load (docs/performance.md). The cost: after a
@@ -109,9 +110,9 @@ DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
 # page retries; a page view may answer 500 once), and Django then replaces it.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
 # A web process's thread closes its connection after this many seconds without work
-# (chatproject/database_threads.py), so an idle web process holds no connections.
+# (infrastructure/database_threads.py), so an idle web process holds no connections.
 DB_CONN_IDLE_SECONDS = env.float("DB_CONN_IDLE_SECONDS", default=30.0)
-# Threads that run HTTP requests in a web process (chatproject/database_threads.py): at most this
+# Threads that run HTTP requests in a web process (infrastructure/database_threads.py): at most this
 # many requests run Django's synchronous code at once, each thread holding at most one PostgreSQL
 # connection; a request waits for a free thread. A web process's connections are at most this
 # plus the socket write threads plus one (docs/architecture.md).
@@ -267,7 +268,7 @@ if min(LOGIN_FAILURES_PER_USERNAME, LOGIN_FAILURES_PER_ADDRESS) < 1 or LOGIN_LOC
 # Accounts created per client address per hour (all at once, then back evenly over the hour); 0: no limit.
 SIGNUPS_PER_ADDRESS_PER_HOUR = env.int("SIGNUPS_PER_ADDRESS_PER_HOUR", default=10)
 # Behind reverse proxies: the header they set with the client's address (e.g. X-Forwarded-For or
-# X-Real-IP) and how many proxies append to it (chatproject/client_address.py). Empty: the direct
+# X-Real-IP) and how many proxies append to it (chat/client_address.py). Empty: the direct
 # peer's address, and every forwarding header is ignored (a client could write any of them).
 TRUSTED_PROXY_CLIENT_IP_HEADER = env.str("TRUSTED_PROXY_CLIENT_IP_HEADER", default="")
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=1)
@@ -279,7 +280,7 @@ AXES_FAILURE_LIMIT = LOGIN_FAILURES_PER_USERNAME
 AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
 # Attempts while locked are refused without being counted, so the lock ends when the page says.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
-AXES_CLIENT_IP_CALLABLE = "chatproject.client_address.client_address"
+AXES_CLIENT_IP_CALLABLE = "chat.client_address.client_address"
 AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout_response"
 # No row per successful login: nothing would ever prune them, and the table would grow with every
 # login. Failed attempts are kept only while they count (axes deletes them after the cool-off).

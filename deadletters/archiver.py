@@ -27,13 +27,13 @@ import amqp
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections
 
-from chatproject.health import redacted_url
 from deadletters.services.archive import (
     ArchiveOutcome,
     dead_letters_archive,
     dead_letters_mark_acked,
 )
 from deadletters.services.retention import dead_letters_prune, task_failures_prune
+from infrastructure.health import redacted_url
 from messaging.connection import (
     BrokerUnavailable,
     broker_connection,

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import amqp
 from kombu import Connection
 
+from infrastructure.health import first_line
 from messaging.connection import (
     BROKER_ERRORS,
     BrokerUnavailable,
@@ -26,7 +27,6 @@ from messaging.connection import (
     broker_connect,
     broker_drop,
     broker_keep_alive,
-    first_line,
     keep_alive_interval,
 )
 

@@ -22,6 +22,8 @@ from amqp.exceptions import ConnectionError as AMQPConnectionError
 from kombu import Connection
 from kombu.exceptions import OperationalError as KombuOperationalError
 
+from infrastructure.health import first_line
+
 CONNECT_TIMEOUT_SECONDS = 3.0
 # No read or write on the broker socket waits longer: a peer gone silent must not hang a declare,
 # a close handshake or a publish into a full send buffer forever (py-amqp's default is no limit).
@@ -119,9 +121,3 @@ def broker_drop(connection: Connection) -> None:
         connection.collect()
     except Exception:  # the socket is closed or was never opened; nothing else to free
         pass
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's text, for one-line log and status messages."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__

@@ -41,10 +41,10 @@ from django.db.models.functions import Cast
 from django.utils import timezone
 from kombu import Connection
 
-from chatproject.database import database_connect_autocommit, delete_in_chunks
-from chatproject.health import redacted_url
+from infrastructure.health import first_line, redacted_url
+from infrastructure.postgres import database_connect_autocommit, delete_in_chunks
 from messaging.confirms import ConfirmingPublisher, Outgoing
-from messaging.connection import BrokerUnavailable, first_line
+from messaging.connection import BrokerUnavailable
 from messaging.models import OutboxEvent
 from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
 from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology

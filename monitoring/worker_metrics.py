@@ -105,9 +105,9 @@ def _alive(pid: int) -> bool:
 
 def _start_endpoint(**_: Any) -> None:
     # The parent process, before the pool forks: the HTTP thread stays in the parent only.
+    from infrastructure.metrics_server import metrics_server_start
     from monitoring import metrics  # noqa: F401  (creates the instruments' files)
     from monitoring.collectors import multiprocess_registry
-    from monitoring.endpoints import metrics_server_start
 
     metrics_server_start(port=_port or 0, name="worker", registry=multiprocess_registry())
 

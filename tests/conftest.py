@@ -20,15 +20,15 @@ from django.core.management import call_command
 from django.db import connection
 from django.test import Client, override_settings
 
-from chat import selectors
-from chat.models import Room
-from chatproject.procfile import (  # noqa: F401  (re-exported for tests that import them from here)
+from bench.procfile import (  # noqa: F401  (re-exported for tests that import them from here)
     DaphneServer,
     child_process_env,
     free_port,
     procfile_command,
     wait_for_port,
 )
+from chat import selectors
+from chat.models import Room
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,8 +8,8 @@ from datetime import timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from chatproject.database import delete_in_chunks
 from deadletters.models import DeadLetter, TaskFailure
+from infrastructure.postgres import delete_in_chunks
 
 
 def task_failures_prune(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection
 
-from chatproject.procfile import ROOT, child_process_env, procfile_command
+from bench.procfile import ROOT, child_process_env, procfile_command
 from messaging.topology import ANALYTICS_QUEUE, declare_topology
 from tests.waiting import wait_until
 

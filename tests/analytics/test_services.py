@@ -10,7 +10,7 @@ from django.utils import timezone
 
 from analytics import selectors, services
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
-from chatproject.procfile import ROOT, child_process_env
+from bench.procfile import ROOT, child_process_env
 from tests.waiting import wait_until
 
 
@@ -189,7 +189,7 @@ def test_ledger_rows_counted_before_the_retention_are_pruned_and_recent_ones_sta
 def test_ledger_prune_deletes_in_chunks_until_every_old_row_is_gone(
     make_user, make_room, settings, monkeypatch
 ):
-    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    monkeypatch.setattr("infrastructure.postgres.DELETE_CHUNK", 2)
     alice = make_user("alice")
     general = make_room("general")
     events = [chat_event(room=general, author=alice, message_id=i) for i in range(1, 6)]

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 import amqp
 import pytest
 
-from chatproject.procfile import free_port
+from bench.procfile import free_port
 from messaging.confirms import ConfirmingPublisher, Outgoing
 from messaging.connection import BrokerUnavailable
 from messaging.topology import CHAT_EVENTS_EXCHANGE

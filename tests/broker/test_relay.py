@@ -189,7 +189,7 @@ def test_prune_removes_only_old_sent_events(send_messages):
 
 
 def test_prune_deletes_in_chunks_until_every_old_sent_event_is_gone(send_messages, monkeypatch):
-    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    monkeypatch.setattr("infrastructure.postgres.DELETE_CHUNK", 2)
     send_messages(5)
     OutboxEvent.objects.update(sent_at=timezone.now() - timedelta(days=8))
 

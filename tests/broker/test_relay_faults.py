@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 import pytest
 from django.db import transaction
 
-from chatproject.procfile import free_port
+from bench.procfile import free_port
 from messaging.models import OutboxEvent
 from messaging.outbox import outbox_event_add
 from messaging.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events

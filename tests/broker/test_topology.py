@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from kombu import Connection, Queue
 
-from chatproject.procfile import ROOT, child_process_env, free_port, procfile_command
+from bench.procfile import ROOT, child_process_env, free_port, procfile_command
 from messaging.topology import (
     ANALYTICS_QUEUE,
     CHAT_EVENTS_EXCHANGE,

@@ -12,10 +12,10 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.procfile import DaphneServer, free_port
 from chat import services
 from chat.models import Message
-from chatproject.database import database_url
-from chatproject.procfile import DaphneServer, free_port
+from infrastructure.postgres import database_url
 from tests.conftest import session_cookie
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_until

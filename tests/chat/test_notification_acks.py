@@ -23,6 +23,7 @@ from kombu import Connection
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
+from bench.procfile import DaphneServer, procfile_command
 from chat import presence, services
 from chat.models import Message, NotificationDelivery
 from chat.notifications import (
@@ -30,7 +31,6 @@ from chat.notifications import (
     notification_acknowledge,
     notification_fallback_emails_send,
 )
-from chatproject.procfile import DaphneServer, procfile_command
 from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MENTION
 from messaging.relay import EventPublisher, publish_pending_events

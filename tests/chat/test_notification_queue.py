@@ -19,9 +19,9 @@ from django.db import connection
 from django.test import override_settings
 from kombu import Connection
 
+from bench.procfile import procfile_command
 from chat import selectors, services
 from chat.models import NotificationDelivery
-from chatproject.procfile import procfile_command
 from messaging.models import OutboxEvent
 from messaging.relay import EventPublisher, publish_pending_events
 from messaging.topology import (

@@ -1,4 +1,4 @@
-"""The soak benchmark (chat/soak.py): finding the processes, its verdicts, and a one-minute run."""
+"""The soak benchmark (bench/soak.py): finding the processes, its verdicts, and a one-minute run."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import shlex
 import pytest
 from django.conf import settings
 
-from chat.loadtest import Target
-from chat.soak import PROCESS_SIGNATURES, Series, _has_words, chat_processes_find, soak_run
-from chatproject.procfile import ROOT, procfile_command
+from bench.loadtest import Target
+from bench.procfile import ROOT, procfile_command
+from bench.soak import PROCESS_SIGNATURES, Series, _has_words, chat_processes_find, soak_run
 from messaging.topology import ANALYTICS_QUEUE
 from monitoring.selectors import queue_stats
 from tests.waiting import wait_until

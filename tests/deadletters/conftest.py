@@ -18,7 +18,7 @@ import pytest
 from django.db import connection
 from kombu import Connection
 
-from chatproject.procfile import procfile_command
+from bench.procfile import procfile_command
 from messaging.relay import task_message_build
 from messaging.topology import CHAT_EVENTS_EXCHANGE
 from tests.waiting import wait_until

@@ -14,7 +14,7 @@ from django.urls import reverse
 from django.utils import timezone
 from kombu import Connection, Queue
 
-from chatproject.procfile import free_port
+from bench.procfile import free_port
 from deadletters.models import DeadLetter
 from deadletters.services.resolution import replay_message
 from messaging.relay import task_message_build

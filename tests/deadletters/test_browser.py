@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from chatproject.procfile import DaphneServer
+from bench.procfile import DaphneServer
 from deadletters.models import DeadLetter, DeadLetterAction
 from tests.conftest import session_cookie
 from tests.deadletters.conftest import archive_letter

@@ -229,7 +229,7 @@ def test_unresolved_dead_letters_are_never_pruned_however_old():
 
 
 def test_dead_letter_prune_deletes_in_chunks_loading_only_primary_keys(monkeypatch):
-    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    monkeypatch.setattr("infrastructure.postgres.DELETE_CHUNK", 2)
     for _ in range(5):
         _letter(status=DeadLetter.Status.DISCARDED, resolved_days_ago=365)
     keep = _letter(status=DeadLetter.Status.NEW, resolved_days_ago=365)

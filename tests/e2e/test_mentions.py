@@ -10,9 +10,9 @@ from django.db import connection
 from kombu import Connection
 from playwright.sync_api import expect
 
+from bench.procfile import procfile_command
 from chat import selectors
 from chat.models import NotificationDelivery
-from chatproject.procfile import procfile_command
 from messaging.topology import declare_topology, notifications_queue
 from tests.e2e.conftest import store_message
 from tests.waiting import wait_until

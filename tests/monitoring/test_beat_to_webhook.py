@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatproject.procfile import procfile_command
+from bench.procfile import procfile_command
 
 pytestmark = pytest.mark.broker
 

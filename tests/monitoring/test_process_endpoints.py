@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from chatproject.procfile import free_port, procfile_command, wait_for_port
+from bench.procfile import free_port, procfile_command, wait_for_port
 from monitoring.tasks import check_alerts
 from tests.monitoring.conftest import sample
 

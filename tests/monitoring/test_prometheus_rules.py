@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from chatproject.procfile import ROOT
+from bench.procfile import ROOT
 
 PROMETHEUS = ROOT / "ops" / "prometheus"
 

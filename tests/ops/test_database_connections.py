@@ -14,9 +14,9 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
+from bench.loadtest import LoadClient, Target, client_socket_open
+from bench.soak import ChatProcess, HttpSession, database_client_ports, process_database_connections
 from chat.consumers import WRITE_THREADS
-from chat.loadtest import LoadClient, Target, client_socket_open
-from chat.soak import ChatProcess, HttpSession, database_client_ports, process_database_connections
 from tests.conftest import session_cookie
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -4,7 +4,7 @@ import re
 
 import yaml
 
-from chatproject.procfile import procfile_command
+from bench.procfile import procfile_command
 from tests.conftest import ROOT
 
 

@@ -29,8 +29,8 @@ from kombu import Connection
 from websockets.sync.client import connect as websocket_connect
 
 from analytics.models import ProcessedEvent
+from bench.procfile import DaphneServer, free_port, procfile_command
 from chat.models import Message, NotificationDelivery
-from chatproject.procfile import DaphneServer, free_port, procfile_command
 from deadletters.models import DeadLetter
 from messaging.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
 from messaging.relay import task_message_build

@@ -5,8 +5,8 @@ import signal
 from django.conf import settings
 from django.core.management.base import BaseCommand
 
+from infrastructure.metrics_server import metrics_server_start
 from messaging.relay import relay_run
-from monitoring.endpoints import metrics_server_start
 
 
 class Command(BaseCommand):

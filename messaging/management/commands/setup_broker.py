@@ -8,7 +8,7 @@ from kombu import Connection
 from rich.console import Console
 from rich.table import Table
 
-from chatproject import health
+from infrastructure import health
 from messaging.topology import EXCHANGES, declare_topology, declared_queues, topology_differences
 
 

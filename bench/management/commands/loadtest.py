@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from chat import loadtest
-from chatproject.procfile import DaphneServer, free_port
+from bench import loadtest
+from bench.procfile import DaphneServer, free_port
 
 # The numbers issue 2 measures this project against (docs/performance.md).
 TUTORIAL = {

@@ -12,8 +12,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from chat.priority_benchmark import BenchmarkError, benchmark_priority
-from chatproject import health
+from bench.priority import BenchmarkError, benchmark_priority
+from infrastructure import health
 
 # Issue 4's target: a VIP's notification is not held up by the backlog.
 TARGET_VIP_P99_SECONDS = 1.0

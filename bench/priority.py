@@ -31,9 +31,9 @@ from django.db import connection as db_connection
 from django.utils import timezone
 from kombu import Connection
 
+from bench.procfile import ROOT, child_process_env, procfile_command
 from chat.models import Message, NotificationDelivery, Room
 from chat.notifications import KIND_MENTION
-from chatproject.procfile import ROOT, child_process_env, procfile_command
 from messaging.outbox import ROUTING_MENTION
 from messaging.relay import EventPublisher, task_message_build
 from messaging.topology import (

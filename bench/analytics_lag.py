@@ -26,9 +26,9 @@ from django.utils import timezone
 
 from analytics.models import ProcessedEvent
 from analytics.selectors import LagStats, processing_lag
+from bench.procfile import ROOT, child_process_env, procfile_command
 from chat.models import Room
 from chat.services import message_create
-from chatproject.procfile import ROOT, child_process_env, procfile_command
 from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MESSAGE_CREATED
 

@@ -11,8 +11,8 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from rich.console import Console
 from rich.table import Table
 
-from chat.publish_benchmark import BenchmarkError, benchmark_publish
-from chatproject import health
+from bench.publish import BenchmarkError, benchmark_publish
+from infrastructure import health
 
 # Issue 3's anchors for 10,000 persistent messages on this machine kind (docs/performance.md).
 ANCHORS = [

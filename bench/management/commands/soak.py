@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from chat import loadtest, soak
+from bench import loadtest, soak
 
 
 def _positive_minutes(value: str) -> float:

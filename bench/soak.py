@@ -45,9 +45,9 @@ from websockets.exceptions import ConnectionClosed
 
 from analytics.models import ProcessedEvent
 from analytics.selectors import room_message_count
-from chat import loadtest
+from bench import loadtest
 from chat.models import Message, Room
-from chatproject.database_threads import DatabaseThreadPool
+from infrastructure.database_threads import DatabaseThreadPool
 from monitoring.selectors import (
     SourceUnavailable,
     monitored_queues,

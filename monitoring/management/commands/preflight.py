@@ -3,8 +3,8 @@
 import psycopg2
 from django.core.management.base import BaseCommand, CommandError
 
-from chatproject import health
-from chatproject.database import database_create_if_missing
+from infrastructure import health
+from infrastructure.postgres import database_create_if_missing
 
 
 class Command(BaseCommand):

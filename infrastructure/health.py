@@ -10,8 +10,7 @@ from django.conf import settings
 from django.db import connections
 from kombu import Connection
 
-from chatproject.database import database_url
-from messaging.connection import first_line
+from infrastructure.postgres import database_url
 
 TIMEOUT_SECONDS = 2.0
 
@@ -79,3 +78,9 @@ def check_broker() -> ServiceState:
 
 def check_all() -> list[ServiceState]:
     return [check_database(), check_channel_layer(), check_broker()]
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's text, for one-line log and status messages."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

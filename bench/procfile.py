@@ -17,7 +17,7 @@ from pathlib import Path
 from django.conf import settings
 from django.db import connection
 
-from chatproject.database import database_url
+from infrastructure.postgres import database_url
 
 ROOT = Path(__file__).resolve().parent.parent
 

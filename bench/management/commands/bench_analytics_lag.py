@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from analytics import bench
+from bench import analytics_lag
 
 TARGET_P99_SECONDS = 2.0
 
@@ -68,24 +68,24 @@ class Command(BaseCommand):
         console = Console(stderr=options["json"])
         # A SIGTERM (timeout, Ctrl-C from a supervisor) must still stop the relay and workers it started.
         signal.signal(signal.SIGTERM, _exit_on_sigterm)
-        rooms, users = bench.bench_rooms_and_users(
+        rooms, users = analytics_lag.bench_rooms_and_users(
             rooms=max(options["rooms"], 1), users=max(options["users"], 1)
         )
         try:
             if options["use_running"]:
                 result, counted, total_seconds = self._run(console, options, rooms, users)
             else:
-                with bench.pipeline_processes(workers=max(options["workers"], 1)) as log_dir:
+                with analytics_lag.pipeline_processes(workers=max(options["workers"], 1)) as log_dir:
                     console.print(f"relay and {options['workers']} worker(s) started; logs in {log_dir}")
                     result, counted, total_seconds = self._run(console, options, rooms, users)
-        except bench.BenchError as error:
+        except analytics_lag.BenchError as error:
             raise CommandError(str(error)) from None
         if counted < len(result.message_ids):
             raise CommandError(
                 f"only {counted} of {len(result.message_ids)} messages were counted within "
                 f"{options['drain_timeout']:.0f}s; do a relay and a worker run on this database and broker?"
             )
-        lag = bench.lag_of(result.message_ids)
+        lag = analytics_lag.lag_of(result.message_ids)
         report = {
             "mode": "burst" if options["burst"] else "events" if options["events_only"] else "chat",
             "messages": len(result.message_ids),
@@ -125,7 +125,7 @@ class Command(BaseCommand):
 
     def _run(
         self, console: Console, options: dict[str, Any], rooms, users
-    ) -> tuple[bench.SendResult, int, float]:
+    ) -> tuple[analytics_lag.SendResult, int, float]:
         total = int(options["rate"] * options["seconds"])
         started = time.monotonic()
         with Progress(
@@ -138,18 +138,18 @@ class Command(BaseCommand):
         ) as progress:
             if options["burst"]:
                 sending = progress.add_task("events written", total=options["burst"])
-                ids = bench.burst_events_store(count=options["burst"], rooms=rooms, users=users)
-                result = bench.SendResult(message_ids=ids, seconds=time.monotonic() - started)
+                ids = analytics_lag.burst_events_store(count=options["burst"], rooms=rooms, users=users)
+                result = analytics_lag.SendResult(message_ids=ids, seconds=time.monotonic() - started)
                 progress.update(sending, completed=len(ids))
             elif options["events_only"]:
                 sending = progress.add_task("events written", total=total)
-                result = bench.events_store_at_rate(
+                result = analytics_lag.events_store_at_rate(
                     rate=options["rate"], seconds=options["seconds"], rooms=rooms, users=users
                 )
                 progress.update(sending, completed=len(result.message_ids))
             else:
                 sending = progress.add_task("stored", total=total)
-                result = bench.messages_send_from_processes(
+                result = analytics_lag.messages_send_from_processes(
                     rate=options["rate"],
                     seconds=options["seconds"],
                     processes=max(options["processes"], 1),
@@ -159,7 +159,7 @@ class Command(BaseCommand):
                     on_progress=lambda n: progress.update(sending, completed=n),
                 )
             counting = progress.add_task("counted", total=len(result.message_ids))
-            counted = bench.wait_until_counted(
+            counted = analytics_lag.wait_until_counted(
                 message_ids=result.message_ids,
                 timeout=options["drain_timeout"],
                 on_progress=lambda n: progress.update(counting, completed=n),
