@@ -20,10 +20,10 @@ from django.db import InterfaceError, OperationalError
 
 from chat import access, notifications, presence, protocol, selectors, services
 from chat.dispatch import dispatch_in_arrival_order
+from chat.metrics import CHAT_RATE_LIMITED_FRAMES
 from chat.models import Room
 from chat.ratelimit import take_message_token
 from infrastructure.database_threads import DatabaseThreadPool
-from monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
 
 logger = logging.getLogger(__name__)
 

@@ -15,12 +15,12 @@ from django.utils.text import slugify
 
 from chat import protocol
 from chat.mentions import mention_recipients
+from chat.metrics import CHAT_MESSAGES_STORED
 from chat.models import Message, Room
 from chat.notifications import mention_notifications_enqueue
 from chat.selectors import message_by_client_id, user_can_read_room, user_is_vip
 from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MESSAGE_CREATED, outbox_payload
-from monitoring.metrics import CHAT_MESSAGES_STORED
 
 
 class InvalidRoom(Exception):

@@ -45,10 +45,10 @@ from infrastructure.health import first_line, redacted_url
 from infrastructure.postgres import database_connect_autocommit, delete_in_chunks
 from messaging.confirms import ConfirmingPublisher, Outgoing
 from messaging.connection import BrokerUnavailable
+from messaging.metrics import RELAY_PUBLISH_SECONDS
 from messaging.models import OutboxEvent
 from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
 from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
-from monitoring.metrics import RELAY_PUBLISH_SECONDS
 
 logger = logging.getLogger(__name__)
 

@@ -1,9 +1,10 @@
-"""Every metric of the project, defined once; docs/monitoring.md lists them with their sources.
+"""The project's metric names, and the Celery workers' instruments; docs/monitoring.md lists them all.
 
 Two kinds:
-- instruments below (counters, histograms) are updated where the thing happens, in the process
-  it happens in: web (messages stored, rate-limited frames), relay (publish latency), Celery
-  workers (task outcomes and durations; see worker_metrics.py for their endpoint);
+- instruments (counters, histograms) are updated where the thing happens, in the process it
+  happens in, and defined beside it: web (chat/metrics.py: messages stored, rate-limited frames),
+  relay (messaging/metrics.py: publish latency), Celery workers (below: task outcomes and
+  durations; see worker_metrics.py for their endpoint);
 - scrape-time values (open sockets, outbox backlog, queue depth, dead letters, alert levels) are
   computed from PostgreSQL, Redis and RabbitMQ when /metrics is read, by collectors.py, so they
   are right whichever web process answers and however many there are. Their names are here too.
@@ -15,21 +16,6 @@ PROMETHEUS_MULTIPROC_DIR on first import: Celery workers set it before (worker_m
 from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
-
-CHAT_MESSAGES_STORED = Counter(
-    "chat_messages_stored",
-    "Chat messages committed to the database (a resend of a stored message is not counted).",
-)
-CHAT_RATE_LIMITED_FRAMES = Counter(
-    "chat_rate_limited_frames",
-    "Message frames refused because the sender exceeded the per-user rate limit.",
-)
-# Publishing a round is a few ms when healthy; seconds mean the broker is slow to confirm.
-RELAY_PUBLISH_SECONDS = Histogram(
-    "chat_relay_publish_seconds",
-    "Time for one relay round: publishing its task messages until the broker confirmed all of them.",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
 
 CELERY_TASKS_SUCCEEDED = Counter("celery_tasks_succeeded", "Tasks that returned normally.", ["task"])
 CELERY_TASKS_FAILED = Counter(
