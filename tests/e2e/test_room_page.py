@@ -12,7 +12,7 @@ from django.db.models import F
 from playwright.sync_api import Page, expect
 
 from chat.models import Message, Room
-from tests.e2e.conftest import store_message
+from tests.e2e.conftest import off_loop, store_message
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
@@ -265,7 +265,7 @@ def test_page_stops_reconnecting_and_says_why_when_the_room_is_gone(make_user, r
     alice = make_user("alice")
     page = open_room(alice, room.slug)
 
-    room.delete()
+    off_loop(room.delete)  # its access event is sent through async_to_sync
     live_daphne.restart()
 
     expect(connection_state(page)).to_have_attribute("data-state", "offline")
