@@ -34,8 +34,8 @@ application = ProtocolTypeRouter(
 )
 
 # The web process allocates a few objects per delivered frame, thousands per second; with the
-# default thresholds the collector kept re-scanning the loaded app and every socket's state, and
-# its pauses were the latency tail (loadtest p99 64-225 ms -> 33-127 ms, docs/performance.md).
+# default thresholds the collector keeps re-scanning the loaded app and every socket's state, and
+# its pauses become the latency tail.
 # Freeze what start-up loaded (never garbage) and collect the young generation less often.
 gc.freeze()
 gc.set_threshold(50_000, 20, 20)

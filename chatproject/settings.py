@@ -104,8 +104,8 @@ DATABASES = {
 # per message or request, and replaces it after this many seconds. Only safe with a bounded
 # number of threads per process (infrastructure/database_threads.py, docs/architecture.md).
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
-# No `SELECT 1` before each use of a pooled connection: on the socket's write path it was a
-# round trip per message and doubled p99 under load (docs/performance.md). The cost: after a
+# No `SELECT 1` before each use of a pooled connection: on the socket's write path it would be
+# a round trip per message, inside the latency every sender waits for. The cost: after a
 # PostgreSQL restart, each pooled connection fails once (a socket answers `unavailable`, the
 # page retries; a page view may answer 500 once), and Django then replaces it.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
@@ -129,8 +129,8 @@ CHANNEL_LAYERS = {
     "default": {
         # Redis pub/sub: a group_send is one PUBLISH, and each web process receives it once per
         # room and fans it out to its own sockets. The list-based core layer pays one Redis round
-        # trip per socket per message behind a single receive lock per process; at 10 rooms x
-        # 10 clients x 2 msg/s it delivered 64% with p50 8 s (docs/performance.md). Delivery stays
+        # trip per socket per message behind a single receive lock per process, which cannot
+        # keep up with a busy room. Delivery stays
         # at-most-once (nothing is delivered to a process that is not subscribed at that moment),
         # so clients still repair gaps through `seq`.
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",

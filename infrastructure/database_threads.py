@@ -5,8 +5,8 @@ so a process holds as many connections as such threads. Django's ASGIHandler run
 part of every HTTP request on a thread of its own (asgiref's ThreadSensitiveContext makes a new
 one-thread executor per request); when that thread ends, its connection stays open until the
 garbage collector frees the thread's DatabaseWrapper, a reference cycle, and the web process
-collects rarely (chatproject/asgi.py): 30 requests left 30 idle connections, and about 90 page
-views exhausted PostgreSQL's `max_connections`.
+collects rarely (chatproject/asgi.py), so every page view would leave an idle connection behind
+until PostgreSQL's `max_connections` runs out.
 
 Here every HTTP request borrows one of WEB_HTTP_THREADS long-lived threads instead, and the socket
 writes run on a pool of their own, so the process's connections are bounded by its thread count

@@ -2,7 +2,7 @@
 
 Used by the outbox relay (messaging/relay.py) and by dead-letter replay (deadletters).
 A batch is published, then one wait covers all its confirms, instead of a round trip per
-message (per-message confirms are five times slower, docs/performance.md). Messages go out
+message, which would cap publishing at one broker round trip per event. Messages go out
 `mandatory`, so an unroutable one comes back (basic.return, sent before its ack) instead of
 being confirmed and silently dropped.
 
