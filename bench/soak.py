@@ -48,9 +48,9 @@ from analytics.selectors import room_message_count
 from bench import loadtest
 from chat.models import Message, Room
 from infrastructure.database_threads import DatabaseThreadPool
+from messaging.topology import declared_queues
 from monitoring.selectors import (
     SourceUnavailable,
-    monitored_queues,
     outbox_backlog,
     queue_stats,
 )
@@ -313,7 +313,7 @@ class Sampler:
     def __init__(self, report: SoakReport) -> None:
         self.report = report
         self.redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
-        self.queues = monitored_queues()
+        self.queues = declared_queues()
 
     def sample(self) -> str:
         """Record every figure once; returns a short line for the progress display."""
@@ -571,7 +571,7 @@ def pending_now(*, queues: tuple) -> dict[str, int]:
 def pipeline_drain(*, report: SoakReport, rooms: list[Room], baseline: Baseline) -> None:
     """Wait (at most DRAIN_SECONDS) until nothing is pending and every stored message is counted."""
     started = time.monotonic()
-    queues = monitored_queues()
+    queues = declared_queues()
     while True:
         counted_exactly_once_check(report=report, rooms=rooms, baseline=baseline)
         report.pending_at_end = pending_now(queues=queues)

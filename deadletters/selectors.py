@@ -79,11 +79,6 @@ class QueueStatus:
         return asdict(self)
 
 
-def topology_queues() -> tuple[Any, ...]:
-    """Every queue messaging/topology.py declares, including those shaped by settings (notifications)."""
-    return tuple(declared_queues())
-
-
 def _arguments_status(arguments: dict[str, Any]) -> dict[str, Any]:
     return {
         "dead_letter_exchange": arguments.get("x-dead-letter-exchange"),
@@ -125,7 +120,7 @@ def queue_statuses(*, broker_url: str | None = None) -> list[QueueStatus]:
     broker_url = broker_url or settings.CELERY_BROKER_URL
     statuses: list[QueueStatus] = []
     use_management = bool(settings.RABBITMQ_MANAGEMENT_URL)
-    for queue in topology_queues():
+    for queue in declared_queues():
         declared = _arguments_status(dict(queue.queue_arguments or {}))
         if use_management:
             try:

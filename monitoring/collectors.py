@@ -22,6 +22,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, mult
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from messaging.topology import declared_queues
 from monitoring import metrics, selectors
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class _QueueReader:
         with self._lock:
             if time.monotonic() - self._read_at >= settings.METRICS_QUEUE_CACHE_SECONDS:
                 try:
-                    self._stats = selectors.queue_stats(queues=selectors.monitored_queues())
+                    self._stats = selectors.queue_stats(queues=declared_queues())
                 except selectors.SourceUnavailable as error:
                     self._stats, self._error = None, str(error)
                 self._read_at = time.monotonic()

@@ -8,7 +8,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncWebsocketConsumer
 
-from monitoring.notifications import STAFF_ALERTS_GROUP
+from monitoring.alert_delivery import STAFF_ALERTS_GROUP
 from monitoring.selectors import user_sees_alerts
 
 CLOSE_NOT_STAFF = 4403
@@ -33,5 +33,5 @@ class StaffAlertConsumer(AsyncWebsocketConsumer):
         """The socket only pushes; anything a client sends is ignored."""
 
     async def alert_changed(self, event: dict[str, Any]) -> None:
-        """Group event: an alert changed level (notifications.py); forwarded to the banner."""
+        """Group event: an alert changed level (alert_delivery.py); forwarded to the banner."""
         await self.send(text_data=json.dumps(event["alert"]))

@@ -158,14 +158,6 @@ def queue_stats(*, queues: tuple[Queue, ...], broker_url: str | None = None) -> 
     return stats
 
 
-def monitored_queues() -> tuple[Queue, ...]:
-    """Every queue Celery consumes (CELERY_TASK_QUEUES) and the dead-letter queue."""
-    from messaging.topology import DEAD_LETTER_QUEUE
-
-    queues = {queue.name: queue for queue in (*settings.CELERY_TASK_QUEUES, DEAD_LETTER_QUEUE)}
-    return tuple(queues.values())
-
-
 def queue_depth_then(*, queue: str, since: datetime) -> QueueSample | None:
     """The oldest sample of `queue` taken at or after `since` (the start of the rate window)."""
     return QueueSample.objects.filter(queue=queue, sampled_at__gte=since).order_by("sampled_at").first()

@@ -12,6 +12,7 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from messaging.topology import declared_queues
 from monitoring import selectors
 from monitoring.models import AlertLevel, AlertState, QueueSample
 
@@ -148,7 +149,7 @@ def alerts_check(*, now: datetime | None = None) -> list[AlertTransition]:
     if backlog is not None:
         findings.append(dead_letter_finding(backlog=backlog))
     try:
-        stats = selectors.queue_stats(queues=selectors.monitored_queues())
+        stats = selectors.queue_stats(queues=declared_queues())
     except selectors.SourceUnavailable as error:
         logger.warning("alert check: queues not checked: %s", error)
     else:
@@ -173,7 +174,7 @@ def alert_states_update(*, findings: list[Finding], now: datetime | None = None)
 
     Rows are locked, so two checks running at once (a doubled beat) notify a change only once.
     """
-    from monitoring.notifications import alert_notify
+    from monitoring.alert_delivery import alert_deliver
 
     now = now or timezone.now()
     transitions: list[AlertTransition] = []
@@ -203,5 +204,5 @@ def alert_states_update(*, findings: list[Finding], now: datetime | None = None)
         # - the ALERT_WEBHOOK_URL webhook (Slack-compatible JSON), when set;
         # - the live staff banner (channel layer group of the staff alert sockets).
         for transition in transitions:
-            transaction.on_commit(partial(alert_notify, transition=transition))
+            transaction.on_commit(partial(alert_deliver, transition=transition))
     return transitions

@@ -88,11 +88,11 @@ def _empty_queues(request: pytest.FixtureRequest) -> None:
     """Broker tests share the session's vhost: start each with every topology queue empty."""
     if request.node.get_closest_marker("broker") is None:
         return
-    from deadletters.selectors import topology_queues
+    from messaging.topology import declared_queues
 
     broker_url = request.getfixturevalue("broker_url")
     with Connection(broker_url) as conn:
-        for queue in topology_queues():
+        for queue in declared_queues():
             conn.default_channel.queue_purge(queue.name)
 
 

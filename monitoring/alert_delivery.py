@@ -49,7 +49,7 @@ def alert_text(transition) -> str:
     return f"[{transition.level.label}] {transition.key}{verb}: {transition.summary}"
 
 
-def alert_notify(*, transition) -> None:
+def alert_deliver(*, transition) -> None:
     """Send one level change of one alert to every channel."""
     text = alert_text(transition)
     frame = alert_frame(
