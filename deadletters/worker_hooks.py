@@ -7,7 +7,7 @@ Only parsing here; `task_failure_record` (services/task_failures.py) does the wr
 - task_postrun with state REJECTED: the task raised Reject(requeue=False) (invalid payload),
   in the pool child, where the real cause (`raise Reject(...) from error`) is still known. Same
   ordering as above: the parent rejects after the child returned.
-- task_unknown / task_rejected: the worker's consumer rejected a message naming no registered
+- task_unknown / task_rejected: the worker's intake rejected a message naming no registered
   task, or an invalid one. Celery sends these AFTER the reject, so the archiver may store the
   dead letter first; the service's join handles both orders.
 """

@@ -1,7 +1,7 @@
 """Everything between PostgreSQL and RabbitMQ: the broker topology, the outbox and its relay, publisher
 confirms, broker connections, and the worker-side intake that rejects what Celery cannot run.
 
-It imports no other app of the project: chat writes outbox rows through it, and the consumers
-(analytics, deadletters, monitoring) read its topology. Its modules that settings import (topology)
-load no Django models.
+It imports no other app of the project: chat writes outbox rows through it, and the apps that
+consume events (analytics, deadletters, monitoring) read its topology. The modules settings import
+(topology) load no Django models.
 """

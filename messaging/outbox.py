@@ -50,5 +50,5 @@ def outbox_events_add(
 
 
 def outbox_payload(*, routing_key: str, event_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
-    """An event's stored payload: its cause's fields, plus its own id and type for consumers."""
+    """An event's stored payload: its cause's fields, plus its own id and type for the tasks."""
     return {**payload, "event_id": str(event_id), "type": routing_key}

@@ -4,7 +4,7 @@ Rows are locked with `FOR UPDATE SKIP LOCKED` (several relays may run), publishe
 Celery task messages with pipelined publisher confirms, and marked sent in the transaction that
 holds their locks only after RabbitMQ confirmed every one of them. A crash anywhere before that
 commit leaves the rows pending, so they are published again: delivery is at-least-once, and the
-consumers are idempotent on `event_id`.
+tasks are idempotent on `event_id`.
 
 While idle the relay keeps its broker connection alive with AMQP heartbeats (`events_wait`), so a
 connection that died silently is replaced before the next event needs it. Events whose routing key

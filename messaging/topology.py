@@ -5,7 +5,7 @@ by `make run` and by every Celery worker on start-up; `topology_differences` bac
 `manage.py setup_broker --check`.
 
 The dead-letter exchange is a topic exchange that keeps each message's original routing key,
-so a later consumer can bind to a subset; the `dead_letters` queue binds `#` to keep everything.
+so a later queue can bind to a subset; the `dead_letters` queue binds `#` to keep everything.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ NOTIFICATIONS_QUEUE_TYPES = ("classic", "quorum")
 def notifications_queue(*, queue_type: str) -> Queue:
     """The notifications queue as the setting NOTIFICATIONS_QUEUE_TYPE wants it.
 
-    classic (default, RabbitMQ 3.x): strict priorities via `x-max-priority`; the consumer always
+    classic (default, RabbitMQ 3.x): strict priorities via `x-max-priority`; the worker always
     gets the highest-priority ready message. quorum: replicated, but RabbitMQ before 4.0 ignores
     priorities on it (plain FIFO: VIP work waits behind the backlog), and from 4.0 it has two
     levels (5 and up is high) served about 2:1 high:normal, not strictly; no `x-max-priority`.

@@ -1,5 +1,5 @@
-"""The Celery worker's message consumer, changed in two ways: bad messages are dead-lettered, and
-no log line quotes a message's body or headers.
+"""The Celery worker's message intake (Celery's Consumer), changed in two ways: bad messages are
+dead-lettered, and no log line quotes a message's body or headers.
 
 Stock Celery logs a message whose body cannot be decoded and then ACKS it, so it vanishes. Our
 work queues name a dead-letter exchange for exactly this case: rejecting it without requeue

@@ -113,7 +113,7 @@ def dead_letter_replay(
     Works in chunks: publish a chunk, wait for its confirms, then mark the confirmed rows (status
     replayed, replay_count + 1, audit row and admin LogEntry) in one transaction. A crash between
     the confirms and the commit leaves those rows as they were, and replaying them again is
-    harmless: the consumers are idempotent, which is also what makes replaying a letter whose
+    harmless: the tasks are idempotent, which is also what makes replaying a letter whose
     effect already happened change nothing.
     """
     label = _actor_label(actor, actor_label)

@@ -5,7 +5,7 @@ error. Republishing a modified copy to the DLX from the worker would need confir
 RabbitMQ's own `x-death` bookkeeping. So the worker commits a TaskFailure row keyed by the Celery
 task id before the message is rejected (worker_hooks.py), and the archiver (archive.py) joins it
 by task id. Both sides take the same transaction-scoped advisory lock on the task id, and
-whichever comes second completes the join, so the order does not matter (Celery's consumer-level
+whichever comes second completes the join, so the order does not matter (Celery's intake-level
 rejects, unknown tasks, signal after the reject). Expired and overflowed messages never reach a
 worker: they carry only `x-death`, and the archive describes them from it.
 """
