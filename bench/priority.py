@@ -2,11 +2,11 @@
 
 Runs in a RabbitMQ vhost of its own (deleted afterwards) with its own notifier process (the
 Procfile's `notifier` command), so no real worker sees the benchmark's tasks. Task messages are
-built and published by the relay's own code (messaging.relay: `task_message_build`, EventPublisher
-with confirms), one mention event per message as the relay publishes them; the worker runs the
-real delivery service, mailing an offline user through the locmem email backend. Latency is
-the ledger's `delivered_at` minus the event's `queued_at` (the moment it was handed to the
-publisher), both from this machine's clock. Its rows are deleted at the end.
+built and published by the relay's own code (`task_message_build` of messaging.wire, EventPublisher
+of messaging.publishing, with confirms), one mention event per message as the relay publishes them;
+the worker runs the real delivery service, mailing an offline user through the locmem email
+backend. Latency is the ledger's `delivered_at` minus the event's `queued_at` (the moment it was
+handed to the publisher), both from this machine's clock. Its rows are deleted at the end.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from bench.procfile import ROOT, child_process_env, procfile_command
 from chat.models import Message, NotificationDelivery, Room
 from chat.notifications import KIND_MENTION
 from messaging.outbox import ROUTING_MENTION
-from messaging.relay import EventPublisher, task_message_build
+from messaging.publishing import EventPublisher
 from messaging.topology import (
     PRIORITY_HIGH,
     PRIORITY_LOW,
@@ -43,6 +43,7 @@ from messaging.topology import (
     notifications_queue,
     scratch_vhost,
 )
+from messaging.wire import task_message_build
 
 T = TypeVar("T")
 

@@ -22,7 +22,7 @@ from kombu import Connection
 
 from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MESSAGE_CREATED
-from messaging.relay import EventPublisher, publish_pending_events
+from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import QUEUES, ScratchVhostError, scratch_vhost
 
 SEED_QUEUE = "bench_publish"

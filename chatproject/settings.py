@@ -221,8 +221,7 @@ ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", defau
 ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
 # Dead letters (deadletters): deliveries the archiver holds unacked at once (a crash
 # redelivers at most these, each archived once); how long failure details no dead letter claimed
-# are kept; the RabbitMQ management API for queue rates (empty: passive declares only); and a
-# test-only pause between commit and ack so tests/deadletters can SIGKILL the archiver there.
+# are kept; and the RabbitMQ management API for queue rates (empty: passive declares only).
 DLQ_ARCHIVER_PREFETCH = env.int("DLQ_ARCHIVER_PREFETCH", default=50)
 DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", default=7)
 # Resolved (replayed or discarded) dead letters are deleted, with their audit rows, this many days
@@ -232,7 +231,6 @@ DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", def
 # or declined (discarded).
 DLQ_RESOLVED_RETENTION_DAYS = env.int("DLQ_RESOLVED_RETENTION_DAYS", default=30)
 RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
-DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS", default=0.0)
 # A dead letter the database refuses even in minimal form (in practice it refuses every row: a missing
 # migration, a read-only database) is held unacked this long, then handed back to RabbitMQ to be
 # tried again: once per interval, not a hot loop, and never dropped. Keep it under RabbitMQ's

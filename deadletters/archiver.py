@@ -6,7 +6,7 @@ rows stay `ack_pending` until RabbitMQ has handled the ack, and a redelivery tak
 instead of adding one. A letter the database refuses does not hold back the others: it is stored
 in minimal form, and one that cannot even be stored so is held unacked and handed back to RabbitMQ
 after DLQ_ARCHIVER_UNSTORABLE_RETRY_SECONDS. Survives broker and database outages by reconnecting
-with backoff; the unacked messages of a dropped connection come back by themselves.
+with backoff (messaging/loop.py); the unacked messages of a dropped connection come back by themselves.
 
 While idle it keeps its broker connection alive with AMQP heartbeats (DLQ_ARCHIVER_HEARTBEAT_SECONDS),
 so a broker gone without FIN or RST (a network partition) is noticed and the connection replaced,
@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import amqp
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections
+from kombu import Connection
 
 from deadletters.services.archive import (
     ArchiveOutcome,
@@ -33,24 +33,103 @@ from deadletters.services.archive import (
     dead_letters_mark_acked,
 )
 from deadletters.services.retention import dead_letters_prune, task_failures_prune
-from infrastructure.health import redacted_url
+from infrastructure.faults import fault_point
 from messaging.connection import (
-    BrokerUnavailable,
-    broker_connection,
+    broker_close,
+    broker_connect,
+    broker_drop,
     broker_keep_alive,
     keep_alive_interval,
 )
+from messaging.loop import BrokerLoop
 from messaging.topology import DEAD_LETTER_QUEUE, declare_topology
 
 logger = logging.getLogger(__name__)
 
-MAX_BACKOFF_SECONDS = 30.0
-PRUNE_EVERY_SECONDS = 3600.0
 # How long to wait for more deliveries once one arrived, to archive them in one transaction.
 BATCH_GATHER_SECONDS = 0.02
 # The idle archiver wakes at least this often (more often for short heartbeat intervals) to prune
 # and to hand held letters back when due.
 IDLE_WAKE_SECONDS = 1.0
+
+
+class DeadLetterArchiver(BrokerLoop):
+    """Consumes `dead_letters` with manual acks; every delivery is archived, then acked."""
+
+    name = "dead-letter archiver"
+    waiting = "dead letters wait in their queue"
+
+    def __init__(
+        self,
+        *,
+        broker_url: str | None = None,
+        prefetch: int | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+    ) -> None:
+        heartbeat = settings.DLQ_ARCHIVER_HEARTBEAT_SECONDS
+        super().__init__(
+            broker_url=broker_url or settings.CELERY_BROKER_URL, heartbeat=heartbeat, should_stop=should_stop
+        )
+        self.prefetch = prefetch or settings.DLQ_ARCHIVER_PREFETCH
+        self.idle_wake = min(IDLE_WAKE_SECONDS, keep_alive_interval(heartbeat) or IDLE_WAKE_SECONDS)
+        self.connection: Connection | None = None
+        self.channel: amqp.Channel | None = None
+        self.arrived: list[amqp.Message] = []
+        # Delivery tag -> when it was found unstorable; these stay unacked on this channel.
+        self.held: dict[int, float] = {}
+
+    def connect(self) -> None:
+        self.connection = broker_connect(self.broker_url, heartbeat=self.heartbeat)
+        declare_topology(self.connection)
+        channel: amqp.Channel = self.connection.default_channel
+        # Bounded prefetch: a crash redelivers at most this many, each archived once.
+        channel.basic_qos(0, self.prefetch, False)
+        # A new channel: whatever the previous one held unacked went back to the queue with it.
+        self.arrived, self.held, self.channel = [], {}, channel
+        channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=self.arrived.append, no_ack=False)
+        logger.info("dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, self.prefetch)
+
+    def work(self) -> bool:
+        assert self.connection is not None and self.channel is not None
+        _requeue_held_when_due(self.channel, self.held)
+        if not self.arrived:
+            return False
+        # Whatever the broker has already pushed joins the batch: one commit for many.
+        while len(self.arrived) < self.prefetch:
+            try:
+                self.connection.drain_events(timeout=BATCH_GATHER_SECONDS)
+            except TimeoutError:
+                break
+        batch = self.arrived[:]
+        self.arrived.clear()
+        _archive_and_ack(self.channel, batch, held=self.held, prefetch=self.prefetch)
+        return True
+
+    def idle_wait(self) -> None:
+        assert self.connection is not None
+        # Deliveries can arrive while a batch is acked; those are archived without waiting.
+        if not self.arrived:
+            select.select([self.connection.connection.sock], [], [], self.idle_wake)
+        # Reads what the broker sent (deliveries, heartbeats) and sends a heartbeat when due.
+        self.keep_alive()
+
+    def keep_alive(self) -> None:
+        assert self.connection is not None
+        broker_keep_alive(self.connection)
+
+    def prune(self, *, between_chunks: Callable[[], None]) -> None:
+        pruned = task_failures_prune(between_chunks=between_chunks)
+        if pruned:
+            logger.info("pruned %d task failures no dead letter claimed", pruned)
+        pruned = dead_letters_prune(between_chunks=between_chunks)
+        if pruned:
+            logger.info("pruned %d resolved dead letters past DLQ_RESOLVED_RETENTION_DAYS", pruned)
+
+    def close(self, *, broken: bool) -> None:
+        # Closing hands the unacked deliveries back to RabbitMQ; a broken connection is only dropped.
+        if self.connection is not None:
+            (broker_drop if broken else broker_close)(self.connection)
+        self.connection = self.channel = None
 
 
 def dead_letter_archiver_run(
@@ -59,84 +138,8 @@ def dead_letter_archiver_run(
     prefetch: int | None = None,
     should_stop: Callable[[], bool] = lambda: False,
 ) -> None:
-    """Consume `dead_letters` until `should_stop()`; every delivery is archived, then acked."""
-    broker_url = broker_url or settings.CELERY_BROKER_URL
-    prefetch = prefetch or settings.DLQ_ARCHIVER_PREFETCH
-    heartbeat = settings.DLQ_ARCHIVER_HEARTBEAT_SECONDS
-    idle_wake = min(IDLE_WAKE_SECONDS, keep_alive_interval(heartbeat) or IDLE_WAKE_SECONDS)
-    url = redacted_url(broker_url)
-    backoff = 0.5
-    next_prune = time.monotonic()
-    broker_state = "starting"
-    while not should_stop():
-        try:
-            with broker_connection(broker_url, heartbeat=heartbeat) as conn:
-                declare_topology(conn)
-                channel: amqp.Channel = conn.default_channel
-                # Bounded prefetch: a crash redelivers at most this many, each archived once.
-                channel.basic_qos(0, prefetch, False)
-                arrived: list[amqp.Message] = []
-                # Delivery tag -> when it was found unstorable; these stay unacked on this channel.
-                held: dict[int, float] = {}
-                channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=arrived.append, no_ack=False)
-                if broker_state == "lost":
-                    logger.info("dead-letter archiver reconnected to RabbitMQ at %s", url)
-                logger.info(
-                    "dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, prefetch
-                )
-                broker_state = "consuming"
-                backoff = 0.5
-                while not should_stop():
-                    if time.monotonic() >= next_prune:
-                        # The broker hears from us between chunks: a long prune must not look dead.
-                        _prune(between_chunks=lambda: broker_keep_alive(conn))
-                        next_prune = time.monotonic() + PRUNE_EVERY_SECONDS
-                    _requeue_held_when_due(channel, held)
-                    # Deliveries can arrive while a batch is acked; those are archived without waiting.
-                    if not arrived:
-                        select.select([conn.connection.sock], [], [], idle_wake)
-                    # Reads what the broker sent (deliveries, heartbeats) and sends a heartbeat when due.
-                    broker_keep_alive(conn)
-                    if not arrived:
-                        continue
-                    # Whatever the broker has already pushed joins the batch: one commit for many.
-                    while len(arrived) < prefetch:
-                        try:
-                            conn.drain_events(timeout=BATCH_GATHER_SECONDS)
-                        except TimeoutError:
-                            break
-                    batch = arrived[:]
-                    arrived.clear()
-                    _archive_and_ack(channel, batch, held=held, prefetch=prefetch)
-        except BrokerUnavailable as error:
-            if broker_state == "consuming":
-                broker_state = "lost"
-                logger.warning(
-                    "lost the broker connection to %s (%s); dead letters wait in their queue, "
-                    "the archiver reconnects",
-                    url,
-                    error,
-                )
-            else:
-                logger.warning(
-                    "broker unreachable at %s (%s); the archiver retries in %.1fs", url, error, backoff
-                )
-        except DatabaseError as error:
-            # Only a lost connection gets here (services.archive.CONNECTION_ERRORS). Closing the broker
-            # connection hands the unacked deliveries back to RabbitMQ.
-            logger.warning("database unavailable (%s); the archiver retries in %.1fs", error, backoff)
-            close_old_connections()
-        time.sleep(backoff)
-        backoff = min(backoff * 2, MAX_BACKOFF_SECONDS)
-
-
-def _prune(*, between_chunks: Callable[[], None]) -> None:
-    pruned = task_failures_prune(between_chunks=between_chunks)
-    if pruned:
-        logger.info("pruned %d task failures no dead letter claimed", pruned)
-    pruned = dead_letters_prune(between_chunks=between_chunks)
-    if pruned:
-        logger.info("pruned %d resolved dead letters past DLQ_RESOLVED_RETENTION_DAYS", pruned)
+    """Consume `dead_letters` until `should_stop()` (or SIGTERM, with messaging.loop.stop_on_sigterm)."""
+    DeadLetterArchiver(broker_url=broker_url, prefetch=prefetch, should_stop=should_stop).run()
 
 
 def _archive_and_ack(
@@ -158,10 +161,8 @@ def _archive_and_ack(
             }
         )
     results = dead_letters_archive(deliveries=deliveries)
-    if settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS:
-        # tests/deadletters: committed, not yet acked -- the worst moment to be SIGKILLed.
-        logger.warning("fault injection: batch committed, pausing before its ack")
-        time.sleep(settings.DLQ_ARCHIVER_FAULT_PAUSE_SECONDS)
+    # Committed, not yet acked: the worst moment to die, as the archive must survive it.
+    fault_point("archiver.after_commit")
     unstorable = [m for m, r in zip(batch, results, strict=True) if not r.stored]
     if held or unstorable:
         # A multiple ack would take the held deliveries with it.

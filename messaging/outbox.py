@@ -1,13 +1,23 @@
-"""Writing events to the transactional outbox; messaging/relay.py moves them to RabbitMQ."""
+"""The transactional outbox's rows: written in their cause's transaction, pruned once sent.
+
+messaging/relay.py moves them to RabbitMQ (messaging/publishing.py).
+"""
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
+from django.conf import settings
 from django.db import connection
+from django.db.models import Count
+from django.utils import timezone
 
+from infrastructure.postgres import delete_in_chunks
 from messaging.models import OutboxEvent
+from messaging.topology import EVENT_TASKS
 
 # The relay LISTENs on this channel. A trigger on the outbox table NOTIFYs it for every INSERT
 # (migration chat 0004); PostgreSQL delivers a NOTIFY only when (and if) the transaction that
@@ -52,3 +62,32 @@ def outbox_events_add(
 def outbox_payload(*, routing_key: str, event_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
     """An event's stored payload: its cause's fields, plus its own id and type for the tasks."""
     return {**payload, "event_id": str(event_id), "type": routing_key}
+
+
+def unroutable_pending_events() -> dict[str, int]:
+    """Pending events by routing key, for the keys no task in EVENT_TASKS consumes.
+
+    publish_pending_events never selects them, so they wait forever (kept: nothing is lost) and
+    `chat_outbox_oldest_pending_age_seconds` grows; this names them. Reads only pending rows
+    (the partial index): the relay calls it once caught up, when little else is pending.
+    """
+    return dict(
+        OutboxEvent.objects.filter(sent_at__isnull=True)
+        .exclude(routing_key__in=list(EVENT_TASKS))
+        .values("routing_key")
+        .annotate(pending=Count("id"))
+        .order_by()
+        .values_list("routing_key", "pending")
+    )
+
+
+def prune_sent_events(
+    *, older_than: timedelta | None = None, between_chunks: Callable[[], None] | None = None
+) -> int:
+    """Delete events sent longer ago than the retention period; pending events are never touched."""
+    if older_than is None:
+        older_than = timedelta(days=settings.OUTBOX_RETENTION_DAYS)
+    cutoff = timezone.now() - older_than
+    return delete_in_chunks(
+        OutboxEvent.objects.filter(sent_at__lt=cutoff).order_by("sent_at"), between_chunks=between_chunks
+    )

@@ -123,16 +123,16 @@ def start_worker(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..
 def start_relay(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..., ChildProcess]]:
     """Start the Procfile's relay and wait until it is connected; stopped (SIGTERM) at teardown.
 
-    Unlike tests/conftest.py's `relay_process` it waits for the connection and can crash on purpose.
+    Unlike tests/conftest.py's `relay_process` it waits for the connection. Keyword arguments
+    become environment variables (tests/faults/points.py's fault_env).
     """
     relays: list[ChildProcess] = []
 
-    def start(*, crash_after_confirm: bool = False) -> ChildProcess:
+    def start(**extra_env: str) -> ChildProcess:
         relay = ChildProcess(
             name="relay",
-            command=f"{procfile_command('relay')} --poll-seconds 0.5"
-            + (" --crash-after-confirm" if crash_after_confirm else ""),
-            env={**child_process_env(), "CELERY_BROKER_URL": broker_url},
+            command=f"{procfile_command('relay')} --poll-seconds 0.5",
+            env={**child_process_env(), "CELERY_BROKER_URL": broker_url, **extra_env},
             log_path=tmp_path / f"relay-{len(relays)}.log",
             ready_line="relay connected",
         )

@@ -22,6 +22,7 @@ from chatproject.asgi import application
 from messaging.models import OutboxEvent
 from messaging.topology import ANALYTICS_QUEUE
 from tests.conftest import session_cookie, site_origin
+from tests.faults.points import fault_env
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.broker
@@ -197,7 +198,7 @@ def test_relay_killed_between_publish_and_mark_is_counted_once(
     alice = make_user("alice")
     room = make_room("general")
     worker = start_worker()
-    crashing = start_relay(crash_after_confirm=True)
+    crashing = start_relay(**fault_env({"relay.after_confirm": "crash"}))
     store_in_one_commit(room=room, author=alice, count=20)
     wait_until(
         lambda: crashing.process.poll() is not None, timeout=DEADLINE, message="the relay did not crash"

@@ -10,16 +10,16 @@ from django.db import transaction
 from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
+from messaging.listening import OutboxListener
 from messaging.models import OutboxEvent
-from messaging.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
-from messaging.relay import (
-    EventPublisher,
-    OutboxListener,
-    RelayLog,
+from messaging.outbox import (
+    ROUTING_MESSAGE_CREATED,
+    outbox_event_add,
     prune_sent_events,
-    publish_pending_events,
     unroutable_pending_events,
 )
+from messaging.publishing import EventPublisher, publish_pending_events
+from messaging.relay import UnroutableEvents
 from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
@@ -131,12 +131,12 @@ def test_events_no_task_consumes_stay_pending_and_are_counted_by_routing_key(
 
 
 def test_relay_log_names_each_unroutable_routing_key_once_while_it_stays_pending(caplog):
-    log = RelayLog("amqp://guest:guest@localhost//")
+    unroutable = UnroutableEvents()
 
     with caplog.at_level(logging.INFO, logger="messaging.relay"):
-        log.unroutable({"chat.renamed": 2})
-        log.unroutable({"chat.renamed": 3, "chat.typo": 1})
-        log.unroutable({"chat.typo": 1})
+        unroutable.report({"chat.renamed": 2})
+        unroutable.report({"chat.renamed": 3, "chat.typo": 1})
+        unroutable.report({"chat.typo": 1})
 
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         (

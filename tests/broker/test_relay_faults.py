@@ -11,9 +11,12 @@ import pytest
 from django.db import transaction
 
 from bench.procfile import free_port
+from infrastructure.faults import FAULT_CRASH_EXIT_CODE
+from messaging.management.commands.run_relay import Command as RunRelay
 from messaging.models import OutboxEvent
 from messaging.outbox import outbox_event_add
-from messaging.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
+from messaging.publishing import EventPublisher, publish_pending_events
+from tests.faults.points import fault_env
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_until
 
@@ -58,9 +61,9 @@ def test_relay_killed_between_publish_and_mark_republishes(
 ):
     [event] = send_messages(1)
 
-    relay = start_process([*RELAY, "--crash-after-confirm"])
+    relay = start_process(RELAY, env=fault_env({"relay.after_confirm": "crash"}))
 
-    assert relay.wait(timeout=60) == CRASH_HOOK_EXIT_CODE, log_of(relay)
+    assert relay.wait(timeout=60) == FAULT_CRASH_EXIT_CODE, log_of(relay)
     assert pending_count() == 1
     publisher = EventPublisher(broker_url)
     try:
@@ -70,6 +73,14 @@ def test_relay_killed_between_publish_and_mark_republishes(
     assert pending_count() == 0
     published = [e["event_id"] for m in probe_queue.drain() for e in m.events]
     assert published == [str(event.event_id)] * 2
+
+
+def test_production_relay_command_offers_no_fault_hook():
+    help_text = RunRelay().create_parser("manage.py", "run_relay").format_help()
+
+    assert "--poll-seconds" in help_text
+    assert "crash" not in help_text.lower()
+    assert "hook" not in help_text.lower()
 
 
 def test_broker_outage_leaves_events_pending_and_chat_working_then_they_flow(

@@ -33,7 +33,7 @@ from chat.notifications import (
 )
 from messaging.models import OutboxEvent
 from messaging.outbox import ROUTING_MENTION
-from messaging.relay import EventPublisher, publish_pending_events
+from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import declare_topology, notifications_queue
 from tests.chat.test_consumer import connect, message, reply_to
 from tests.conftest import session_cookie

@@ -23,7 +23,7 @@ from bench.procfile import procfile_command
 from chat import selectors, services
 from chat.models import NotificationDelivery
 from messaging.models import OutboxEvent
-from messaging.relay import EventPublisher, publish_pending_events
+from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import (
     DEAD_LETTER_QUEUE,
     PRIORITY_HIGH,

@@ -19,8 +19,8 @@ from django.db import connection
 from kombu import Connection
 
 from bench.procfile import procfile_command
-from messaging.relay import task_message_build
 from messaging.topology import CHAT_EVENTS_EXCHANGE
+from messaging.wire import task_message_build
 from tests.waiting import wait_until
 
 ROUTING_KEY = "chat.message.created"

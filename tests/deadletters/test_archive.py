@@ -17,8 +17,8 @@ from kombu import Connection, Queue
 from bench.procfile import free_port
 from deadletters.models import DeadLetter
 from deadletters.services.resolution import replay_message
-from messaging.relay import task_message_build
 from messaging.topology import DEAD_LETTER_EXCHANGE, DEAD_LETTER_QUEUE
+from messaging.wire import task_message_build
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,
@@ -29,6 +29,7 @@ from tests.deadletters.conftest import (
     queue_depth,
     wait_for_log,
 )
+from tests.faults.points import fault_env
 from tests.tcp_proxy import TcpProxy
 from tests.waiting import wait_until
 
@@ -138,7 +139,7 @@ def test_archiver_killed_mid_way_loses_nothing_and_duplicates_nothing(broker_url
     )
 
     # Paused between its commit and its ack: the kill lands on committed-but-unacked letters.
-    archiver = start_archiver(DLQ_ARCHIVER_FAULT_PAUSE_SECONDS="0.5", DLQ_ARCHIVER_PREFETCH="20")
+    archiver = start_archiver(**fault_env({"archiver.after_commit": "0.5"}), DLQ_ARCHIVER_PREFETCH="20")
     wait_until(lambda: DeadLetter.objects.count() >= 30, timeout=60, message="the archiver archived nothing")
     os.killpg(archiver.pid, signal.SIGKILL)
     archiver.wait()
@@ -258,8 +259,8 @@ def test_identical_letters_that_die_together_are_archived_once_each_across_a_kil
         message="the expired copies did not all reach dead_letters",
     )
 
-    archiver = start_archiver(DLQ_ARCHIVER_FAULT_PAUSE_SECONDS="30", DLQ_ARCHIVER_PREFETCH="20")
-    wait_for_log(archiver, "fault injection: batch committed")
+    archiver = start_archiver(**fault_env({"archiver.after_commit": "30"}), DLQ_ARCHIVER_PREFETCH="20")
+    wait_for_log(archiver, "fault injection: archiver.after_commit")
     os.killpg(archiver.pid, signal.SIGKILL)  # its first batch committed, not acked
     archiver.wait()
     archived_at_kill = DeadLetter.objects.count()

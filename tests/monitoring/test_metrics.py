@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from chat import services
 from chat.presence import presence_socket_close, presence_socket_open
 from messaging.models import OutboxEvent
-from messaging.relay import EventPublisher, publish_pending_events
+from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import ANALYTICS_QUEUE, MONITORING_QUEUE
 from monitoring.metrics import PROJECT_METRIC_NAMES
 from tests.monitoring.conftest import metric_names, sample, scrape

@@ -33,8 +33,8 @@ from bench.procfile import DaphneServer, free_port, procfile_command
 from chat.models import Message, NotificationDelivery
 from deadletters.models import DeadLetter
 from messaging.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
-from messaging.relay import task_message_build
 from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
+from messaging.wire import task_message_build
 from tests.conftest import session_cookie
 from tests.mail import file_email_env
 from tests.waiting import wait_until

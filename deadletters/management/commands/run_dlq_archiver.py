@@ -1,18 +1,9 @@
 """`manage.py run_dlq_archiver`: the dead-letter archiver process (Procfile `dlq_archiver`)."""
 
-import signal
-
 from django.core.management.base import BaseCommand
 
 from deadletters.archiver import dead_letter_archiver_run
-
-
-class ArchiverStopped(BaseException):  # like KeyboardInterrupt: no `except Exception` swallows it
-    pass
-
-
-def _raise_stop(signum, frame) -> None:
-    raise ArchiverStopped
+from messaging.loop import LoopStopped, stop_on_sigterm
 
 
 class Command(BaseCommand):
@@ -24,9 +15,9 @@ class Command(BaseCommand):
         parser.add_argument("--prefetch", type=int, help="unacked deliveries held at once")
 
     def handle(self, *args, **options) -> None:
-        # Stopping anywhere is safe: an unacked delivery comes back and is archived once.
-        signal.signal(signal.SIGTERM, _raise_stop)
+        # SIGTERM from honcho or docker ends the loop wherever it is (safe: messaging/loop.py).
+        stop_on_sigterm()
         try:
             dead_letter_archiver_run(broker_url=options["broker_url"], prefetch=options["prefetch"])
-        except (ArchiverStopped, KeyboardInterrupt):
+        except (LoopStopped, KeyboardInterrupt):
             self.stdout.write("dead-letter archiver stopped")
