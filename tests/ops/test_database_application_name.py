@@ -5,6 +5,8 @@ from urllib.request import urlopen
 from django.conf import settings
 from django.db import connection
 
+from chatproject.database import database_connect_autocommit
+
 
 def session_names() -> list[str]:
     with connection.cursor() as cursor:
@@ -28,3 +30,15 @@ def test_the_procfile_web_process_names_its_sessions_chat_web(live_daphne):
         assert response.status == 200
 
     assert "chat-web" in session_names()
+
+
+def test_a_raw_connection_is_named_like_the_process(db):
+    conn = database_connect_autocommit()
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute("SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()")
+            (name,) = cursor.fetchone()
+    finally:
+        conn.close()
+
+    assert name == settings.DATABASES["default"]["OPTIONS"]["application_name"]
