@@ -21,6 +21,7 @@ from chat.notifications import (
     mention_notifications_deliver,
     notification_fallback_emails_send,
 )
+from chat.task_logging import FALLBACK_SWEEP_TASK
 from chatproject.celery import app
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     }
 
 
-@app.task(name="chat.send_notification_fallback_emails")
+@app.task(name=FALLBACK_SWEEP_TASK)  # an idle sweep logs nothing (chat/task_logging.py)
 def send_notification_fallback_emails() -> dict[str, int]:
     """Email the pushes no page acknowledged in time (a batch; beat runs this every few seconds).
 
