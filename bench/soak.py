@@ -8,11 +8,17 @@ Redis (this installation's keys, the server's memory), the RabbitMQ queues and t
 end the pipeline is left to drain, and every message stored during the run must have been counted
 by analytics exactly once.
 
-Verdicts (`Series.verdict`): the first third of the samples is the warm-up. A count (connections,
-descriptors, threads, keys) is flat when its maximum after the warm-up is at most the warm-up's
-maximum plus a small slack; a memory figure when the last third's maximum is less than 10% above
-the middle third's; a backlog (queues, outbox) when the last third's maximum is at most the first
-third's plus a slack. Connections, descriptors and memory of the processes decide the outcome.
+Verdicts (`Series.verdict`): the first sample is taken before any traffic, and the first third of
+the samples is the warm-up. A count (connections, descriptors, threads, keys) is flat when its
+maximum after the warm-up is at most the warm-up's maximum plus a small slack; a process's
+connections must also stay within the bound docs/architecture.md states for it
+(`connection_bound`), whatever the warm-up did. A memory figure is flat when the last third's
+maximum is less than 10% above the middle third's; a backlog (queues, outbox) when the last
+third's maximum is at most the first third's plus a slack. Connections, descriptors and memory of
+the processes decide the outcome. A run shorter than MIN_MINUTES cannot tell a warm-up from growth.
+
+The sockets behave as the page does: a message counts as acknowledged when its sender gets it back
+(its `client_id`), and every mention notification pushed to a socket is acknowledged.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
 import secrets
 import time
@@ -46,7 +53,9 @@ from websockets.exceptions import ConnectionClosed
 from analytics.models import ProcessedEvent
 from analytics.selectors import room_message_count
 from bench import loadtest
-from chat.models import Message, Room
+from chat.consumers import WRITE_THREADS
+from chat.models import Message, NotificationDelivery, Room
+from chat.protocol import TYPE_ERROR, TYPE_MESSAGE, TYPE_NOTIFICATION, TYPE_NOTIFICATION_ACK
 from infrastructure.database_threads import DatabaseThreadPool
 from messaging.topology import declared_queues
 from monitoring.selectors import (
@@ -78,6 +87,8 @@ HTTP_REQUESTS_PER_SECOND = 2.0
 MESSAGES_PER_SOCKET_LIFE = (4, 12)
 REQUESTS_PER_LOGIN = 30
 MENTION_SHARE = 0.2
+# The shortest run whose warm-up (a third of it) lets every pool reach its working size.
+MIN_MINUTES = 1.0
 # How long the pipeline may take to drain after the traffic stops.
 DRAIN_SECONDS = 120.0
 # Slack of the "flat" rules, per kind of figure.
@@ -106,6 +117,35 @@ class ChatProcess:
     def members(self) -> list[psutil.Process]:
         root = psutil.Process(self.pid)
         return [root, *root.children(recursive=True)]
+
+    def connection_bound(self) -> int:
+        """The most PostgreSQL connections it may hold; NoSuchProcess when it is gone."""
+        return connection_bound(self.name.split("#")[0], psutil.Process(self.pid).cmdline())
+
+
+def _option_value(cmdline: list[str], *names: str) -> str | None:
+    """The last value given to any of `names` (`-c 2`, `--concurrency 2`, `--concurrency=2`)."""
+    value = None
+    for i, word in enumerate(cmdline):
+        if word in names and i + 1 < len(cmdline):
+            value = cmdline[i + 1]
+        elif word.startswith("--") and word.partition("=")[0] in names:
+            value = word.partition("=")[2]
+    return value
+
+
+def connection_bound(name: str, cmdline: list[str]) -> int:
+    """The bound of docs/architecture.md's table for Procfile process `name`, from the settings
+    and the command line it derives from: web WEB_HTTP_THREADS + the socket write threads + 1,
+    a Celery worker its --concurrency + 1 (1 with --pool solo)."""
+    if name == "web":
+        return settings.WEB_HTTP_THREADS + WRITE_THREADS + 1
+    if name in ("worker", "notifier", "monitor"):
+        if _option_value(cmdline, "-P", "--pool") == "solo":
+            return 1
+        concurrency = _option_value(cmdline, "-c", "--concurrency")
+        return (int(concurrency) if concurrency else os.cpu_count() or 1) + 1
+    return {"relay": 2, "dlq_archiver": 1, "beat": 0}[name]
 
 
 def _database_identity(db: dict[str, Any]) -> tuple[str, int]:
@@ -212,21 +252,36 @@ def process_sample(process: ChatProcess, *, client_ports: set[int]) -> ProcessSa
 
 @dataclass
 class Series:
-    """One figure sampled over the run, and how to judge it: `rule` is count, memory or backlog."""
+    """One figure sampled over the run, and how to judge it: `rule` is count, memory or backlog;
+    `bound`, when known, is the most the figure may ever reach (a process's connections)."""
 
     name: str
     rule: str
     decides: bool
     values: list[float] = field(default_factory=list)
     slack: float = 0.0
+    bound: float | None = None
+
+    def _thirds(self) -> tuple[list[float], list[float], list[float]]:
+        n = len(self.values)
+        third = n // 3
+        return self.values[:third], self.values[third : n - third], self.values[n - third :]
+
+    def baseline(self) -> float | None:
+        """What the verdict compares the rest of the run with: the warm-up's maximum (memory:
+        the middle third's); None with fewer than 3 samples."""
+        if len(self.values) < 3:
+            return None
+        warmup, middle, _last = self._thirds()
+        return max(middle) if self.rule == "memory" else max(warmup)
 
     def verdict(self) -> str:
-        """ "flat", "growing", or "too short" (fewer than 3 samples)."""
-        n = len(self.values)
-        if n < 3:
+        """ "flat", "growing", "over its bound", or "too short" (fewer than 3 samples)."""
+        if self.bound is not None and self.values and max(self.values) > self.bound:
+            return "over its bound"
+        if len(self.values) < 3:
             return "too short"
-        third = n // 3
-        warmup, middle, last = self.values[:third], self.values[third : n - third], self.values[n - third :]
+        warmup, middle, last = self._thirds()
         if self.rule == "memory":
             # A fresh process's memory climbs through its warm-up (imports, caches, the young
             # generation the web process lets grow before collecting): judged after it.
@@ -239,11 +294,18 @@ class Series:
 
     def summary(self) -> dict[str, Any]:
         scale = MiB if self.rule == "memory" else 1
+
+        def shown(value: float | None) -> float | None:
+            return None if value is None else round(value / scale, 1)
+
+        baseline = self.baseline()
         return {
             "name": self.name,
-            "start": round(self.values[0] / scale, 1) if self.values else None,
-            "end": round(self.values[-1] / scale, 1) if self.values else None,
-            "max": round(max(self.values) / scale, 1) if self.values else None,
+            "before_traffic": shown(self.values[0]) if self.values else None,
+            "baseline": shown(baseline),
+            "end": shown(self.values[-1]) if self.values else None,
+            "max": shown(max(self.values)) if self.values else None,
+            "bound": self.bound,
             "unit": "MiB" if self.rule == "memory" else "",
             "verdict": self.verdict(),
             "decides": self.decides,
@@ -266,9 +328,24 @@ class SoakReport:
     aggregate_delta: int = 0
     pending_at_end: dict[str, int] = field(default_factory=dict)
     drain_seconds: float = 0.0
+    # Messages whose socket dropped before they came back, and how many of them were stored anyway.
+    unacknowledged_ids: list[str] = field(default_factory=list)
+    unacknowledged_stored: int = 0
+    # The mention notifications of the run by outcome (NotificationDelivery, after the drain).
+    notifications: dict[str, int] = field(default_factory=dict)
 
-    def record(self, name: str, value: float, *, rule: str, decides: bool, slack: float = 0.0) -> None:
-        self.series.setdefault(name, Series(name, rule, decides, slack=slack)).values.append(value)
+    def record(
+        self,
+        name: str,
+        value: float,
+        *,
+        rule: str,
+        decides: bool,
+        slack: float = 0.0,
+        bound: float | None = None,
+    ) -> None:
+        series = self.series.setdefault(name, Series(name, rule, decides, slack=slack, bound=bound))
+        series.values.append(value)
 
     @property
     def growing(self) -> list[str]:
@@ -302,6 +379,8 @@ class SoakReport:
             "aggregate_delta": self.aggregate_delta,
             "pending_at_end": self.pending_at_end,
             "drain_seconds": round(self.drain_seconds, 1),
+            "unacknowledged_stored": self.unacknowledged_stored,
+            "notifications": self.notifications,
             "growing": self.growing,
             "ok": self.ok,
         }
@@ -314,6 +393,10 @@ class Sampler:
         self.report = report
         self.redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2)
         self.queues = declared_queues()
+        self.bounds: dict[str, int] = {}
+        for process in report.processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                self.bounds[process.name] = process.connection_bound()
 
     def sample(self) -> str:
         """Record every figure once; returns a short line for the progress display."""
@@ -334,6 +417,7 @@ class Sampler:
                 rule="count",
                 decides=True,
                 slack=COUNT_SLACK["db connections"],
+                bound=self.bounds.get(process.name),
             )
             record(f"{process.name} rss", figures.rss_bytes, rule="memory", decides=True)
             record(
@@ -369,7 +453,8 @@ class Sampler:
         except SourceUnavailable as error:
             report.errors[str(error)] += 1
         report.samples += 1
-        return ", ".join([*line, f"outbox {pending}", f"sent {report.traffic['messages sent']}"])
+        sent, acknowledged = report.traffic["messages sent"], report.traffic["messages acknowledged"]
+        return ", ".join([*line, f"outbox {pending}", f"messages sent {sent} (acknowledged {acknowledged})"])
 
     def close(self) -> None:
         self.redis.close()
@@ -490,7 +575,8 @@ class Traffic:
                 await self._pause(1.0)
                 continue
             traffic["socket connects"] += 1
-            reader = asyncio.create_task(self._read(ws))
+            awaiting: set[str] = set()  # client_ids sent on this socket and not yet back or refused
+            reader = asyncio.create_task(self._read(ws, awaiting))
             try:
                 for _ in range(random.randint(*MESSAGES_PER_SOCKET_LIFE)):
                     await self._pause(random.uniform(0.5, 1.5) / SOCKET_MESSAGES_PER_SECOND)
@@ -500,8 +586,9 @@ class Traffic:
                     if random.random() < MENTION_SHARE:
                         text += f" for @{random.choice(mentionable)}"
                         traffic["mentions"] += 1
-                    frame = {"type": "message", "text": text, "client_id": str(uuid.uuid4())}
-                    await ws.send(json.dumps(frame))
+                    client_id = str(uuid.uuid4())
+                    awaiting.add(client_id)
+                    await ws.send(json.dumps({"type": TYPE_MESSAGE, "text": text, "client_id": client_id}))
                     traffic["messages sent"] += 1
             except ConnectionClosed:
                 self.report.errors["socket closed by the server"] += 1
@@ -512,15 +599,32 @@ class Traffic:
                 ws.transport.abort()
             traffic["socket drops"] += 1
             await asyncio.gather(reader, return_exceptions=True)
+            # In flight when the socket dropped: stored or not, the sender never learnt which.
+            traffic["messages unacknowledged"] += len(awaiting)
+            self.report.unacknowledged_ids += awaiting
 
-    async def _read(self, ws: ClientConnection) -> None:
+    async def _read(self, ws: ClientConnection, awaiting: set[str]) -> None:
+        """Like the page: a message back with a client_id sent here acknowledges it; every
+        notification frame is acknowledged."""
+        traffic = self.report.traffic
         with contextlib.suppress(ConnectionClosed):
             async for raw in ws:
                 frame = json.loads(raw)
-                if frame.get("type") == "error":
+                kind = frame.get("type")
+                if kind == TYPE_ERROR:
                     self.report.errors[f"error frame: {frame.get('code')}"] += 1
-                else:
-                    self.report.traffic[f"frames received: {frame.get('type')}"] += 1
+                    if frame.get("client_id") in awaiting:
+                        awaiting.discard(frame["client_id"])
+                        traffic["messages refused"] += 1
+                    continue
+                traffic[f"frames received: {kind}"] += 1
+                if kind == TYPE_MESSAGE and frame.get("client_id") in awaiting:
+                    awaiting.discard(frame["client_id"])
+                    traffic["messages acknowledged"] += 1
+                elif kind == TYPE_NOTIFICATION:
+                    traffic["notifications pushed"] += 1
+                    await ws.send(json.dumps({"type": TYPE_NOTIFICATION_ACK, "id": frame["id"]}))
+                    traffic["notifications acknowledged"] += 1
 
 
 # --- The run ---------------------------------------------------------------------------------
@@ -561,6 +665,29 @@ def counted_exactly_once_check(*, report: SoakReport, rooms: list[Room], baselin
     )
 
 
+def unacknowledged_stored_count(*, client_ids: list[str]) -> int:
+    """How many of the messages whose socket dropped before they came back were stored anyway."""
+    return sum(
+        Message.objects.filter(client_id__in=client_ids[start : start + 1000]).count()
+        for start in range(0, len(client_ids), 1000)
+    )
+
+
+def notification_outcomes(*, rooms: list[Room], baseline: Baseline) -> dict[str, int]:
+    """The run's mention notifications (those of messages stored in the soak rooms) by outcome."""
+    deliveries = NotificationDelivery.objects.filter(
+        message__room__in=rooms, message_id__gt=baseline.last_message_id
+    )
+    return {
+        "acknowledged on a socket": deliveries.filter(
+            channel=NotificationDelivery.CHANNEL_SOCKET, delivered_at__isnull=False
+        ).count(),
+        "awaiting acknowledgement": deliveries.filter(delivered_at__isnull=True).count(),
+        "emailed": deliveries.filter(channel=NotificationDelivery.CHANNEL_EMAIL).count(),
+        "nothing to send to": deliveries.filter(channel=NotificationDelivery.CHANNEL_NONE).count(),
+    }
+
+
 def pending_now(*, queues: tuple) -> dict[str, int]:
     pending = {"outbox": outbox_backlog().pending}
     with contextlib.suppress(SourceUnavailable):
@@ -580,6 +707,8 @@ def pipeline_drain(*, report: SoakReport, rooms: list[Room], baseline: Baseline)
             break
         time.sleep(1.0)
     report.drain_seconds = time.monotonic() - started
+    report.unacknowledged_stored = unacknowledged_stored_count(client_ids=report.unacknowledged_ids)
+    report.notifications = notification_outcomes(rooms=rooms, baseline=baseline)
 
 
 def sample_interval(seconds: float) -> float:
@@ -600,28 +729,41 @@ async def _traffic_and_samples(
 ) -> None:
     stop = asyncio.Event()
     traffic = Traffic(report, target, stop)
-    tasks = [asyncio.create_task(traffic.http_client(name, pw, rooms)) for name, pw in logins.items()]
-    tasks += [asyncio.create_task(traffic.socket_client(c, mentionable)) for c in clients]
     # The ORM and psutil block; one thread of their own does every sample (and closes its connection).
     sampling = DatabaseThreadPool(size=1, name="soak-sample", idle_seconds=60.0)
-    sampler = Sampler(report)
     loop = asyncio.get_running_loop()
-    started = time.monotonic()
-    interval = sample_interval(seconds)
+    sampler: Sampler | None = None
+    tasks: list[asyncio.Task] = []
     try:
+        sampler = await loop.run_in_executor(sampling, Sampler, report)
+        # The first sample is the processes before any traffic; the clock starts after it.
+        line = await loop.run_in_executor(sampling, sampler.sample)
+        tasks = [asyncio.create_task(traffic.http_client(name, pw, rooms)) for name, pw in logins.items()]
+        tasks += [asyncio.create_task(traffic.socket_client(c, mentionable)) for c in clients]
+        started = time.monotonic()
+        interval = sample_interval(seconds)
         while True:
-            line = await loop.run_in_executor(sampling, sampler.sample)
             elapsed = time.monotonic() - started
             if progress:
                 progress(min(elapsed, seconds), seconds, line)
             if elapsed >= seconds:
                 break
             await asyncio.sleep(min(interval, seconds - elapsed))
+            line = await loop.run_in_executor(sampling, sampler.sample)
     finally:
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await loop.run_in_executor(sampling, sampler.close)
+        if sampler is not None:
+            await loop.run_in_executor(sampling, sampler.close)
         sampling.shutdown()
+
+
+def soak_minutes_check(*, minutes: float) -> None:
+    """SoakError when a run of `minutes` would be too short to judge."""
+    if minutes < MIN_MINUTES:
+        raise SoakError(
+            f"--minutes must be at least {MIN_MINUTES:g}: a shorter run cannot tell a warm-up from growth."
+        )
 
 
 def soak_run(
@@ -635,7 +777,9 @@ def soak_run(
 
     Never raises for what the server does: failures are counted in `report.errors`, and the
     verdicts and checks are in the report. Soak users get a fresh password for the run only.
+    SoakError, before anything runs, when `minutes` is under MIN_MINUTES.
     """
+    soak_minutes_check(minutes=minutes)
     report = SoakReport(minutes=minutes, processes=processes)
     socket_users = soak_users_ensure(count=SOCKET_CLIENTS, kind="user")
     login_users = soak_users_ensure(count=HTTP_CLIENTS, kind="login")

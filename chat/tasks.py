@@ -21,6 +21,7 @@ from chat.notifications import (
     mention_notifications_deliver,
     notification_fallback_emails_send,
 )
+from chat.task_logging import FALLBACK_SWEEP_TASK
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     }
 
 
-@shared_task(name="chat.send_notification_fallback_emails")
+@shared_task(name=FALLBACK_SWEEP_TASK)  # an idle sweep logs nothing (chat/task_logging.py)
 def send_notification_fallback_emails() -> dict[str, int]:
     """Email the pushes no page acknowledged in time (a batch; beat runs this every few seconds).
 

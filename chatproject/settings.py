@@ -1,5 +1,6 @@
 """Django settings. This module is the only place that reads the environment."""
 
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -119,6 +120,23 @@ DB_CONN_IDLE_SECONDS = env.float("DB_CONN_IDLE_SECONDS", default=30.0)
 WEB_HTTP_THREADS = env.int("WEB_HTTP_THREADS", default=8)
 if WEB_HTTP_THREADS < 1:
     raise ImproperlyConfigured("WEB_HTTP_THREADS must be at least 1")
+
+
+def _command_application_name(argv: list[str]) -> str:
+    """chat-<manage.py subcommand>, else chat-<program> (chat-celery, chat-serve, chat-pytest)."""
+    program = Path(argv[0]).stem if argv and argv[0] else "python"
+    if program == "manage" and len(argv) > 1:
+        return f"chat-{argv[1]}"
+    return f"chat-{program}"
+
+
+# Each process names its PostgreSQL sessions (pg_stat_activity.application_name), so an operator
+# sees whose connections are whose; the Procfile names each process (docs/architecture.md).
+_database_options = DATABASES["default"].setdefault("OPTIONS", {})
+_database_options["application_name"] = env.str(
+    "DB_APPLICATION_NAME",
+    default=_database_options.get("application_name") or _command_application_name(sys.argv),
+)
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="redis://localhost:6379/0")
@@ -423,6 +441,11 @@ ALERT_WEBHOOK_URL = env.str("ALERT_WEBHOOK_URL", default="")
 ADMINS = [(address, address) for address in env.list("ADMINS", default=[])]
 SERVER_EMAIL = env.str("SERVER_EMAIL", default="chat-alerts@localhost")
 EMAIL_SUBJECT_PREFIX = "[chat] "
+# Beat's record of when each entry last ran: in the checkout (git-ignored), so two checkouts on one
+# machine never share it; BEAT_SCHEDULE_FILENAME moves it (a read-only checkout, a test's directory).
+CELERY_BEAT_SCHEDULE_FILENAME = env.str(
+    "BEAT_SCHEDULE_FILENAME", default=str(BASE_DIR / ".celerybeat-schedule")
+)
 CELERY_BEAT_SCHEDULE = {
     "monitoring-check-alerts": {
         "task": "monitoring.check_alerts",
@@ -454,11 +477,17 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # The fallback-email sweep runs every few seconds and nearly always finds nothing: its receipt,
+    # beat's sending line and an idle sweep's result are dropped (chat/task_logging.py).
+    "filters": {"idle_fallback_sweep": {"()": "chat.task_logging.IdleFallbackSweepFilter"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         # Axes announces itself at every start and each successful login at INFO: a line per
         # management command and per login that says nothing. Lockouts and failures stay (WARNING).
         "axes": {"level": "WARNING"},
+        "celery.worker.strategy": {"filters": ["idle_fallback_sweep"]},
+        "celery.app.trace": {"filters": ["idle_fallback_sweep"]},
+        "celery.beat": {"filters": ["idle_fallback_sweep"]},
     },
 }

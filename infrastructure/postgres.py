@@ -57,6 +57,8 @@ def database_connect_autocommit(*, dbname: str | None = None) -> psycopg2.extens
         host=db.get("HOST") or None,
         port=db.get("PORT") or None,
         connect_timeout=3,
+        # Named like the process's Django connections (DB_APPLICATION_NAME), e.g. the relay's LISTEN.
+        application_name=db.get("OPTIONS", {}).get("application_name"),
     )
     conn.autocommit = True
     return conn

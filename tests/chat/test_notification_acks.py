@@ -225,7 +225,11 @@ def notifier_and_beat(broker_url, start_process, tmp_path) -> Path:
     start_process(
         ["bash", "-c", f"exec {procfile_command('beat')}"],
         # Its schedule file in this test's directory; the alert check is not this test's business.
-        env={"TMPDIR": str(tmp_path), "NOTIFICATION_ACK_SWEEP_SECONDS": "1", "ALERT_CHECK_SECONDS": "3600"},
+        env={
+            "BEAT_SCHEDULE_FILENAME": str(tmp_path / "beat-schedule"),
+            "NOTIFICATION_ACK_SWEEP_SECONDS": "1",
+            "ALERT_CHECK_SECONDS": "3600",
+        },
     )
     return mail_dir
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
 import shlex
 
 import pytest
 from django.conf import settings
+from django.core.management import CommandError, call_command
 
-from bench.loadtest import Target
 from bench.procfile import ROOT, procfile_command
-from bench.soak import PROCESS_SIGNATURES, Series, _has_words, chat_processes_find, soak_run
+from bench.soak import PROCESS_SIGNATURES, Series, _has_words, connection_bound
 from messaging.topology import ANALYTICS_QUEUE
 from monitoring.selectors import queue_stats
 from tests.waiting import wait_until
@@ -42,6 +44,42 @@ def test_connections_that_stay_within_the_slack_are_flat():
     assert series.verdict() == "flat"
 
 
+def test_connections_over_the_documented_bound_fail_even_during_the_warm_up():
+    series = Series(
+        "web db connections", "count", True, [2, 30, 30, 24, 24, 24, 24, 24, 24], slack=2, bound=25
+    )
+
+    assert series.verdict() == "over its bound"
+
+
+def test_a_pool_filling_up_to_its_size_in_the_warm_up_is_flat():
+    series = Series(
+        "web db connections", "count", True, [2, 9, 22, 22, 21, 22, 22, 20, 22], slack=2, bound=25
+    )
+
+    assert series.verdict() == "flat"
+    assert series.baseline() == 22  # the warm-up's maximum, not the sample before traffic
+
+
+def documented_bounds() -> dict[str, int]:
+    """docs/architecture.md's table of connections per process: `| `name` | ... **N** ... |`."""
+    text = (ROOT / "docs/architecture.md").read_text()
+    return {name: int(n) for name, n in re.findall(r"^\| `(\w+)` \| [^|]*\*\*(\d+)\*\*", text, flags=re.M)}
+
+
+def test_each_procfile_process_is_held_to_the_connection_bound_the_docs_state():
+    bounds = {
+        name: connection_bound(name, shlex.split(procfile_command(name))) for name in PROCESS_SIGNATURES
+    }
+
+    assert bounds == documented_bounds()
+
+
+def test_a_run_too_short_to_judge_is_refused_with_one_line():
+    with pytest.raises(CommandError, match=r"^--minutes must be at least 1: .*growth\.$"):
+        call_command("soak", "--minutes", "0.25", "--url", "http://127.0.0.1:9")
+
+
 def test_memory_that_grows_by_a_tenth_from_the_middle_third_to_the_last_is_growing():
     assert Series("rss", "memory", True, [80, 90, 100, 100, 108, 111]).verdict() == "growing"
     assert Series("rss", "memory", True, [60, 80, 100, 104, 109, 109]).verdict() == "flat"
@@ -68,19 +106,44 @@ def _start(start_process, name: str):
 @pytest.mark.broker
 @pytest.mark.timeout(400)
 def test_a_one_minute_soak_of_the_running_processes_finds_nothing_growing(
-    live_daphne, start_process, relay_process, broker_url
+    live_daphne, start_process, relay_process, broker_url, capsys
 ):
     started = {name: _start(start_process, name) for name in ("worker", "notifier", "dlq_archiver")}
     started["relay"] = relay_process
     wait_until(consuming, timeout=90, message="the analytics worker and the notifier consume")
 
-    processes = chat_processes_find(web_port=live_daphne.port)
-    report = soak_run(target=Target(live_daphne.http_url), processes=processes, minutes=1.0)
+    out = io.StringIO()
+    try:
+        call_command("soak", "--minutes", "1", "--url", live_daphne.http_url, "--json", stdout=out)
+    except CommandError as error:
+        pytest.fail(f"{error}\n{out.getvalue()}")
 
-    found = {p.name: p.pid for p in processes}
-    assert found == {"web": live_daphne.pid, **{name: p.pid for name, p in started.items()}}
-    summary = json.dumps(report.summary(), indent=1)
-    assert report.ok, summary
-    assert report.stored > 0 and report.traffic["mentions"] > 0, summary
-    assert report.traffic["logins"] > 0 and report.traffic["logouts"] > 0, summary
-    assert report.traffic["socket drops"] > 0 and report.traffic["history API"] > 0, summary
+    report = json.loads(out.getvalue())
+    shown = json.dumps({k: v for k, v in report.items() if k != "series"}, indent=1)
+    assert report["processes"] == {"web": live_daphne.pid, **{name: p.pid for name, p in started.items()}}
+    assert report["ok"], out.getvalue()
+    connections = {s["name"]: s for s in report["series"] if s["name"].endswith("db connections")}
+    assert connections["web db connections"]["bound"] == documented_bounds()["web"]
+    traffic = report["traffic"]
+    assert report["stored_messages"] > 0 and traffic["mentions"] > 0, shown
+    assert traffic["logins"] > 0 and traffic["logouts"] > 0, shown
+    assert traffic["socket drops"] > 0 and traffic["history API"] > 0, shown
+    # Every message sent is accounted for, and the stored ones are exactly those that came back
+    # to their sender plus those whose socket dropped first but were stored.
+    refused, unacknowledged = traffic.get("messages refused", 0), traffic.get("messages unacknowledged", 0)
+    assert traffic["messages sent"] == traffic["messages acknowledged"] + refused + unacknowledged, shown
+    assert report["stored_messages"] == traffic["messages acknowledged"] + report["unacknowledged_stored"], (
+        shown
+    )
+    # The sockets acknowledge the notifications pushed to them, as the page does.
+    assert traffic["notifications pushed"] > 0, shown
+    assert traffic["notifications acknowledged"] == traffic["notifications pushed"], shown
+    assert report["notifications"]["acknowledged on a socket"] > 0, shown
+    err = capsys.readouterr().err
+    assert re.search(r"^ *\d+/60 s  web \d+ conns", err, flags=re.M), (
+        "a plain progress line without a terminal"
+    )
+    assert err.strip().splitlines()[-1] == (
+        f"soak passed: nothing grew over 1 minute; {report['stored_messages']} stored messages "
+        "counted exactly once"
+    )

@@ -18,7 +18,7 @@ def test_beat_and_monitor_worker_alert_the_webhook(start_process, make_dead_lett
         "ALERT_CHECK_SECONDS": "1",
         "DLQ_WARNING_COUNT": "1",
         "ALERT_WEBHOOK_URL": webhook.url,
-        "TMPDIR": str(tmp_path),  # beat's schedule file, away from other test runs
+        "BEAT_SCHEDULE_FILENAME": str(tmp_path / "beat-schedule"),  # away from other test runs
     }
     monitor = start_process(
         [

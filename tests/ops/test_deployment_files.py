@@ -1,8 +1,13 @@
 """docker-compose.yml must run what the Procfile runs: same processes, same commands."""
 
+import os
 import re
+import shlex
+import subprocess
+from pathlib import Path
 
 import yaml
+from django.conf import settings
 
 from bench.procfile import procfile_command
 from tests.conftest import ROOT
@@ -70,3 +75,48 @@ def test_production_requirements_carry_no_development_tools():
     assert "requirements.txt" in (ROOT / "requirements-dev.txt").read_text().splitlines()[1]
     installs = re.findall(r"pip install .*", (ROOT / "Dockerfile").read_text())
     assert installs == ["pip install -r requirements.txt"]
+
+
+def procfile_names() -> list[str]:
+    return re.findall(r"^([A-Za-z0-9_]+):", (ROOT / "Procfile").read_text(), flags=re.M)
+
+
+def test_every_procfile_process_names_its_database_sessions():
+    for name in procfile_names():
+        assert shlex.split(procfile_command(name))[:2] == ["env", f"DB_APPLICATION_NAME=chat-{name}"]
+
+
+def scraped_worker_ports() -> dict[str, int]:
+    config = yaml.safe_load((ROOT / "ops/prometheus/prometheus.yml").read_text())
+    job = next(job for job in config["scrape_configs"] if job["job_name"] == "celery-workers")
+    return {target["names"][0]: target["port"] for target in job["dns_sd_configs"]}
+
+
+def test_each_worker_takes_its_metrics_port_from_its_own_variable_defaulting_to_the_scraped_port():
+    variables = {}
+    for name, port in scraped_worker_ports().items():
+        match = re.search(r"--metrics-port \$\{([A-Z_]+_METRICS_PORT):-(\d+)\}", procfile_command(name))
+        assert match, f"the Procfile's {name} has a fixed --metrics-port"
+        assert int(match.group(2)) == port
+        variables[name] = match.group(1)
+    assert variables["worker"] == "WORKER_METRICS_PORT"  # the setting worker_metrics.py defaults to
+    assert len(set(variables.values())) == len(variables)
+
+    for name, variable in variables.items():
+        expanded = subprocess.run(
+            ["bash", "-c", f"printf '%s\\n' {procfile_command(name)}"],
+            env={**os.environ, variable: "19999"},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        assert expanded[expanded.index("--metrics-port") + 1] == "19999"
+
+
+def test_beat_keeps_its_schedule_in_the_checkout_git_ignored():
+    assert "--schedule" not in procfile_command("beat")  # CELERY_BEAT_SCHEDULE_FILENAME applies
+    schedule = Path(settings.CELERY_BEAT_SCHEDULE_FILENAME)
+
+    assert schedule.parent == ROOT
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(schedule)], cwd=ROOT)
+    assert ignored.returncode == 0
