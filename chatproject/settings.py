@@ -68,8 +68,10 @@ TEMPLATES = [
     },
 ]
 
+# Also how `manage.py soak` tells which running processes use the default database.
+DEFAULT_DATABASE_URL = "postgres://postgres@localhost:5432/chat"
 DATABASES = {
-    "default": env.db("DATABASE_URL", default="postgres://postgres@localhost:5432/chat"),
+    "default": env.db("DATABASE_URL", default=DEFAULT_DATABASE_URL),
 }
 # Persistent connections: each thread reuses its own instead of opening a PostgreSQL connection
 # per message or request, and replaces it after this many seconds. Only safe with a bounded
