@@ -85,6 +85,8 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", d
 # A web process's thread closes its connection after this many seconds without work
 # (chatproject/database_threads.py), so an idle web process holds no connections.
 DB_CONN_IDLE_SECONDS = env.float("DB_CONN_IDLE_SECONDS", default=30.0)
+if DB_CONN_IDLE_SECONDS <= 0:
+    raise ImproperlyConfigured("DB_CONN_IDLE_SECONDS must be above 0")
 # Threads that run HTTP requests in a web process (chatproject/database_threads.py): at most this
 # many requests run Django's synchronous code at once, each thread holding at most one PostgreSQL
 # connection; a request waits for a free thread. A web process's connections are at most this

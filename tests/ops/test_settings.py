@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 READ_SETTINGS = """
@@ -81,3 +83,14 @@ def test_the_environment_overrides_every_default():
         "rate": 1.5,
         "burst": 3,
     }
+
+
+@pytest.mark.parametrize("variable", ["WEB_HTTP_THREADS", "DB_CONN_IDLE_SECONDS"])
+def test_a_web_thread_setting_of_zero_is_refused_with_its_name(variable):
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatproject.settings", variable: "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", READ_SETTINGS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert result.returncode != 0
+    assert f"{variable} must be" in result.stderr
