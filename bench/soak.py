@@ -154,9 +154,7 @@ def _database_identity(db: dict[str, Any]) -> tuple[str, int]:
 
 def _process_database(process: psutil.Process) -> tuple[str, int]:
     """The (database name, port) a process of this project uses, from its DATABASE_URL."""
-    url = process.environ().get("DATABASE_URL")
-    if not url:
-        return _database_identity(environ.Env.db_url_config("postgres://postgres@localhost:5432/chat"))
+    url = process.environ().get("DATABASE_URL") or settings.DEFAULT_DATABASE_URL
     return _database_identity(environ.Env.db_url_config(url))
 
 

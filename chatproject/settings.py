@@ -98,8 +98,10 @@ TEMPLATES = [
     },
 ]
 
+# Also how `manage.py soak` tells which running processes use the default database.
+DEFAULT_DATABASE_URL = "postgres://postgres@localhost:5432/chat"
 DATABASES = {
-    "default": env.db("DATABASE_URL", default="postgres://postgres@localhost:5432/chat"),
+    "default": env.db("DATABASE_URL", default=DEFAULT_DATABASE_URL),
 }
 # Persistent connections: each thread reuses its own instead of opening a PostgreSQL connection
 # per message or request, and replaces it after this many seconds. Only safe with a bounded
@@ -113,6 +115,8 @@ DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", d
 # A web process's thread closes its connection after this many seconds without work
 # (infrastructure/database_threads.py), so an idle web process holds no connections.
 DB_CONN_IDLE_SECONDS = env.float("DB_CONN_IDLE_SECONDS", default=30.0)
+if DB_CONN_IDLE_SECONDS <= 0:
+    raise ImproperlyConfigured("DB_CONN_IDLE_SECONDS must be above 0")
 # Threads that run HTTP requests in a web process (infrastructure/database_threads.py): at most this
 # many requests run Django's synchronous code at once, each thread holding at most one PostgreSQL
 # connection; a request waits for a free thread. A web process's connections are at most this

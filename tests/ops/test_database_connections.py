@@ -15,9 +15,12 @@ from django.conf import settings
 from django.db import connection
 
 from bench.loadtest import LoadClient, Target, client_socket_open
+from bench.procfile import DaphneServer, free_port
 from bench.soak import ChatProcess, HttpSession, database_client_ports, process_database_connections
 from chat.consumers import WRITE_THREADS
+from infrastructure.database_threads import DatabaseThreadPool
 from tests.conftest import session_cookie
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -109,3 +112,43 @@ async def test_http_requests_and_socket_connects_leave_the_web_process_within_it
     assert connections.final <= WEB_CONNECTION_BOUND
     assert acknowledged == SOCKET_CONNECTS
     assert statuses.count(200) == len(statuses) == HTTP_REQUESTS + HTTP_CLIENTS
+
+
+def backend_pid() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        return cursor.fetchone()[0]
+
+
+def backend_exists(pid: int) -> bool:
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", [pid])
+        return cursor.fetchone()[0] == 1
+
+
+def test_a_database_thread_closes_its_connection_once_idle():
+    pool = DatabaseThreadPool(size=1, name="test-idle", idle_seconds=0.5)
+    try:
+        pid = pool.submit(backend_pid).result()
+        assert backend_exists(pid)
+
+        wait_until(lambda: not backend_exists(pid), timeout=20, message="the idle thread's connection closed")
+    finally:
+        pool.shutdown()
+
+
+def test_an_idle_web_process_closes_the_connections_its_requests_opened():
+    server = DaphneServer(port=free_port(), extra_env={"DB_CONN_IDLE_SECONDS": "1"})
+    server.start()
+    try:
+        web = ChatProcess("web", server.pid)
+        session = HttpSession(server.http_url)
+        assert [session.request("/healthz") for _ in range(30)] == [200] * 30
+
+        wait_until(
+            lambda: process_database_connections(web, client_ports=database_client_ports()) == 0,
+            timeout=30,
+            message="the web process closed its idle connections",
+        )
+    finally:
+        server.stop()

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 READ_SETTINGS = """
@@ -99,3 +101,14 @@ def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: SECRET_KEY is not set: set it")
     assert "secrets.token_urlsafe" in last_line
+
+
+@pytest.mark.parametrize("variable", ["WEB_HTTP_THREADS", "DB_CONN_IDLE_SECONDS"])
+def test_a_web_thread_setting_of_zero_is_refused_with_its_name(variable):
+    env = {**os.environ, "DJANGO_SETTINGS_MODULE": "chatproject.settings", variable: "0"}
+    result = subprocess.run(
+        [sys.executable, "-c", READ_SETTINGS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+    assert result.returncode != 0
+    assert f"{variable} must be" in result.stderr
