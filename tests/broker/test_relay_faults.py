@@ -14,8 +14,8 @@ from bench.procfile import free_port
 from messaging.models import OutboxEvent
 from messaging.outbox import outbox_event_add
 from messaging.relay import CRASH_HOOK_EXIT_CODE, EventPublisher, publish_pending_events
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 

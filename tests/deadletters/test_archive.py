@@ -29,8 +29,8 @@ from tests.deadletters.conftest import (
     queue_depth,
     wait_for_log,
 )
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 
