@@ -13,7 +13,6 @@ letter replayed weeks later, a very long outage), it is refused rather than risk
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -26,6 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
+from infrastructure.faults import fault_point
 from infrastructure.postgres import delete_in_chunks
 from messaging.outbox import ROUTING_MESSAGE_CREATED
 
@@ -172,8 +172,8 @@ def chat_events_record(*, events: Sequence[object]) -> RecordResult:
             _room_minutes_add(fresh)
             _room_day_users_add(fresh)
             _user_counts_add(fresh)
-        _fault_pause("in_transaction")
-    _fault_pause("after_commit")
+        fault_point("analytics.in_transaction")
+    fault_point("analytics.after_commit")
     return RecordResult(counted=len(fresh), duplicates=len(recent) - len(fresh), too_old=too_old)
 
 
@@ -198,13 +198,6 @@ def processed_events_prune() -> int:
             mark.pruned_before = cutoff
             mark.save(update_fields=["pruned_before"])
     return delete_in_chunks(ProcessedEvent.objects.filter(processed_at__lt=cutoff).order_by("processed_at"))
-
-
-def _fault_pause(point: str) -> None:
-    # Lets tests/analytics SIGKILL a worker at a known point; ANALYTICS_FAULT_PAUSE_SECONDS is 0
-    # outside those tests.
-    if settings.ANALYTICS_FAULT_PAUSE_SECONDS and settings.ANALYTICS_FAULT_PAUSE_AT == point:
-        time.sleep(settings.ANALYTICS_FAULT_PAUSE_SECONDS)
 
 
 def _values_sql(rows: int, columns: int) -> str:

@@ -236,11 +236,6 @@ ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", def
 if ANALYTICS_LEDGER_RETENTION_DAYS < 1:
     # Less than the horizon's hour of margin would refuse every event, fresh ones included.
     raise ImproperlyConfigured("ANALYTICS_LEDGER_RETENTION_DAYS must be at least 1")
-# Fault injection for tests/analytics only (0 in production): the worker pauses this long
-# "in_transaction" (counts written, not committed) or "after_commit" (committed, not acked),
-# so a test can SIGKILL it at that exact point.
-ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", default=0.0)
-ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
 # Dead letters (deadletters): deliveries the archiver holds unacked at once (a crash
 # redelivers at most these, each archived once); how long failure details no dead letter claimed
 # are kept; and the RabbitMQ management API for queue rates (empty: passive declares only).

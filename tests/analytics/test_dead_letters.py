@@ -15,7 +15,7 @@ from chat import services
 from chatproject.celery import app
 from messaging.topology import CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE
 from tests.analytics.test_services import chat_event
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 

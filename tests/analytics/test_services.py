@@ -11,7 +11,7 @@ from django.utils import timezone
 from analytics import selectors, services
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
 from bench.procfile import ROOT, child_process_env
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 
 def chat_event(*, room, author, message_id: int, created_at: datetime | None = None) -> dict:

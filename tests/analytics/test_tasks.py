@@ -16,7 +16,7 @@ from analytics.tasks import retry_delay
 from chatproject.celery import app
 from tests.analytics.test_dead_letters import dead_letter_task_ids, publish_task
 from tests.analytics.test_services import chat_event
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 
 def test_retry_delay_grows_exponentially_with_jitter_up_to_the_cap(settings):

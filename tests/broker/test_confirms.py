@@ -12,8 +12,8 @@ from bench.procfile import free_port
 from messaging.confirms import ConfirmingPublisher, Outgoing
 from messaging.connection import BrokerUnavailable
 from messaging.topology import CHAT_EVENTS_EXCHANGE
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.broker]
 

@@ -17,8 +17,8 @@ from messaging.models import OutboxEvent
 from messaging.outbox import outbox_event_add
 from messaging.publishing import EventPublisher, publish_pending_events
 from tests.faults.points import fault_env
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 

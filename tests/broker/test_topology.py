@@ -17,7 +17,7 @@ from messaging.topology import (
     declare_topology,
     topology_differences,
 )
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 

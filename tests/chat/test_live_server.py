@@ -17,8 +17,8 @@ from chat import services
 from chat.models import Message
 from infrastructure.postgres import database_url
 from tests.conftest import session_cookie
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -23,7 +23,7 @@ from kombu import Connection
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from bench.procfile import DaphneServer, procfile_command
+from bench.procfile import DaphneServer, procfile_argv
 from chat import presence, services
 from chat.models import Message, NotificationDelivery
 from chat.notifications import (
@@ -37,8 +37,8 @@ from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import declare_topology, notifications_queue
 from tests.chat.test_consumer import connect, message, reply_to
 from tests.conftest import session_cookie
+from tests.harness import wait_until
 from tests.mail import file_email_env, sent_emails
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -211,19 +211,16 @@ async def test_a_socket_ignores_acknowledgements_of_notifications_not_pushed_to_
 
 
 @pytest.fixture
-def notifier_and_beat(broker_url, start_process, tmp_path) -> Path:
+def notifier_and_beat(broker_url, processes, start_notifier, tmp_path) -> Path:
     """The Procfile's notifier and beat, with a 2 s acknowledgement deadline; returns the mail directory."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
         notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
-    start_process(
-        ["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"],
-        env={**file_email_env(mail_dir), "NOTIFICATION_ACK_SECONDS": "2"},
-    )
-    start_process(
-        ["bash", "-c", f"exec {procfile_command('beat')}"],
+    start_notifier(**file_email_env(mail_dir), NOTIFICATION_ACK_SECONDS="2")
+    processes.start(
+        procfile_argv("beat"),
         # Its schedule file in this test's directory; the alert check is not this test's business.
         env={
             "BEAT_SCHEDULE_FILENAME": str(tmp_path / "beat-schedule"),
@@ -275,8 +272,7 @@ def test_push_to_a_killed_web_process_is_emailed_not_recorded_delivered(
         receive_notification(socket)
 
         # The page's web process dies before the page could acknowledge (SIGKILL: no goodbye).
-        live_daphne.process.kill()
-        live_daphne.process.wait()
+        live_daphne.kill()
 
     # The email is sent before its ledger row commits: wait for the commit, then read the mail.
     wait_until(lambda: emailed(alice), timeout=60, message="the fallback email recorded")

@@ -30,8 +30,8 @@ from tests.deadletters.conftest import (
     wait_for_log,
 )
 from tests.faults.points import fault_env
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 

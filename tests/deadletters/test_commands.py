@@ -11,7 +11,7 @@ from django.test import override_settings
 
 from deadletters.models import DeadLetter, DeadLetterAction
 from tests.deadletters.conftest import archive_letter
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 
 def run(*args: str) -> str:

@@ -29,15 +29,15 @@ from kombu import Connection
 from websockets.sync.client import connect as websocket_connect
 
 from analytics.models import ProcessedEvent
-from bench.procfile import DaphneServer, free_port, procfile_command
+from bench.procfile import DaphneServer, free_port
 from chat.models import Message, NotificationDelivery
 from deadletters.models import DeadLetter
 from messaging.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
 from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
 from messaging.wire import task_message_build
 from tests.conftest import session_cookie
+from tests.harness import QUIET_WORKER, wait_until
 from tests.mail import file_email_env
-from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 
@@ -71,28 +71,15 @@ def web(tmp_path: Path, mail_env: dict[str, str], transactional_db) -> Iterator[
     server.stop()
 
 
-def consumers(broker_url: str, queue: str) -> int:
-    with Connection(broker_url) as conn:
-        _, _, count = conn.default_channel.queue_declare(queue, passive=True)
-        return count
-
-
 @pytest.fixture
-def workers(broker_url, start_process, mail_env) -> None:
+def workers(broker_url, processes, mail_env) -> None:
     """The Procfile's analytics worker, notifier and dead-letter archiver, once each consumes its queue."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
-    for name in ("worker", "notifier"):
-        # No metrics endpoint: the Procfile's ports belong to whichever test runs a worker meanwhile.
-        command = f"{procfile_command(name)} --metrics-port 0 --without-mingle --without-gossip"
-        start_process(["bash", "-c", f"exec {command}"], env=mail_env)
-    start_process(["bash", "-c", f"exec {procfile_command('dlq_archiver')}"])
-    for queue in (ANALYTICS_QUEUE.name, "notifications", DEAD_LETTER_QUEUE.name):
-        wait_until(
-            lambda queue=queue: consumers(broker_url, queue) > 0,
-            timeout=60,
-            message=f"nothing consumes {queue}",
-        )
+    # No metrics endpoint: the Procfile's ports belong to whichever test runs a worker meanwhile.
+    processes.start_consumer("worker", ANALYTICS_QUEUE.name, QUIET_WORKER, env=mail_env)
+    processes.start_consumer("notifier", "notifications", QUIET_WORKER, env=mail_env)
+    processes.start_consumer("dlq_archiver", DEAD_LETTER_QUEUE.name)
 
 
 def log_files(tmp_path: Path) -> list[Path]:
