@@ -19,11 +19,11 @@ from django.db import InterfaceError, OperationalError
 
 from analytics.services import (
     EventsPastLedgerHorizon,
-    InvalidEvent,
     chat_events_record,
     ledger_horizon,
     processed_events_prune,
 )
+from messaging.events import MESSAGE_CREATED, InvalidEvent
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def retry_delay(retries: int) -> float:
 
 
 @shared_task(
-    name="analytics.record_chat_events",
+    name=MESSAGE_CREATED.task_name,
     bind=True,
     max_retries=settings.ANALYTICS_RETRY_MAX,
 )

@@ -16,11 +16,8 @@ from celery import Task, shared_task
 from celery.exceptions import Reject
 from django.db import InterfaceError, OperationalError
 
-from chat.notifications import (
-    InvalidNotification,
-    mention_notifications_deliver,
-    notification_fallback_emails_send,
-)
+from chat.notifications import mention_notifications_deliver, notification_fallback_emails_send
+from messaging.events import MENTION, InvalidEvent
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +26,7 @@ TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.RedisError, smtplib.
 RETRY_MAX = 5
 
 
-@shared_task(name="chat.deliver_mention_notifications", bind=True, max_retries=RETRY_MAX)
+@shared_task(name=MENTION.task_name, bind=True, max_retries=RETRY_MAX)
 def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     """Deliver one relay message's mention events (usually one); safe under redelivery.
 
@@ -40,7 +37,7 @@ def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     """
     try:
         result = mention_notifications_deliver(events=events)
-    except InvalidNotification as error:
+    except InvalidEvent as error:
         logger.warning("dead-lettering an invalid notification task: %s", error)
         raise Reject(str(error), requeue=False) from error
     except TRANSIENT_ERRORS as error:

@@ -7,7 +7,8 @@ import environ
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
-from messaging.topology import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
+from messaging.events import task_routes
+from messaging.topology import WORK_QUEUES, notifications_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -167,12 +168,8 @@ CELERY_WORKER_CONSUMER = "messaging.worker_intake:DeadLetteringIntake"
 # 4.0 (messaging/topology.py `notifications_queue` says what changes with "quorum").
 NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
 CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE))
-CELERY_TASK_ROUTES = {
-    "analytics.*": {"queue": ANALYTICS_QUEUE.name},
-    "chat.deliver_mention_notifications": {"queue": "notifications"},
-    "chat.send_notification_fallback_emails": {"queue": "notifications"},
-    "monitoring.*": {"queue": "monitoring"},
-}
+# Each event's task to its event's queue, each beat task to its worker's (messaging/events.py).
+CELERY_TASK_ROUTES = task_routes()
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
 # dead-letters it (reason "expired") instead of delivering it late.
 NOTIFICATION_TTL_SECONDS = env.int("NOTIFICATION_TTL_SECONDS", default=600)

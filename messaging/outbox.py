@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from django.db import connection
 
+from messaging.events import event_envelope
 from messaging.models import OutboxEvent
 
 # The relay LISTENs on this channel. A trigger on the outbox table NOTIFYs it for every INSERT
@@ -14,19 +16,19 @@ from messaging.models import OutboxEvent
 # issued it commits, and folds duplicates within one transaction.
 OUTBOX_NOTIFY_CHANNEL = "chat_outbox"
 
-ROUTING_MESSAGE_CREATED = "chat.message.created"
-# One event per mentioned user (chat/notifications.py); not matched by the analytics binding.
-ROUTING_MENTION = "chat.mention"
 
+def outbox_event_add(*, routing_key: str, payload: Mapping[str, Any], priority: int = 0) -> OutboxEvent:
+    """Queue an event for publication; must run inside the transaction of its cause.
 
-def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int = 0) -> OutboxEvent:
-    """Queue an event for publication; must run inside the transaction of its cause."""
+    `payload` holds the event's own fields (from its builder in messaging.events); the stored
+    payload adds the envelope (event_id, type).
+    """
     [event] = outbox_events_add(routing_key=routing_key, payloads=[payload], priority=priority)
     return event
 
 
 def outbox_events_add(
-    *, routing_key: str, payloads: list[dict[str, Any]], priority: int = 0
+    *, routing_key: str, payloads: Sequence[Mapping[str, Any]], priority: int = 0
 ) -> list[OutboxEvent]:
     """Queue one event per payload, in one INSERT; must run inside the transaction of their cause.
 
@@ -42,13 +44,8 @@ def outbox_events_add(
             OutboxEvent(
                 event_id=event_id,
                 routing_key=routing_key,
-                payload=outbox_payload(routing_key=routing_key, event_id=event_id, payload=payload),
+                payload=event_envelope(routing_key=routing_key, event_id=event_id, fields=payload),
                 priority=priority,
             )
         )
     return OutboxEvent.objects.bulk_create(events)
-
-
-def outbox_payload(*, routing_key: str, event_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
-    """An event's stored payload: its cause's fields, plus its own id and type for consumers."""
-    return {**payload, "event_id": str(event_id), "type": routing_key}

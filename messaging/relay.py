@@ -45,10 +45,11 @@ from infrastructure.health import first_line, redacted_url
 from infrastructure.postgres import database_connect_autocommit, delete_in_chunks
 from messaging.confirms import ConfirmingPublisher, Outgoing
 from messaging.connection import BrokerUnavailable
+from messaging.events import EVENT_TASKS
 from messaging.metrics import RELAY_PUBLISH_SECONDS
 from messaging.models import OutboxEvent
 from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
-from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
+from messaging.topology import CHAT_EVENTS_EXCHANGE, declare_topology
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class RelayLog:
         for routing_key in sorted(pending_by_key.keys() - self.unroutable_keys):
             logger.error(
                 "%d outbox events with routing key %r stay pending: no task consumes it "
-                "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
+                "(EVENT_TASKS in messaging/events.py); they are kept, not published, until one does",
                 pending_by_key[routing_key],
                 routing_key,
             )
