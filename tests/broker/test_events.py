@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from celery.exceptions import Reject
 from django.conf import settings
 from kombu import Connection
 
@@ -28,6 +29,7 @@ from messaging.events import (
     task_routes,
 )
 from messaging.relay import task_message_build
+from messaging.retrying import DeadLetteringTask
 from messaging.topology import CHAT_EVENTS_EXCHANGE, declare_topology, declared_queues
 
 
@@ -114,3 +116,16 @@ def test_mention_payload_from_its_builder_parses():
 def test_a_task_argument_that_is_not_a_list_of_payloads_is_invalid(event: EventType, events):
     with pytest.raises(InvalidEvent):
         event.parse_batch(events)
+
+
+@pytest.mark.parametrize("event", RELAYED_EVENTS, ids=lambda event: event.routing_key)
+def test_every_event_task_dead_letters_an_invalid_payload_without_retrying(event: EventType):
+    app.loader.import_default_modules()
+    task = app.tasks[event.task_name]
+    assert isinstance(task, DeadLetteringTask)
+    assert task.retry_jitter is True and task.retry_backoff >= 1
+
+    with pytest.raises(Reject) as rejected:
+        task("not a list of events")
+    assert rejected.value.requeue is False
+    assert isinstance(rejected.value.__cause__, InvalidEvent)
