@@ -29,8 +29,8 @@ from analytics.selectors import LagStats, processing_lag
 from bench.procfile import ROOT, child_process_env, procfile_command
 from chat.models import Room
 from chat.services import message_create
+from messaging.events import MESSAGE_CREATED, message_created_payload
 from messaging.models import OutboxEvent
-from messaging.outbox import ROUTING_MESSAGE_CREATED
 
 BENCH_PREFIX = "bench-lag-"
 READY_TIMEOUT_SECONDS = 60.0
@@ -289,7 +289,7 @@ def _synthetic_message_ids(count: int) -> list[int]:
 
 
 def _events_write(message_ids: list[int], *, first_seq: int, rooms: list[Room], users: list) -> None:
-    now = timezone.now().isoformat()
+    now = timezone.now()
     rows = []
     for offset, message_id in enumerate(message_ids):
         n = first_seq - 1 + offset
@@ -298,17 +298,16 @@ def _events_write(message_ids: list[int], *, first_seq: int, rooms: list[Room], 
         rows.append(
             OutboxEvent(
                 event_id=event_id,
-                routing_key=ROUTING_MESSAGE_CREATED,
-                payload={
-                    "event_id": str(event_id),
-                    "type": ROUTING_MESSAGE_CREATED,
-                    "message_id": message_id,
-                    "room_id": room.pk,
-                    "room": room.slug,
-                    "author_id": users[n % len(users)].pk,
-                    "seq": n + 1,
-                    "created_at": now,
-                },
+                routing_key=MESSAGE_CREATED.routing_key,
+                payload=message_created_payload(
+                    event_id=event_id,
+                    room_id=room.pk,
+                    room=room.slug,
+                    author_id=users[n % len(users)].pk,
+                    message_id=message_id,
+                    seq=n + 1,
+                    created_at=now,
+                ),
             )
         )
     OutboxEvent.objects.bulk_create(rows)  # its own transaction; the outbox trigger NOTIFYs the relay

@@ -33,12 +33,9 @@ from kombu import Connection
 
 from bench.procfile import ROOT, child_process_env, procfile_command
 from chat.models import Message, NotificationDelivery, Room
-from chat.notifications import KIND_MENTION
-from messaging.outbox import ROUTING_MENTION
+from messaging.events import MENTION, PRIORITY_HIGH, PRIORITY_LOW, event_envelope, mention_fields
 from messaging.publishing import EventPublisher
 from messaging.topology import (
-    PRIORITY_HIGH,
-    PRIORITY_LOW,
     ScratchVhostError,
     notifications_queue,
     scratch_vhost,
@@ -183,19 +180,20 @@ def _publish(
         for _ in range(min(PUBLISH_CHUNK, count - start)):
             event_id = uuid.uuid4()
             queued_at = timezone.now()
-            event = {
-                "event_id": str(event_id),
-                "type": ROUTING_MENTION,
-                "kind": KIND_MENTION,
-                "user_id": target_id,
-                "message_id": message.pk,
-                "room_id": message.room_id,
-                "author_id": message.author_id,
-                "priority": priority,
-                "queued_at": queued_at.isoformat(),
-                "expires_at": (queued_at + timedelta(hours=1)).isoformat(),
-            }
-            batch.append(task_message_build(routing_key=ROUTING_MENTION, rows=[(0, event, priority)]))
+            event = event_envelope(
+                routing_key=MENTION.routing_key,
+                event_id=event_id,
+                fields=mention_fields(
+                    user_id=target_id,
+                    message_id=message.pk,
+                    room_id=message.room_id,
+                    author_id=message.author_id,
+                    priority=priority,
+                    queued_at=queued_at,
+                    expires_at=queued_at + timedelta(hours=1),
+                ),
+            )
+            batch.append(task_message_build(routing_key=MENTION.routing_key, rows=[(0, event, priority)]))
             ids.append(event_id)
         if len(publisher.publish(batch)) != len(batch):
             raise BenchmarkError("the broker did not confirm every benchmark task")

@@ -14,14 +14,15 @@ import statistics
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 from kombu import Connection
 
+from messaging.events import MESSAGE_CREATED, MessageCreatedPayload, message_created_payload
 from messaging.models import OutboxEvent
-from messaging.outbox import ROUTING_MESSAGE_CREATED
 from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import QUEUES, ScratchVhostError, scratch_vhost
 
@@ -125,8 +126,8 @@ def _time_outbox_path(url: str, *, count: int) -> tuple[float, int]:
             [
                 OutboxEvent(
                     event_id=(event_id := uuid.uuid4()),
-                    routing_key=ROUTING_MESSAGE_CREATED,
-                    payload={**_payload(i), "event_id": str(event_id), "type": ROUTING_MESSAGE_CREATED},
+                    routing_key=MESSAGE_CREATED.routing_key,
+                    payload=_payload(i, event_id=event_id),
                     created_at=now,
                 )
                 for i in range(count)
@@ -145,15 +146,14 @@ def _time_outbox_path(url: str, *, count: int) -> tuple[float, int]:
             cursor.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-def _payload(i: int) -> dict[str, object]:
+def _payload(i: int, *, event_id: uuid.UUID | None = None) -> MessageCreatedPayload:
     # The shape and size of a real chat.message.created event (chat.services).
-    return {
-        "message_id": 1_000_000 + i,
-        "room_id": 1,
-        "room": "general",
-        "author_id": 1,
-        "seq": i + 1,
-        "created_at": "2026-01-01T12:00:00.000000+00:00",
-        "event_id": str(uuid.uuid4()),
-        "type": ROUTING_MESSAGE_CREATED,
-    }
+    return message_created_payload(
+        event_id=event_id or uuid.uuid4(),
+        room_id=1,
+        room="general",
+        author_id=1,
+        message_id=1_000_000 + i,
+        seq=i + 1,
+        created_at=datetime(2026, 1, 1, 12, tzinfo=UTC),
+    )

@@ -8,7 +8,8 @@ import environ
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
-from messaging.topology import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
+from messaging.events import task_routes
+from messaging.topology import WORK_QUEUES, notifications_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -189,12 +190,8 @@ CELERY_WORKER_CONSUMER = "messaging.worker_intake:DeadLetteringIntake"
 # 4.0 (messaging/topology.py `notifications_queue` says what changes with "quorum").
 NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
 CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE))
-CELERY_TASK_ROUTES = {
-    "analytics.*": {"queue": ANALYTICS_QUEUE.name},
-    "chat.deliver_mention_notifications": {"queue": "notifications"},
-    "chat.send_notification_fallback_emails": {"queue": "notifications"},
-    "monitoring.*": {"queue": "monitoring"},
-}
+# Each event's task to its event's queue, each beat task to its worker's (messaging/events.py).
+CELERY_TASK_ROUTES = task_routes()
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
 # dead-letters it (reason "expired") instead of delivering it late.
 NOTIFICATION_TTL_SECONDS = env.int("NOTIFICATION_TTL_SECONDS", default=600)
@@ -217,19 +214,26 @@ OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
 # idle, instead of at the next publish's 10 s confirm timeout; RabbitMQ's default of 60 s would
 # leave a dead connection unnoticed for two minutes.
 RELAY_HEARTBEAT_SECONDS = env.int("RELAY_HEARTBEAT_SECONDS", default=10)
-# Analytics (analytics/tasks.py): a database outage is retried with exponential backoff and
-# jitter, from BASE up to MAX_DELAY seconds, RETRY_MAX times (about 5 minutes in all), before
-# the batch is dead-lettered for a person to replay.
+# Analytics (analytics/tasks.py): a database outage is retried RETRY_MAX times (at most about 7
+# minutes in all, half that on average) with Celery's exponential backoff and full jitter
+# (messaging/retrying.py), the ceiling doubling from BASE up to MAX_DELAY, before the batch is
+# dead-lettered for a person to replay.
+# Whole seconds: Celery's backoff takes no fractions, and a BASE of 0 would turn it off.
 ANALYTICS_RETRY_MAX = env.int("ANALYTICS_RETRY_MAX", default=12)
-ANALYTICS_RETRY_BASE_DELAY = env.float("ANALYTICS_RETRY_BASE_DELAY", default=1.0)
-ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
+ANALYTICS_RETRY_BASE_DELAY = env.int("ANALYTICS_RETRY_BASE_DELAY", default=1)
+ANALYTICS_RETRY_MAX_DELAY = env.int("ANALYTICS_RETRY_MAX_DELAY", default=60)
+if ANALYTICS_RETRY_BASE_DELAY < 1 or ANALYTICS_RETRY_MAX_DELAY < 0:
+    raise ImproperlyConfigured(
+        "ANALYTICS_RETRY_BASE_DELAY must be at least 1 and ANALYTICS_RETRY_MAX_DELAY at least 0 "
+        "(whole seconds)"
+    )
 # The ledger (analytics.ProcessedEvent) keeps each counted event's id this many days after it was
 # counted, then an hourly Celery beat task prunes it. A pruned id can no longer stop a duplicate,
 # so the worker refuses (dead-letters, uncounted) any event created longer ago than this, less an
 # hour (analytics.services.ledger_horizon): counting stays at most once whatever the value, and
 # raising it never brings back events whose rows a shorter one pruned (analytics.LedgerPrune). The
 # value is how old an event may be and still be counted: redeliveries of unacked messages come
-# within minutes, retries end within ~5 minutes, a relay republishes on restart; only a long
+# within minutes, retries end within ~7 minutes, a relay republishes on restart; only a long
 # outage or a dead letter replayed late comes after that, and 30 days is far longer than a dead
 # letter stays unresolved without raising a CRITICAL alert (DLQ_CRITICAL_AGE_SECONDS, a day).
 ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", default=30)

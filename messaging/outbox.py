@@ -6,7 +6,7 @@ messaging/relay.py moves them to RabbitMQ (messaging/publishing.py).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -16,27 +16,27 @@ from django.db.models import Count
 from django.utils import timezone
 
 from infrastructure.postgres import delete_in_chunks
+from messaging.events import EVENT_TASKS, event_envelope
 from messaging.models import OutboxEvent
-from messaging.topology import EVENT_TASKS
 
 # The relay LISTENs on this channel. A trigger on the outbox table NOTIFYs it for every INSERT
 # (migration chat 0004); PostgreSQL delivers a NOTIFY only when (and if) the transaction that
 # issued it commits, and folds duplicates within one transaction.
 OUTBOX_NOTIFY_CHANNEL = "chat_outbox"
 
-ROUTING_MESSAGE_CREATED = "chat.message.created"
-# One event per mentioned user (chat/notifications.py); not matched by the analytics binding.
-ROUTING_MENTION = "chat.mention"
 
+def outbox_event_add(*, routing_key: str, payload: Mapping[str, Any], priority: int = 0) -> OutboxEvent:
+    """Queue an event for publication; must run inside the transaction of its cause.
 
-def outbox_event_add(*, routing_key: str, payload: dict[str, Any], priority: int = 0) -> OutboxEvent:
-    """Queue an event for publication; must run inside the transaction of its cause."""
+    `payload` holds the event's own fields (from its builder in messaging.events); the stored
+    payload adds the envelope (event_id, type).
+    """
     [event] = outbox_events_add(routing_key=routing_key, payloads=[payload], priority=priority)
     return event
 
 
 def outbox_events_add(
-    *, routing_key: str, payloads: list[dict[str, Any]], priority: int = 0
+    *, routing_key: str, payloads: Sequence[Mapping[str, Any]], priority: int = 0
 ) -> list[OutboxEvent]:
     """Queue one event per payload, in one INSERT; must run inside the transaction of their cause.
 
@@ -52,16 +52,11 @@ def outbox_events_add(
             OutboxEvent(
                 event_id=event_id,
                 routing_key=routing_key,
-                payload=outbox_payload(routing_key=routing_key, event_id=event_id, payload=payload),
+                payload=event_envelope(routing_key=routing_key, event_id=event_id, fields=payload),
                 priority=priority,
             )
         )
     return OutboxEvent.objects.bulk_create(events)
-
-
-def outbox_payload(*, routing_key: str, event_id: uuid.UUID, payload: dict[str, Any]) -> dict[str, Any]:
-    """An event's stored payload: its cause's fields, plus its own id and type for the tasks."""
-    return {**payload, "event_id": str(event_id), "type": routing_key}
 
 
 def unroutable_pending_events() -> dict[str, int]:

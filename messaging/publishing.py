@@ -23,9 +23,10 @@ from kombu import Connection
 from infrastructure.faults import fault_point
 from infrastructure.health import first_line
 from messaging.confirms import ConfirmingPublisher, Outgoing
+from messaging.events import EVENT_TASKS
 from messaging.metrics import RELAY_PUBLISH_SECONDS
 from messaging.models import OutboxEvent
-from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS, declare_topology
+from messaging.topology import CHAT_EVENTS_EXCHANGE, declare_topology
 from messaging.wire import TaskMessage, task_message_from_json
 
 logger = logging.getLogger(__name__)

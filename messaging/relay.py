@@ -38,7 +38,7 @@ class UnroutableEvents:
         for routing_key in sorted(pending_by_key.keys() - self.routing_keys):
             logger.error(
                 "%d outbox events with routing key %r stay pending: no task consumes it "
-                "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
+                "(EVENT_TASKS in messaging/events.py); they are kept, not published, until one does",
                 pending_by_key[routing_key],
                 routing_key,
             )

@@ -37,6 +37,7 @@ DEAD_LETTER_QUEUE = Queue(
 ANALYTICS_QUEUE = Queue(
     "analytics",
     exchange=CHAT_EVENTS_EXCHANGE,
+    # Every chat.message.* event (messaging.events.MESSAGE_CREATED is the one today).
     routing_key="chat.message.*",
     durable=True,
     queue_arguments=WORK_QUEUE_ARGUMENTS,
@@ -57,15 +58,13 @@ WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE, MONITORING_QUEUE)
 EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, MONITORING_EXCHANGE)
 QUEUES: tuple[Queue, ...] = (*WORK_QUEUES, DEAD_LETTER_QUEUE)
 
-# Mention notifications (chat/notifications.py) caused by a VIP's message jump the queue. Two
-# levels in use; 9 rather than 1 because RabbitMQ 4 quorum queues know only "normal" (0-4) and
-# "high" (5 and up), so the same values keep working there.
-PRIORITY_LOW = 0
-PRIORITY_HIGH = 9
-# Small on purpose: a classic queue keeps one internal queue per level. Changing it later means
-# deleting the queue (PRECONDITION_FAILED otherwise), hence some room above the two levels used.
+# Mention notifications (chat/notifications.py) caused by a VIP's message jump this queue, at the
+# priorities messaging.events declares. Small on purpose: a classic queue keeps one internal queue
+# per level. Changing it later means deleting the queue (PRECONDITION_FAILED otherwise), hence
+# some room above the two levels used.
 NOTIFICATIONS_MAX_PRIORITY = 10
 NOTIFICATIONS_QUEUE_TYPES = ("classic", "quorum")
+NOTIFICATIONS_QUEUE_NAME = "notifications"
 
 
 def notifications_queue(*, queue_type: str) -> Queue:
@@ -76,6 +75,9 @@ def notifications_queue(*, queue_type: str) -> Queue:
     priorities on it (plain FIFO: VIP work waits behind the backlog), and from 4.0 it has two
     levels (5 and up is high) served about 2:1 high:normal, not strictly; no `x-max-priority`.
     """
+    # messaging.events names this module's queues, so it is imported here, not at the top.
+    from messaging.events import MENTION
+
     if queue_type == "classic":
         arguments = {**WORK_QUEUE_ARGUMENTS, "x-max-priority": NOTIFICATIONS_MAX_PRIORITY}
     elif queue_type == "quorum":
@@ -85,9 +87,9 @@ def notifications_queue(*, queue_type: str) -> Queue:
             f"NOTIFICATIONS_QUEUE_TYPE must be one of {NOTIFICATIONS_QUEUE_TYPES}, not {queue_type!r}"
         )
     return Queue(
-        "notifications",
+        NOTIFICATIONS_QUEUE_NAME,
         exchange=CHAT_EVENTS_EXCHANGE,
-        routing_key="chat.mention",
+        routing_key=MENTION.routing_key,
         durable=True,
         queue_arguments=arguments,
     )
@@ -98,14 +100,6 @@ def declared_queues() -> tuple[Queue, ...]:
     from django.conf import settings
 
     return (*QUEUES, notifications_queue(queue_type=settings.NOTIFICATIONS_QUEUE_TYPE))
-
-
-# Which Celery task consumes an outbox event, by the event's routing key; the relay publishes
-# each batch of events as one task message for this task.
-EVENT_TASKS: dict[str, str] = {
-    "chat.message.created": "analytics.record_chat_events",
-    "chat.mention": "chat.deliver_mention_notifications",
-}
 
 
 def declare_topology(connection: Connection) -> None:

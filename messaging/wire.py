@@ -1,7 +1,7 @@
 """The relay's wire format: outbox rows as Celery protocol-2 task messages a stock worker consumes.
 
 One message carries several events of one routing key as the task's single argument, `[events]`;
-the task is the one EVENT_TASKS (messaging/topology.py) names for the routing key.
+the task is the one EVENT_TASKS (messaging/events.py) names for the routing key.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import amqp
 from celery import current_app
 from django.utils import timezone
 
-from messaging.topology import EVENT_TASKS
+from messaging.events import EVENT_TASKS
 
 
 @dataclass(frozen=True)

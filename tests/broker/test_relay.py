@@ -10,17 +10,17 @@ from django.db import transaction
 from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
+from messaging.events import EVENT_TASKS, MESSAGE_CREATED
 from messaging.listening import OutboxListener
 from messaging.models import OutboxEvent
 from messaging.outbox import (
-    ROUTING_MESSAGE_CREATED,
     outbox_event_add,
     prune_sent_events,
     unroutable_pending_events,
 )
 from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.relay import UnroutableEvents
-from messaging.topology import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
+from messaging.topology import CHAT_EVENTS_EXCHANGE
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 
@@ -42,7 +42,7 @@ def listener():
 
 def test_outbox_insert_wakes_the_listener_when_its_transaction_commits(listener):
     with transaction.atomic():
-        outbox_event_add(routing_key=ROUTING_MESSAGE_CREATED, payload={"message_id": 1})
+        outbox_event_add(routing_key=MESSAGE_CREATED.routing_key, payload={"message_id": 1})
         assert listener.wait(timeout=0.3) is False
 
     assert listener.wait(timeout=10) is True
@@ -50,7 +50,7 @@ def test_outbox_insert_wakes_the_listener_when_its_transaction_commits(listener)
 
 def test_rolled_back_outbox_insert_wakes_nobody(listener):
     with pytest.raises(RuntimeError), transaction.atomic():
-        outbox_event_add(routing_key=ROUTING_MESSAGE_CREATED, payload={"message_id": 1})
+        outbox_event_add(routing_key=MESSAGE_CREATED.routing_key, payload={"message_id": 1})
         raise RuntimeError("the message write failed")
 
     assert listener.wait(timeout=0.5) is False
@@ -142,12 +142,12 @@ def test_relay_log_names_each_unroutable_routing_key_once_while_it_stays_pending
         (
             "ERROR",
             "2 outbox events with routing key 'chat.renamed' stay pending: no task consumes it "
-            "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
+            "(EVENT_TASKS in messaging/events.py); they are kept, not published, until one does",
         ),
         (
             "ERROR",
             "1 outbox events with routing key 'chat.typo' stay pending: no task consumes it "
-            "(EVENT_TASKS in messaging/topology.py); they are kept, not published, until one does",
+            "(EVENT_TASKS in messaging/events.py); they are kept, not published, until one does",
         ),
         ("INFO", "no outbox events with routing key 'chat.renamed' are pending any more"),
     ]

@@ -31,8 +31,8 @@ from chat.notifications import (
     notification_acknowledge,
     notification_fallback_emails_send,
 )
+from messaging.events import MENTION
 from messaging.models import OutboxEvent
-from messaging.outbox import ROUTING_MENTION
 from messaging.publishing import EventPublisher, publish_pending_events
 from messaging.topology import declare_topology, notifications_queue
 from tests.chat.test_consumer import connect, message, reply_to
@@ -83,7 +83,7 @@ def mention(author, room, text: str) -> Message:
 
 
 def deliver_mentions_of(message: Message) -> None:
-    events = OutboxEvent.objects.filter(routing_key=ROUTING_MENTION, payload__message_id=message.pk)
+    events = OutboxEvent.objects.filter(routing_key=MENTION.routing_key, payload__message_id=message.pk)
     mention_notifications_deliver(events=[event.payload for event in events.order_by("id")])
 
 

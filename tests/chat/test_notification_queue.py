@@ -20,15 +20,10 @@ from kombu import Connection
 
 from chat import selectors, services
 from chat.models import NotificationDelivery
+from messaging.events import PRIORITY_HIGH, PRIORITY_LOW
 from messaging.models import OutboxEvent
 from messaging.publishing import EventPublisher, publish_pending_events
-from messaging.topology import (
-    DEAD_LETTER_QUEUE,
-    PRIORITY_HIGH,
-    PRIORITY_LOW,
-    declare_topology,
-    notifications_queue,
-)
+from messaging.topology import DEAD_LETTER_QUEUE, declare_topology, notifications_queue
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)

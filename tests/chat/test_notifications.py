@@ -23,9 +23,8 @@ from django.utils import timezone
 from chat import presence, protocol, selectors, services
 from chat.models import Message, NotificationDelivery
 from chat.notifications import mention_notifications_deliver
+from messaging.events import MENTION, PRIORITY_HIGH, PRIORITY_LOW
 from messaging.models import OutboxEvent
-from messaging.outbox import ROUTING_MENTION
-from messaging.topology import PRIORITY_HIGH, PRIORITY_LOW
 from tests.chat.test_consumer import connect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -43,9 +42,8 @@ def send(author, room, text: str) -> Message:
 
 
 def mention_events(message: Message) -> list[OutboxEvent]:
-    return list(
-        OutboxEvent.objects.filter(routing_key=ROUTING_MENTION, payload__message_id=message.pk).order_by("id")
-    )
+    events = OutboxEvent.objects.filter(routing_key=MENTION.routing_key, payload__message_id=message.pk)
+    return list(events.order_by("id"))
 
 
 def make_vip(user) -> None:

@@ -207,8 +207,8 @@ def test_retries_exhausted_while_the_database_is_down_still_archive_the_error(
     start_worker(
         DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere",
         ANALYTICS_RETRY_MAX="1",
-        ANALYTICS_RETRY_BASE_DELAY="0.1",
-        ANALYTICS_RETRY_MAX_DELAY="0.2",
+        ANALYTICS_RETRY_BASE_DELAY="1",
+        ANALYTICS_RETRY_MAX_DELAY="0",  # the one retry at once
     )
     start_archiver()
     message = analytics_task_message([chat_event(room_id=1, author_id=1)])

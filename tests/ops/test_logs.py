@@ -32,7 +32,7 @@ from analytics.models import ProcessedEvent
 from bench.procfile import DaphneServer, free_port
 from chat.models import Message, NotificationDelivery
 from deadletters.models import DeadLetter
-from messaging.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
+from messaging.events import MENTION, MESSAGE_CREATED
 from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
 from messaging.wire import task_message_build
 from tests.conftest import session_cookie
@@ -217,7 +217,7 @@ def poison_messages(secret: Callable[[str], str]) -> list[tuple[str, amqp.Messag
     """(routing key, message) for each way a worker refuses a message, with secrets where text could be."""
     now = datetime.now(UTC)
     invalid_event = {
-        "type": ROUTING_MESSAGE_CREATED,
+        "type": MESSAGE_CREATED.routing_key,
         "event_id": secret("analytics event"),
         "created_at": now.isoformat(),
     }
@@ -228,25 +228,25 @@ def poison_messages(secret: Callable[[str], str]) -> list[tuple[str, amqp.Messag
         "queued_at": now.isoformat(),
         "expires_at": (now + timedelta(minutes=5)).isoformat(),
     }
-    undecodable = task_message_build(routing_key=ROUTING_MESSAGE_CREATED, rows=[(1, {}, 0)]).message
+    undecodable = task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {}, 0)]).message
     undecodable.body = b"\xff" + secret("undecodable body").encode()
     undecodable.properties["application_headers"]["argsrepr"] = secret("undecodable argsrepr")
     unregistered = task_message_build(
-        routing_key=ROUTING_MESSAGE_CREATED, rows=[(1, {"text": secret("unregistered body")}, 0)]
+        routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {"text": secret("unregistered body")}, 0)]
     ).message
     unregistered.properties["application_headers"]["task"] = "analytics.no_such_task"
     unregistered.properties["application_headers"]["argsrepr"] = secret("unregistered argsrepr")
     return [
         (
-            ROUTING_MESSAGE_CREATED,
-            task_message_build(routing_key=ROUTING_MESSAGE_CREATED, rows=[(1, invalid_event, 0)]).message,
+            MESSAGE_CREATED.routing_key,
+            task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, invalid_event, 0)]).message,
         ),
         (
-            ROUTING_MENTION,
-            task_message_build(routing_key=ROUTING_MENTION, rows=[(1, invalid_mention, 0)]).message,
+            MENTION.routing_key,
+            task_message_build(routing_key=MENTION.routing_key, rows=[(1, invalid_mention, 0)]).message,
         ),
-        (ROUTING_MESSAGE_CREATED, undecodable),
-        (ROUTING_MESSAGE_CREATED, unregistered),
+        (MESSAGE_CREATED.routing_key, undecodable),
+        (MESSAGE_CREATED.routing_key, unregistered),
     ]
 
 
