@@ -37,6 +37,10 @@ CHAT_ALLOWED_ORIGINS = env.list(
     "CHAT_ALLOWED_ORIGINS",
     default=[f"{SITE_SCHEME}://{host}{_SITE_PORT_SUFFIX}" for host in ALLOWED_HOSTS] + CSRF_TRUSTED_ORIGINS,
 )
+# The site's address as people reach it, for links in mails (a mention email's room link): by
+# default the first ALLOWED_HOSTS host (a wildcard one: localhost) at SITE_SCHEME and SITE_PORT.
+_site_host = ALLOWED_HOSTS[0].lstrip(".") if ALLOWED_HOSTS and ALLOWED_HOSTS[0] != "*" else "localhost"
+SITE_URL = env.str("SITE_URL", default=f"{SITE_SCHEME}://{_site_host}{_SITE_PORT_SUFFIX}").rstrip("/")
 
 INSTALLED_APPS = [
     "daphne",

@@ -21,6 +21,7 @@ print(json.dumps({
     "max_chars": s.CHAT_MAX_MESSAGE_CHARS,
     "rate": s.CHAT_RATE_PER_SECOND,
     "burst": s.CHAT_RATE_BURST,
+    "site_url": s.SITE_URL,
 }))
 """
 VARIABLES = (
@@ -31,6 +32,10 @@ VARIABLES = (
     "CHAT_MAX_MESSAGE_CHARS",
     "CHAT_RATE_PER_SECOND",
     "CHAT_RATE_BURST",
+    "SITE_URL",
+    "SITE_SCHEME",
+    "SITE_PORT",
+    "PORT",
 )
 
 
@@ -58,6 +63,7 @@ def test_defaults_when_the_environment_sets_nothing():
         "max_chars": 4000,
         "rate": 5.0,
         "burst": 20,
+        "site_url": "http://localhost:8000",
     }
 
 
@@ -80,7 +86,15 @@ def test_the_environment_overrides_every_default():
         "max_chars": 100,
         "rate": 1.5,
         "burst": 3,
+        "site_url": "http://chat.example:8000",
     }
+
+
+def test_site_url_leaves_out_the_default_port_of_the_site_scheme():
+    assert settings_with(ALLOWED_HOSTS=".chat.example", SITE_SCHEME="https", SITE_PORT="443")["site_url"] == (
+        "https://chat.example"
+    )
+    assert settings_with(SITE_URL="https://chat.example/")["site_url"] == "https://chat.example"
 
 
 def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
