@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 READ_SETTINGS = """
@@ -97,11 +99,20 @@ def test_site_url_leaves_out_the_default_port_of_the_site_scheme():
     assert settings_with(SITE_URL="https://chat.example/")["site_url"] == "https://chat.example"
 
 
-def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["manage.py", "check"],
+        ["-m", "chatproject.serve", "-p", "0", "chatproject.asgi:application"],
+        ["-m", "celery", "-A", "chatproject", "worker", "--pool", "solo"],
+    ],
+    ids=["manage.py", "web", "celery"],
+)
+def test_without_a_secret_key_each_process_exits_with_one_sentence_saying_how_to_set_one(command):
     # Empty rather than unset: a checkout's .env (read only for unset variables) cannot fill it in.
     env = {k: v for k, v in os.environ.items() if k != "DEBUG"}
     result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
+        [sys.executable, *command],
         cwd=ROOT,
         env={**env, "DJANGO_SETTINGS_MODULE": "chatproject.settings", "SECRET_KEY": ""},
         capture_output=True,
@@ -110,6 +121,7 @@ def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
     )
 
     assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: SECRET_KEY is not set: set it")
-    assert "secrets.token_urlsafe" in last_line
+    assert result.stderr.strip().splitlines() == [
+        "SECRET_KEY is not set: set it in the environment (or in .env) to a long random value, e.g. the "
+        "output of `python3 -c 'import secrets; print(secrets.token_urlsafe(50))'`."
+    ]
