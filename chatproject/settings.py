@@ -457,10 +457,13 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "filters": {"refusal_without_traceback": {"()": "chatproject.log_filters.RefusalWithoutTraceback"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
+        # A 403 is a user lacking a permission, not a fault: one line, without Django's traceback.
+        "django.request": {"filters": ["refusal_without_traceback"]},
         # Axes announces itself at every start and each successful login at INFO: a line per
         # management command and per login that says nothing. Lockouts and failures stay (WARNING).
         "axes": {"level": "WARNING"},
