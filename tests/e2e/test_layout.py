@@ -12,7 +12,7 @@ from tests.conftest import grant_permission
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 PHONE = {"width": 390, "height": 844}
-# Where a failing run leaves what the browser showed, to look at.
+# A directory to keep each page's screenshot in, to look at the layout (unset: none taken).
 SCREENSHOT_DIR = os.environ.get("SCREENSHOT_DIR", "")
 
 
