@@ -27,15 +27,20 @@ def metrics(request: HttpRequest) -> HttpResponse:
 
 
 def metrics_reader_allowed(*, address: str, authorization: str) -> bool:
-    token = settings.METRICS_BEARER_TOKEN
-    if token:
-        scheme, _, credentials = authorization.partition(" ")
-        # Constant time: how much of a guess matched must not show in the response time.
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            credentials.strip().encode(), token.encode()
-        )
+    if settings.METRICS_BEARER_TOKEN:
+        return metrics_token_presented(authorization=authorization)
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:
         return False
     return any(ip in ipaddress.ip_network(network) for network in settings.METRICS_ALLOWED_NETWORKS)
+
+
+def metrics_token_presented(*, authorization: str) -> bool:
+    """Whether an Authorization header carries METRICS_BEARER_TOKEN (never, with no token set)."""
+    token = settings.METRICS_BEARER_TOKEN
+    if not token:
+        return False
+    scheme, _, credentials = authorization.partition(" ")
+    # Constant time: how much of a guess matched must not show in the response time.
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
