@@ -54,7 +54,7 @@ def test_a_refused_page_shows_the_sites_no_access_page(make_user, settings):
     assert response.status_code == 403
     page = response.content.decode()
     assert 'data-testid="forbidden"' in page and "No access" in page
-    assert 'class="topbar"' in page and 'data-testid="nav-user">alice<' in page
+    assert 'class="topbar"' in page and 'data-testid="nav-user" title="alice">alice<' in page
 
 
 @pytest.mark.urls("chatproject.urls")
