@@ -8,6 +8,9 @@ class RoomAdmin(admin.ModelAdmin):
     list_display = ["slug", "name", "is_private", "last_seq", "created_at"]
     search_fields = ["slug", "name"]
     filter_horizontal = ["members"]
+    # Only message_create advances it, under the room's row lock: an edit here would reuse or skip
+    # sequence numbers, and clients would see a gap that never fills or miss messages.
+    readonly_fields = ["last_seq"]
 
 
 @admin.register(Message)

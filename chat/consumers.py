@@ -6,10 +6,12 @@ import asyncio
 import json
 import logging
 import random
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
+from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
 from channels.exceptions import StopConsumer
@@ -55,6 +57,23 @@ _AWAITED_ACKS_MAX = 100
 _INBOX_CLOSED = object()
 
 
+async def _send_while_open(
+    send: Callable[[dict[str, Any]], Awaitable[None]], message: dict[str, Any]
+) -> None:
+    """The server's send, dropping what comes after the client began to close the socket.
+
+    A group event or a reply can reach a socket whose client has just closed it: daphne marks the
+    connection closed only once TCP ends, and until then autobahn raises Disconnected on a send
+    (other ASGI servers raise an OSError, as the ASGI spec asks). Nobody is left to read it, and the
+    socket's websocket.disconnect follows; raised, it would end the consumer with an ERROR and a
+    traceback in the log for an ordinary close.
+    """
+    try:
+        await send(message)
+    except (Disconnected, OSError):
+        pass
+
+
 @database_sync_to_async
 def _room_access_check(session_key: str | None, user_id: int, room_id: int) -> None:
     selectors.room_access_check(session_key=session_key, user_id=user_id, room_id=room_id)
@@ -75,17 +94,26 @@ class RoomConsumer(AsyncWebsocketConsumer):
     revoked = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        """Channels' AsyncConsumer.__call__, with the cheaper event loop of chat.dispatch."""
+        """Channels' AsyncConsumer.__call__, with the cheaper event loop of chat.dispatch.
+
+        However it ends (a disconnect, or daphne cancelling it at shutdown, when disconnect() never
+        runs), the socket's own tasks end with it, instead of being destroyed still pending.
+        """
         self.scope = scope
         self.channel_layer = get_channel_layer(self.channel_layer_alias)
         self.channel_name = await self.channel_layer.new_channel()
-        self.base_send = send
+        self.base_send = partial(_send_while_open, send)
         try:
             await dispatch_in_arrival_order(
                 [receive, partial(self.channel_layer.receive, self.channel_name)], self.dispatch
             )
         except StopConsumer:
             pass
+        finally:
+            tasks = [t for t in (self.inbox_reader, self.heartbeat, self.access_recheck) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Every event, without the stale-connection check Channels runs before each handler.

@@ -22,14 +22,26 @@ _HISTORY = [
 ]
 
 
+def demo_email(username: str) -> str:
+    """The demo user's address: at example.com, a domain reserved for examples."""
+    return f"{username}@example.com"
+
+
 def demo_data_create() -> bool:
     """Create the demo users, rooms and history when there are no users yet; True if created."""
     User = get_user_model()
     if User.objects.exists():
         return False
     with transaction.atomic():
-        users = {name: User.objects.create_user(name, password=DEMO_PASSWORD) for name in DEMO_USERS}
-        users[DEMO_ADMIN] = User.objects.create_superuser(DEMO_ADMIN, password=DEMO_PASSWORD)
+        # Addresses at example.com (reserved, never delivered), so the mention emails of users who
+        # are not online can be seen with the demo data, e.g. with EMAIL_URL=consolemail:// .
+        users = {
+            name: User.objects.create_user(name, email=demo_email(name), password=DEMO_PASSWORD)
+            for name in DEMO_USERS
+        }
+        users[DEMO_ADMIN] = User.objects.create_superuser(
+            DEMO_ADMIN, email=demo_email(DEMO_ADMIN), password=DEMO_PASSWORD
+        )
         services.room_create(creator=users["alice"], name="General")
         services.room_create(creator=users["carol"], name="Random")
         leads = services.room_create(creator=users["alice"], name="Leads", is_private=True)

@@ -42,6 +42,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.models import AbstractBaseUser
 from django.core.mail import send_mail
 from django.db import transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from chat import protocol
@@ -242,7 +243,7 @@ def _send_email(*, user: AbstractBaseUser, frame: protocol.NotificationFrame) ->
         subject=f"{frame['from']} mentioned you in #{frame['room']}",
         message=(
             f"{frame['from']} mentioned you in #{frame['room']}:\n\n{frame['text']}\n\n"
-            f"Open the room: /rooms/{frame['room']}/\n"
+            f"Open the room: {settings.SITE_URL}{reverse('room', kwargs={'slug': frame['room']})}\n"
         ),
         from_email=None,  # DEFAULT_FROM_EMAIL
         recipient_list=[user.email],

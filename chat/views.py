@@ -17,7 +17,6 @@ from chat import protocol, selectors, services
 from chat.client_address import client_address
 from chat.forms import RoomForm
 from chat.ratelimit import take_signup_token
-from infrastructure import health
 
 HISTORY_MAX_LIMIT = 100
 
@@ -118,12 +117,3 @@ def room_messages(request: HttpRequest, slug: str) -> JsonResponse:
     limit = min(limit, HISTORY_MAX_LIMIT)
     messages, has_more = selectors.messages_page(room=chat_room, before=before, after=after, limit=limit)
     return JsonResponse({"messages": [protocol.message_frame(m) for m in messages], "has_more": has_more})
-
-
-@require_GET
-def healthz(request: HttpRequest) -> JsonResponse:
-    states = health.check_all()
-    body = {s.name: ("ok" if s.ok else f"down: {s.error}") for s in states}
-    down = [s.name for s in states if not s.ok]
-    body["status"] = "ok" if not down else "down: " + ", ".join(down)
-    return JsonResponse(body, status=200 if not down else 503)

@@ -11,11 +11,15 @@ import os
 
 from celery import Celery, bootsteps
 
+from chatproject.startup import settings_load_or_exit
 from monitoring.worker_metrics import install_worker_metrics
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 
 app = Celery("chatproject")
+# Celery reads the Django settings when it first needs its configuration (parsing the command line
+# already); a missing setting then ends the command with its one sentence, not a traceback.
+app.on_configure.connect(lambda **_: settings_load_or_exit(), weak=False)
 app.config_from_object("django.conf:settings", namespace="CELERY")
 # Task metrics and the worker's /metrics endpoint; must be connected before the worker starts.
 install_worker_metrics(app)

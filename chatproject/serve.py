@@ -56,6 +56,9 @@ def access_log_redacting_install() -> None:
 
 def main() -> None:
     event_loop_policy_install()
+    from chatproject.startup import settings_load_or_exit
+
+    settings_load_or_exit()
     from daphne.cli import CommandLineInterface  # imports daphne.server, which creates the loop
 
     access_log_redacting_install()

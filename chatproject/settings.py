@@ -39,6 +39,10 @@ CHAT_ALLOWED_ORIGINS = env.list(
     "CHAT_ALLOWED_ORIGINS",
     default=[f"{SITE_SCHEME}://{host}{_SITE_PORT_SUFFIX}" for host in ALLOWED_HOSTS] + CSRF_TRUSTED_ORIGINS,
 )
+# The site's address as people reach it, for links in mails (a mention email's room link): by
+# default the first ALLOWED_HOSTS host (a wildcard one: localhost) at SITE_SCHEME and SITE_PORT.
+_site_host = ALLOWED_HOSTS[0].lstrip(".") if ALLOWED_HOSTS and ALLOWED_HOSTS[0] != "*" else "localhost"
+SITE_URL = env.str("SITE_URL", default=f"{SITE_SCHEME}://{_site_host}{_SITE_PORT_SUFFIX}").rstrip("/")
 
 INSTALLED_APPS = [
     "daphne",
@@ -479,13 +483,18 @@ LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "filters": {
+        "refusal_without_traceback": {"()": "chatproject.log_filters.RefusalWithoutTraceback"},
+        # The fallback-email sweep runs every few seconds and nearly always finds nothing: its
+        # receipt, beat's sending line and an idle sweep's result are dropped (chat/task_logging.py).
+        "idle_fallback_sweep": {"()": "chat.task_logging.IdleFallbackSweepFilter"},
+    },
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    # The fallback-email sweep runs every few seconds and nearly always finds nothing: its receipt,
-    # beat's sending line and an idle sweep's result are dropped (chat/task_logging.py).
-    "filters": {"idle_fallback_sweep": {"()": "chat.task_logging.IdleFallbackSweepFilter"}},
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
+        # A 403 is a user lacking a permission, not a fault: one line, without Django's traceback.
+        "django.request": {"filters": ["refusal_without_traceback"]},
         # Axes announces itself at every start and each successful login at INFO: a line per
         # management command and per login that says nothing. Lockouts and failures stay (WARNING).
         "axes": {"level": "WARNING"},

@@ -23,6 +23,16 @@ HOW_TO_START = {
 }
 
 
+# What stops working while each service is down, for /healthz's answer to anyone.
+CONSEQUENCE = {
+    "database": "PostgreSQL is not reachable: pages and history do not load and no message can be stored",
+    "channel_layer": "Redis is not reachable: sockets cannot connect and stored messages reach no one live",
+    "broker": (
+        "RabbitMQ is not reachable: mention notifications and analytics wait in the outbox until it is back"
+    ),
+}
+
+
 @dataclass(frozen=True)
 class ServiceState:
     name: str
@@ -34,6 +44,16 @@ class ServiceState:
         """One sentence naming the service, where it was looked for, and how to start it."""
         label = {"database": "PostgreSQL", "channel_layer": "Redis", "broker": "RabbitMQ"}[self.name]
         return f"{label} is not reachable at {self.url} ({self.error}); {HOW_TO_START[self.name]}"
+
+    def consequence(self, *, with_details: bool) -> str:
+        """One sentence naming the service and what it stops; with_details adds the error and URL.
+
+        Those details (hosts, ports, database and user names) are for the operators, not for anyone
+        who can reach /healthz.
+        """
+        if not with_details:
+            return CONSEQUENCE[self.name]
+        return f"{CONSEQUENCE[self.name]} ({self.error}; at {self.url})"
 
 
 def redacted_url(url: str) -> str:

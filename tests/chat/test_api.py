@@ -1,5 +1,6 @@
 """History API and health check over HTTP, against the real database and Redis."""
 
+import json
 import os
 import subprocess
 import sys
@@ -105,6 +106,34 @@ def test_healthz_names_the_service_that_is_down():
     body = response.json()
     assert body["channel_layer"].startswith("down") and body["database"] == "ok"
     assert body["status"] == "down: channel_layer"
+
+
+@pytest.mark.django_db
+@override_settings(REDIS_URL="redis://127.0.0.1:1/0")
+def test_healthz_tells_anyone_what_is_down_without_its_address():
+    body = Client().get("/healthz").json()
+
+    assert body["channel_layer"] == (
+        "down: Redis is not reachable: sockets cannot connect and stored messages reach no one live"
+    )
+    assert "127.0.0.1" not in json.dumps(body)
+
+
+@pytest.mark.django_db
+@override_settings(REDIS_URL="redis://127.0.0.1:1/0", METRICS_BEARER_TOKEN="scrape-token")
+def test_healthz_tells_staff_and_the_monitoring_token_where_the_service_was_looked_for(make_user):
+    staff = Client()
+    staff.force_login(make_user("root", is_staff=True))
+    member = Client()
+    member.force_login(make_user("alice"))
+
+    for_staff = staff.get("/healthz").json()["channel_layer"]
+    for_monitoring = Client(headers={"Authorization": "Bearer scrape-token"}).get("/healthz").json()
+    for_member = member.get("/healthz").json()["channel_layer"]
+
+    assert for_staff.startswith("down: Redis is not reachable: ") and "at redis://127.0.0.1:1/0)" in for_staff
+    assert for_monitoring["channel_layer"] == for_staff
+    assert "127.0.0.1" not in for_member
 
 
 def run_preflight(**env):

@@ -66,3 +66,11 @@ def test_seed_demo_run_again_prints_only_the_demo_logins_that_still_work():
     for name in (*DEMO_USERS[1:], DEMO_ADMIN, DEMO_PASSWORD):
         assert name in logins
     assert logs_in(DEMO_USERS[1], DEMO_PASSWORD)
+
+
+def test_seed_demo_gives_every_demo_user_an_example_address():
+    seed_demo()
+
+    emails = dict(get_user_model().objects.values_list("username", "email"))
+
+    assert emails == {name: f"{name}@example.com" for name in (*DEMO_USERS, DEMO_ADMIN)}

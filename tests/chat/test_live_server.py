@@ -9,12 +9,14 @@ import uuid
 import pytest
 import websockets
 from asgiref.sync import sync_to_async
+from channels.layers import get_channel_layer
 from django.db import connection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from bench.procfile import DaphneServer, free_port
 from chat import services
-from chat.models import Message
+from chat.models import Message, Room
+from chat.protocol import room_group
 from infrastructure.postgres import database_url
 from tests.conftest import session_cookie
 from tests.faults.tcp_proxy import TcpProxy
@@ -29,7 +31,7 @@ def people(make_user, make_room):
     return {name: make_user(name) for name in ("alice", "bob", "carol")}
 
 
-async def open_socket(server, user, slug="general", *, since=None, origin=None):
+async def open_socket(server, user, slug="general", *, since=None, origin=None, **options):
     cookie = await sync_to_async(session_cookie)(user)
     url = f"{server.ws_url}/ws/rooms/{slug}/" + (f"?since={since}" if since is not None else "")
     return await websockets.connect(
@@ -37,6 +39,7 @@ async def open_socket(server, user, slug="general", *, since=None, origin=None):
         origin=origin or f"http://127.0.0.1:{server.port}",
         additional_headers={"Cookie": f"sessionid={cookie}"},
         max_size=None,
+        **options,
     )
 
 
@@ -203,3 +206,42 @@ async def test_member_removed_in_another_process_is_closed_with_4403(live_daphne
     with pytest.raises(ConnectionClosed) as closed:
         await next_frame(socket)
     assert closed.value.rcvd.code == 4403
+
+
+async def test_sockets_closing_during_a_broadcast_and_the_shutdown_log_no_error(live_daphne, people):
+    """A send to a socket its client is closing, and sockets open at SIGTERM, are ordinary: no ERROR.
+
+    The broadcast keeps group events arriving while sockets close, so some event finds its socket
+    closing (the client's close frame received, the TCP connection not yet ended), where daphne
+    refuses a send; the last sockets stay open until the server stops.
+    """
+    room = await sync_to_async(Room.objects.get)(slug="general")
+    layer = get_channel_layer()
+    broadcasting = True
+
+    async def broadcast() -> None:
+        event_id = 0
+        while broadcasting:
+            event_id += 1
+            frame = json.dumps({"type": "message", "id": -event_id, "text": "x" * 200})
+            await layer.group_send(
+                room_group(room.pk), {"type": "chat.message", "id": -event_id, "frame": frame}
+            )
+            await asyncio.sleep(0.002)
+
+    broadcaster = asyncio.create_task(broadcast())
+    try:
+        for _ in range(50):
+            # Reading everything (no queue limit), so a close is not held up behind unread frames.
+            sockets = [await open_socket(live_daphne, user, max_queue=None) for user in people.values()]
+            await asyncio.sleep(0.05)
+            await asyncio.gather(*(socket.close() for socket in sockets))
+        still_open = [await open_socket(live_daphne, user) for user in people.values()]
+        await next_frame(still_open[0])
+    finally:
+        broadcasting = False
+        await broadcaster
+    await sync_to_async(live_daphne.stop)()  # SIGTERM with sockets open
+
+    log = live_daphne.log_path.read_text()
+    assert " ERROR " not in log and "Traceback" not in log and "Task was destroyed" not in log, log[-3000:]

@@ -140,6 +140,16 @@ def test_mentioned_user_without_an_open_socket_gets_an_email(make_user, make_roo
     assert NotificationDelivery.objects.get().channel == NotificationDelivery.CHANNEL_EMAIL
 
 
+def test_mention_email_links_to_the_room_at_the_site_url(make_user, make_room, settings):
+    settings.SITE_URL = "https://chat.example.com"
+    make_user("alice", email="alice@example.com")
+    message = send(make_user("bob"), make_room("general"), "@alice have a look")
+
+    mention_notifications_deliver(events=[e.payload for e in mention_events(message)])
+
+    assert "Open the room: https://chat.example.com/rooms/general/\n" in mail.outbox[0].body
+
+
 def test_redelivered_notification_is_delivered_once(make_user, make_room):
     make_user("alice", email="alice@example.com")
     bob = make_user("bob")

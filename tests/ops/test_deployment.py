@@ -21,13 +21,18 @@ def documented_production_environment() -> dict[str, str]:
     return environment
 
 
+def production_base_environment() -> dict[str, str]:
+    """This suite's environment without the documented variables (or the web port), so none leak in."""
+    excluded = {*documented_production_environment(), "PORT", "SITE_URL", "CHAT_ALLOWED_ORIGINS"}
+    base = {k: v for k, v in os.environ.items() if k not in excluded}
+    return {**base, "DJANGO_SETTINGS_MODULE": "chatproject.settings"}
+
+
 def check_deploy(environment: dict[str, str]) -> subprocess.CompletedProcess:
-    # None of the documented variables leak in from the environment this suite runs in.
-    base = {k: v for k, v in os.environ.items() if k not in documented_production_environment()}
     return subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
         cwd=ROOT,
-        env={**base, "DJANGO_SETTINGS_MODULE": "chatproject.settings", **environment},
+        env={**production_base_environment(), **environment},
         capture_output=True,
         text=True,
         timeout=60,
@@ -39,6 +44,25 @@ def test_check_deploy_reports_nothing_with_the_documented_production_environment
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "System check identified no issues" in result.stdout
+
+
+def test_documented_production_environment_accepts_sockets_and_links_over_https_only():
+    script = "import django, json; django.setup(); from django.conf import settings as s; "
+    script += "print(json.dumps([s.CHAT_ALLOWED_ORIGINS, s.SITE_URL]))"
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=ROOT,
+        env={**production_base_environment(), **documented_production_environment()},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+    origins, site_url = json.loads(result.stdout)
+    assert origins and all(origin.startswith("https://") for origin in origins), origins
+    assert "https://chat.example.com" in origins
+    assert site_url == "https://chat.example.com"
 
 
 def test_check_deploy_warns_with_the_defaults():

@@ -23,6 +23,7 @@ print(json.dumps({
     "max_chars": s.CHAT_MAX_MESSAGE_CHARS,
     "rate": s.CHAT_RATE_PER_SECOND,
     "burst": s.CHAT_RATE_BURST,
+    "site_url": s.SITE_URL,
 }))
 """
 VARIABLES = (
@@ -33,6 +34,10 @@ VARIABLES = (
     "CHAT_MAX_MESSAGE_CHARS",
     "CHAT_RATE_PER_SECOND",
     "CHAT_RATE_BURST",
+    "SITE_URL",
+    "SITE_SCHEME",
+    "SITE_PORT",
+    "PORT",
 )
 
 
@@ -60,6 +65,7 @@ def test_defaults_when_the_environment_sets_nothing():
         "max_chars": 4000,
         "rate": 5.0,
         "burst": 20,
+        "site_url": "http://localhost:8000",
     }
 
 
@@ -82,14 +88,31 @@ def test_the_environment_overrides_every_default():
         "max_chars": 100,
         "rate": 1.5,
         "burst": 3,
+        "site_url": "http://chat.example:8000",
     }
 
 
-def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
+def test_site_url_leaves_out_the_default_port_of_the_site_scheme():
+    assert settings_with(ALLOWED_HOSTS=".chat.example", SITE_SCHEME="https", SITE_PORT="443")["site_url"] == (
+        "https://chat.example"
+    )
+    assert settings_with(SITE_URL="https://chat.example/")["site_url"] == "https://chat.example"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["manage.py", "check"],
+        ["-m", "chatproject.serve", "-p", "0", "chatproject.asgi:application"],
+        ["-m", "celery", "-A", "chatproject", "worker", "--pool", "solo"],
+    ],
+    ids=["manage.py", "web", "celery"],
+)
+def test_without_a_secret_key_each_process_exits_with_one_sentence_saying_how_to_set_one(command):
     # Empty rather than unset: a checkout's .env (read only for unset variables) cannot fill it in.
     env = {k: v for k, v in os.environ.items() if k != "DEBUG"}
     result = subprocess.run(
-        [sys.executable, "manage.py", "check"],
+        [sys.executable, *command],
         cwd=ROOT,
         env={**env, "DJANGO_SETTINGS_MODULE": "chatproject.settings", "SECRET_KEY": ""},
         capture_output=True,
@@ -98,9 +121,10 @@ def test_without_a_secret_key_settings_refuse_to_start_saying_how_to_set_one():
     )
 
     assert result.returncode != 0
-    last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("django.core.exceptions.ImproperlyConfigured: SECRET_KEY is not set: set it")
-    assert "secrets.token_urlsafe" in last_line
+    assert result.stderr.strip().splitlines() == [
+        "SECRET_KEY is not set: set it in the environment (or in .env) to a long random value, e.g. the "
+        "output of `python3 -c 'import secrets; print(secrets.token_urlsafe(50))'`."
+    ]
 
 
 @pytest.mark.parametrize("variable", ["WEB_HTTP_THREADS", "DB_CONN_IDLE_SECONDS"])

@@ -1,0 +1,20 @@
+"""Logging filters named in settings.LOGGING."""
+
+from __future__ import annotations
+
+import logging
+
+
+class RefusalWithoutTraceback(logging.Filter):
+    """Drop the traceback from django.request's line for a 403.
+
+    Django logs a PermissionDenied with its exception attached, so every refused page (a user
+    without a permission, an expired CSRF token) wrote some twenty lines of a traceback that shows
+    only Django raising what the view meant to raise. One line says it all: status, reason, path.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "status_code", None) == 403:
+            record.exc_info = None
+            record.exc_text = None
+        return True
