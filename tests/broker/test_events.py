@@ -28,9 +28,9 @@ from messaging.events import (
     message_created_payload,
     task_routes,
 )
-from messaging.relay import task_message_build
 from messaging.retrying import DeadLetteringTask
 from messaging.topology import CHAT_EVENTS_EXCHANGE, declare_topology, declared_queues
+from messaging.wire import task_message_build
 
 
 @pytest.mark.parametrize("event", RELAYED_EVENTS, ids=lambda event: event.routing_key)

@@ -18,8 +18,8 @@ from chat.task_logging import FALLBACK_SWEEP_TASK, IdleFallbackSweepFilter
 from chat.tasks import send_notification_fallback_emails
 from messaging.topology import declare_topology, notifications_queue
 from monitoring.selectors import queue_stats
+from tests.harness import wait_until
 from tests.mail import file_email_env
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

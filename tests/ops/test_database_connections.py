@@ -20,7 +20,7 @@ from bench.soak import ChatProcess, HttpSession, database_client_ports, process_
 from chat.consumers import WRITE_THREADS
 from infrastructure.database_threads import DatabaseThreadPool
 from tests.conftest import session_cookie
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
