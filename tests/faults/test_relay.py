@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import sys
 from urllib.parse import urlsplit
@@ -123,17 +124,19 @@ def test_relay_process_names_events_no_task_consumes_and_publishes_the_others(
 
 
 def test_idle_relay_notices_a_silently_dead_broker_connection_and_publishes_after_it(
-    start_process, send_messages, probe_queue, broker_url
+    processes, send_messages, probe_queue, broker_url
 ):
     proxy = TcpProxy(free_port())
     proxy.open()
     relay_url = urlsplit(broker_url)._replace(netloc=f"guest:guest@127.0.0.1:{proxy.port}").geturl()
-    relay = start_process([*RELAY, "--broker-url", relay_url], env={"RELAY_HEARTBEAT_SECONDS": "1"})
+    relay = processes.start_relay(
+        f"--poll-seconds 1 --broker-url {shlex.quote(relay_url)}", env={"RELAY_HEARTBEAT_SECONDS": "1"}
+    )
     try:
-        # The partition must cut an open broker connection. The harness's readiness (its LISTEN)
-        # comes before that connection, and the broker shows nothing of an idle publisher's:
-        # the state line the relay logs is the one sign of it.
-        wait_until(lambda: "relay connected" in relay.log_text(), timeout=30, message="relay did not connect")
+        # The partition must cut an open broker connection, which the harness's readiness (the
+        # relay's LISTEN) comes before: an event published shows the connection is up.
+        events = send_messages(1)
+        wait_until(lambda: pending_count() == 0, timeout=30, message="the relay published nothing")
 
         # A partition: no FIN, no RST, nothing to publish; only the heartbeats can tell.
         proxy.blackhole()
@@ -143,7 +146,7 @@ def test_idle_relay_notices_a_silently_dead_broker_connection_and_publishes_afte
             timeout=60,
             message=f"the idle relay did not notice the dead connection:\n{relay.log_text()}",
         )
-        events = send_messages(3)
+        events += send_messages(3)
         assert pending_count() == 3
 
         proxy.forward()
