@@ -8,8 +8,6 @@ stored (the message's created_at, carried in its event) to counted (the ledger's
 from __future__ import annotations
 
 import multiprocessing
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,11 +24,20 @@ from django.utils import timezone
 
 from analytics.models import ProcessedEvent
 from analytics.selectors import LagStats, processing_lag
-from bench.procfile import ROOT, child_process_env, procfile_command
+from bench.procfile import (
+    Probe,
+    ProcessNotReady,
+    ProcfileProcess,
+    child_process_env,
+    outbox_listeners,
+    procfile_argv,
+    queue_consumers,
+)
 from chat.models import Room
 from chat.services import message_create
 from messaging.events import MESSAGE_CREATED, message_created_payload
 from messaging.models import OutboxEvent
+from messaging.topology import ANALYTICS_QUEUE
 
 BENCH_PREFIX = "bench-lag-"
 READY_TIMEOUT_SECONDS = 60.0
@@ -50,76 +57,53 @@ class SendResult:
         return len(self.message_ids) / self.seconds if self.seconds else 0.0
 
 
-@dataclass
-class _Child:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-    ready_line: str
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-
 @contextmanager
 def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator[Path]:
     """Run the Procfile's `relay` and `workers` x `worker` on this process's database and broker.
 
-    Waits until each is connected; stops them (SIGTERM) on exit. Yields the log directory.
+    Each is started once a probe sees it serve (a worker: one more consumer on the analytics queue;
+    the relay: its LISTEN); all are stopped (SIGTERM) on exit. Yields the log directory.
     """
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-analytics-"))
-    env = child_process_env()
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["CELERY_BROKER_URL"] = settings.CELERY_BROKER_URL
-    children: list[_Child] = []
+    broker_url = settings.CELERY_BROKER_URL
+    env = {**child_process_env(), "CELERY_BROKER_URL": broker_url}
+    children: list[ProcfileProcess] = []
+
+    def start(name: str, argv: list[str], ready: Probe) -> None:
+        log_path = log_dir / f"{name}.log"
+        child = ProcfileProcess(argv, env=env, log_path=log_path, ready=ready)
+        children.append(child)
+        try:
+            child.start(timeout=READY_TIMEOUT_SECONDS)
+        except ProcessNotReady:
+            if child.poll() is not None:
+                raise BenchError(f"{name} exited with {child.returncode}; see {log_path}") from None
+            raise BenchError(
+                f"{name} was not ready within {READY_TIMEOUT_SECONDS:.0f}s; see {log_path}"
+            ) from None
+
     try:
+        # Consumers and listeners already there (`make run`'s) are counted before ours start.
+        consumers = queue_consumers(broker_url, ANALYTICS_QUEUE.name)
         for i in range(workers):
             name = f"bench-worker-{i}-{uuid.uuid4().hex[:6]}"
-            children.append(
-                _start(
-                    name,
-                    f"{procfile_command('worker')} --hostname {name}@%h --without-mingle --without-gossip "
+            start(
+                name,
+                procfile_argv(
+                    "worker",
+                    f"--hostname {name}@%h --without-mingle --without-gossip "
                     "--metrics-port 0",  # the Procfile's port may be taken by `make run`
-                    env,
-                    log_dir,
-                    " ready.",
-                )
+                ),
+                ready=lambda expected=consumers + i + 1: (
+                    queue_consumers(broker_url, ANALYTICS_QUEUE.name) >= expected
+                ),
             )
-        children.append(_start("relay", procfile_command("relay"), env, log_dir, "relay connected"))
-        for child in children:
-            _wait_ready(child)
+        listeners = outbox_listeners()
+        start("relay", procfile_argv("relay"), ready=lambda: outbox_listeners() > listeners)
         yield log_dir
     finally:
         for child in children:
-            if child.process.poll() is None:
-                child.process.terminate()
-        for child in children:
-            try:
-                child.process.wait(20)
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
-
-
-def _start(name: str, command: str, env: dict[str, str], log_dir: Path, ready_line: str) -> _Child:
-    log_path = log_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            ["bash", "-c", f"exec {command}"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-    return _Child(name, process, log_path, ready_line)
-
-
-def _wait_ready(child: _Child) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while child.ready_line not in child.log_text():
-        if child.process.poll() is not None:
-            raise BenchError(f"{child.name} exited with {child.process.returncode}; see {child.log_path}")
-        if time.monotonic() > deadline:
-            raise BenchError(
-                f"{child.name} was not ready within {READY_TIMEOUT_SECONDS:.0f}s; see {child.log_path}"
-            )
-        time.sleep(0.1)
+            child.stop()
 
 
 def bench_rooms_and_users(*, rooms: int, users: int) -> tuple[list[Room], list]:

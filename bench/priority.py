@@ -11,17 +11,12 @@ handed to the publisher), both from this machine's clock. Its rows are deleted a
 
 from __future__ import annotations
 
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import TypeVar
 
 from django.conf import settings
@@ -31,7 +26,14 @@ from django.db import connection as db_connection
 from django.utils import timezone
 from kombu import Connection
 
-from bench.procfile import ROOT, child_process_env, procfile_command
+from bench.procfile import (
+    ProcessNotReady,
+    ProcfileProcess,
+    child_process_env,
+    procfile_argv,
+    queue_consumers,
+    wait_until,
+)
 from chat.models import Message, NotificationDelivery, Room
 from messaging.events import MENTION, PRIORITY_HIGH, PRIORITY_LOW, event_envelope, mention_fields
 from messaging.publishing import EventPublisher
@@ -101,7 +103,7 @@ def _measure_priority(
     timeout: float,
     progress: Callable[[str, int, int], None],
 ) -> PriorityResult:
-    worker: subprocess.Popen | None = None
+    worker: ProcfileProcess | None = None
     message, target_id = _bench_message()
     try:
         publisher = EventPublisher(url)
@@ -137,13 +139,8 @@ def _measure_priority(
             drain_seconds=_drain_seconds(normal_ids + vip_ids),
         )
     finally:
-        if worker is not None and worker.poll() is None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-                worker.wait()
+        if worker is not None:
+            worker.stop(timeout=20)
         _with_db_retry(_delete_bench_data)
 
 
@@ -201,23 +198,26 @@ def _publish(
     return ids
 
 
-def _start_worker(url: str) -> subprocess.Popen:
+def _start_worker(url: str) -> ProcfileProcess:
+    """The Procfile's notifier on the benchmark's vhost, once it consumes the notifications queue."""
     env = {
         **child_process_env(),
         "CELERY_BROKER_URL": url,
         "EMAIL_URL": "memorymail://",
         "LOG_LEVEL": "WARNING",
-        "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
     }
-    command = f"exec {procfile_command('notifier')} --without-mingle --without-gossip --loglevel WARNING"
-    return subprocess.Popen(
-        ["bash", "-c", command],
-        cwd=ROOT,
+    queue = notifications_queue(queue_type=settings.NOTIFICATIONS_QUEUE_TYPE).name
+    worker = ProcfileProcess(
+        procfile_argv("notifier", "--without-mingle --without-gossip --loglevel WARNING"),
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        ready=lambda: queue_consumers(url, queue) > 0,  # the vhost is the benchmark's own
     )
+    try:
+        worker.start()
+    except ProcessNotReady as error:
+        worker.kill()  # when it is alive but not consuming
+        raise BenchmarkError(f"the notifier did not start: {error}") from None
+    return worker
 
 
 def _queue_depth(url: str) -> int:
@@ -260,8 +260,7 @@ def _drain_seconds(ids: list[uuid.UUID]) -> float:
 
 
 def _wait(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise BenchmarkError(f"gave up waiting for {what} after {timeout:.0f}s")
-        time.sleep(0.05)
+    try:
+        wait_until(condition, timeout=timeout, message=f"gave up waiting for {what}")
+    except TimeoutError as error:
+        raise BenchmarkError(str(error)) from None
