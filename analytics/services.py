@@ -13,10 +13,9 @@ letter replayed weeks later, a very long outage), it is refused rather than risk
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -26,34 +25,14 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
-from chat.outbox import ROUTING_MESSAGE_CREATED
-from chatproject.database import delete_in_chunks
+from infrastructure.faults import fault_point
+from infrastructure.postgres import delete_in_chunks
+from messaging.events import MESSAGE_CREATED, MessageCreated
 
 # The horizon sits this far inside the retention, so that a ledger row cannot be pruned between
 # the horizon check and the insert that would find it, whatever the clock skew between the hosts
 # stamping created_at (web), processed_at (PostgreSQL) and the prune's cutoff (the worker).
 LEDGER_HORIZON_MARGIN = timedelta(hours=1)
-
-
-class InvalidEvent(ValueError):
-    """An event that can never be counted (wrong shape or type); retrying it cannot help."""
-
-
-@dataclass(frozen=True)
-class ChatMessageCreated:
-    event_id: uuid.UUID
-    message_id: int
-    room_id: int
-    author_id: int
-    created_at: datetime
-
-    @property
-    def minute(self) -> datetime:
-        return self.created_at.astimezone(UTC).replace(second=0, microsecond=0)
-
-    @property
-    def day(self) -> date:
-        return self.created_at.astimezone(UTC).date()
 
 
 class EventsPastLedgerHorizon(Exception):
@@ -75,55 +54,6 @@ class RecordResult:
     duplicates: int
     # Events created before the ledger horizon: neither counted nor recorded in the ledger.
     too_old: int = 0
-
-
-def value_shape(value: object) -> str:
-    """What an invalid field held, for an error message: numbers as they are, text only by its length.
-
-    The message goes to the worker's log and the dead letter's error; a poison event may carry
-    anything in any field, chat text included, and no log line may (the payload is in the dead letter).
-    """
-    if value is None or isinstance(value, (bool, int, float)):
-        return repr(value)
-    if isinstance(value, (str, bytes, Sequence, Mapping)):
-        return f"a {type(value).__name__} of length {len(value)}"
-    return f"a {type(value).__name__}"
-
-
-def _positive_int(event: Mapping[str, Any], key: str) -> int:
-    value = event.get(key)
-    # bool is an int in Python; True must not pass for a room id.
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidEvent(f"{key} must be a positive integer, got {value_shape(value)}")
-    return value
-
-
-def chat_event_parse(event: object) -> ChatMessageCreated:
-    """Validate one outbox payload of type chat.message.created; raises InvalidEvent."""
-    if not isinstance(event, Mapping):
-        raise InvalidEvent(f"an event must be an object, got {type(event).__name__}")
-    if event.get("type") != ROUTING_MESSAGE_CREATED:
-        raise InvalidEvent(f"unexpected event type, got {value_shape(event.get('type'))}")
-    try:
-        event_id = uuid.UUID(str(event["event_id"]))
-    except (KeyError, ValueError):
-        raise InvalidEvent(f"event_id must be a UUID, got {value_shape(event.get('event_id'))}") from None
-    created_at_text = event.get("created_at")
-    try:
-        created_at = datetime.fromisoformat(created_at_text)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InvalidEvent(
-            f"created_at must be an ISO 8601 time, got {value_shape(created_at_text)}"
-        ) from None
-    if created_at.tzinfo is None:
-        raise InvalidEvent("created_at must carry a time zone")
-    return ChatMessageCreated(
-        event_id=event_id,
-        message_id=_positive_int(event, "message_id"),
-        room_id=_positive_int(event, "room_id"),
-        author_id=_positive_int(event, "author_id"),
-        created_at=created_at,
-    )
 
 
 def ledger_horizon(*, hold_prune: bool = False) -> datetime:
@@ -148,17 +78,16 @@ def ledger_horizon(*, hold_prune: bool = False) -> datetime:
     return max(by_retention, pruned_before or by_retention) + LEDGER_HORIZON_MARGIN
 
 
-def chat_events_record(*, events: Sequence[object]) -> RecordResult:
+def chat_events_record(*, events: object) -> RecordResult:
     """Count a batch of chat.message.created events, each exactly once, in one transaction.
 
     Called by the analytics task for every task message. Every event is validated before
-    anything is written: one invalid event raises InvalidEvent and the batch changes nothing.
+    anything is written: one invalid event raises messaging.events.InvalidEvent and the batch
+    changes nothing.
     Events already in the ledger (or repeated within the batch) are skipped; events created
     before the ledger horizon are left out and reported in `too_old` (the task dead-letters them).
     """
-    if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
-        raise InvalidEvent(f"events must be a list, got {type(events).__name__}")
-    parsed = [chat_event_parse(event) for event in events]
+    parsed = MESSAGE_CREATED.parse_batch(events)
     with transaction.atomic():
         horizon = ledger_horizon(hold_prune=True)
         recent = [event for event in parsed if event.created_at >= horizon]
@@ -172,8 +101,8 @@ def chat_events_record(*, events: Sequence[object]) -> RecordResult:
             _room_minutes_add(fresh)
             _room_day_users_add(fresh)
             _user_counts_add(fresh)
-        _fault_pause("in_transaction")
-    _fault_pause("after_commit")
+        fault_point("analytics.in_transaction")
+    fault_point("analytics.after_commit")
     return RecordResult(counted=len(fresh), duplicates=len(recent) - len(fresh), too_old=too_old)
 
 
@@ -200,11 +129,12 @@ def processed_events_prune() -> int:
     return delete_in_chunks(ProcessedEvent.objects.filter(processed_at__lt=cutoff).order_by("processed_at"))
 
 
-def _fault_pause(point: str) -> None:
-    # Lets tests/analytics SIGKILL a worker at a known point; ANALYTICS_FAULT_PAUSE_SECONDS is 0
-    # outside those tests.
-    if settings.ANALYTICS_FAULT_PAUSE_SECONDS and settings.ANALYTICS_FAULT_PAUSE_AT == point:
-        time.sleep(settings.ANALYTICS_FAULT_PAUSE_SECONDS)
+def _minute(event: MessageCreated) -> datetime:
+    return event.created_at.astimezone(UTC).replace(second=0, microsecond=0)
+
+
+def _day(event: MessageCreated) -> date:
+    return event.created_at.astimezone(UTC).date()
 
 
 def _values_sql(rows: int, columns: int) -> str:
@@ -218,7 +148,7 @@ def _execute_values(sql: str, rows: Sequence[Sequence[Any]]) -> list[tuple[Any, 
         return cursor.fetchall() if cursor.description else []
 
 
-def _ledger_insert(events: Iterable[ChatMessageCreated]) -> set[uuid.UUID]:
+def _ledger_insert(events: Iterable[MessageCreated]) -> set[uuid.UUID]:
     """Insert ledger rows; returns the ids that were not there yet (the ones to count).
 
     A concurrent worker inserting the same id waits for the other transaction: if that one
@@ -237,8 +167,8 @@ def _ledger_insert(events: Iterable[ChatMessageCreated]) -> set[uuid.UUID]:
     return {value if isinstance(value, uuid.UUID) else uuid.UUID(str(value)) for (value,) in returned}
 
 
-def _room_minutes_add(events: Sequence[ChatMessageCreated]) -> None:
-    counts = Counter((e.room_id, e.minute) for e in events)
+def _room_minutes_add(events: Sequence[MessageCreated]) -> None:
+    counts = Counter((e.room_id, _minute(e)) for e in events)
     _execute_values(
         f"INSERT INTO {RoomMinuteCount._meta.db_table} AS t (room_id, minute, count) VALUES {{values}} "
         "ON CONFLICT (room_id, minute) DO UPDATE SET count = t.count + EXCLUDED.count",
@@ -246,8 +176,8 @@ def _room_minutes_add(events: Sequence[ChatMessageCreated]) -> None:
     )
 
 
-def _room_day_users_add(events: Sequence[ChatMessageCreated]) -> None:
-    counts = Counter((e.room_id, e.day, e.author_id) for e in events)
+def _room_day_users_add(events: Sequence[MessageCreated]) -> None:
+    counts = Counter((e.room_id, _day(e), e.author_id) for e in events)
     _execute_values(
         f"INSERT INTO {RoomDayUserCount._meta.db_table} AS t (room_id, day, user_id, count) "
         "VALUES {values} ON CONFLICT (room_id, day, user_id) DO UPDATE SET count = t.count + EXCLUDED.count",
@@ -255,7 +185,7 @@ def _room_day_users_add(events: Sequence[ChatMessageCreated]) -> None:
     )
 
 
-def _user_counts_add(events: Sequence[ChatMessageCreated]) -> None:
+def _user_counts_add(events: Sequence[MessageCreated]) -> None:
     counts: Counter[int] = Counter(e.author_id for e in events)
     last: dict[int, datetime] = {}
     for e in events:

@@ -25,7 +25,7 @@ from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
 
-from chatproject.client_address import client_address
+from chat.client_address import client_address
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ from django.db import InterfaceError, OperationalError
 
 from chat import access, notifications, presence, protocol, selectors, services
 from chat.dispatch import dispatch_in_arrival_order
+from chat.metrics import CHAT_RATE_LIMITED_FRAMES
 from chat.models import Room
 from chat.ratelimit import take_message_token
-from chatproject.database_threads import DatabaseThreadPool
-from chatproject.monitoring.metrics import CHAT_RATE_LIMITED_FRAMES
+from infrastructure.database_threads import DatabaseThreadPool
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ def _room_for_user(slug: str, user: Any) -> Room:
 
 # Writes run off the single thread-sensitive executor so that one slow commit does not
 # queue every other socket of the process behind it, in a pool of their own: a write mostly
-# waits on PostgreSQL, and asyncio's default pool (CPUs + 4 threads) capped one process at
-# about 6 writes in flight (docs/performance.md). Each thread reuses one database connection
-# and closes it when idle (chatproject/database_threads.py).
+# waits on PostgreSQL, so a process needs more writes in flight than asyncio's default pool
+# (CPUs + 4 threads) allows. Each thread reuses one database connection
+# and closes it when idle (infrastructure/database_threads.py).
 WRITE_THREADS = 16
 _WRITE_EXECUTOR = DatabaseThreadPool(
     size=WRITE_THREADS, name="chat-write", idle_seconds=settings.DB_CONN_IDLE_SECONDS
@@ -118,9 +118,9 @@ class RoomConsumer(AsyncWebsocketConsumer):
     async def dispatch(self, message: dict[str, Any]) -> None:
         """Every event, without the stale-connection check Channels runs before each handler.
 
-        That check is a hop to the single thread-sensitive executor per event: per delivered
-        frame, a quarter of the web process's CPU at 2000 frames/s, all queued on one thread
-        (docs/performance.md). This consumer reaches the database only through
+        That check is a hop to the single thread-sensitive executor per event, so every
+        delivered frame of the process would queue on one thread. This consumer reaches the
+        database only through
         database_sync_to_async, which closes stale connections in its own thread.
         """
         handler = getattr(self, get_handler_name(message), None)

@@ -2,8 +2,8 @@
 
 Channels' own loop (channels.utils.await_many_dispatch) calls asyncio.wait() on one task per
 source and creates a new task after every event. On a room socket every delivered frame is an
-event, and that bookkeeping was about a tenth of the web process's CPU at the issue's load
-(docs/performance.md). Here one reader task per source feeds a queue for the whole socket life.
+event, so that bookkeeping is paid thousands of times a second. Here one reader task per source
+feeds a queue for the whole socket life.
 """
 
 from __future__ import annotations

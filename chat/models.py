@@ -44,30 +44,6 @@ class Message(models.Model):
         return f"{self.room.slug}#{self.seq}"
 
 
-class OutboxEvent(models.Model):
-    """An event to publish to RabbitMQ, written in the same transaction as its cause.
-
-    The relay (chat/relay.py) publishes pending rows and sets `sent_at` only after the
-    broker confirmed them, so a crash anywhere means a resend, never a loss.
-    """
-
-    event_id = models.UUIDField(unique=True)
-    routing_key = models.CharField(max_length=100)
-    payload = models.JSONField()
-    priority = models.PositiveSmallIntegerField(default=0)
-    created_at = models.DateTimeField(auto_now_add=True)
-    sent_at = models.DateTimeField(null=True, blank=True)
-
-    class Meta:
-        indexes = [
-            models.Index(fields=["id"], name="outbox_pending_idx", condition=models.Q(sent_at__isnull=True)),
-            models.Index(fields=["sent_at"], name="outbox_sent_at_idx"),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.routing_key} {self.event_id}"
-
-
 class NotificationDelivery(models.Model):
     """The ledger of notifications: one row per notification id, ever, and how it reached its user.
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from asgiref.sync import async_to_sync
@@ -47,21 +47,15 @@ from django.utils import timezone
 
 from chat import protocol
 from chat.models import Message, NotificationDelivery
-from chat.outbox import ROUTING_MENTION, outbox_events_add
 from chat.presence import user_open_sockets
 from chat.selectors import user_can_read_room
-from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW
+from messaging.events import MENTION, MENTION_KIND, Mention, mention_fields, mention_priority
+from messaging.outbox import outbox_events_add
 
 logger = logging.getLogger(__name__)
 
-KIND_MENTION = "mention"
 # The frame and the email carry the start of the message; the room has the rest.
 NOTIFICATION_TEXT_CHARS = 300
-REQUIRED_FIELDS = ("event_id", "user_id", "message_id", "expires_at", "queued_at")
-
-
-class InvalidNotification(Exception):
-    """An event that can never be delivered (malformed); the task dead-letters it."""
 
 
 @dataclass(frozen=True)
@@ -84,10 +78,6 @@ class FallbackResult:
 FALLBACK_EMAILS_PER_SWEEP = 20
 
 
-def notification_priority(*, author_is_vip: bool) -> int:
-    return PRIORITY_HIGH if author_is_vip else PRIORITY_LOW
-
-
 def mention_notifications_enqueue(
     *, message: Message, recipients: list[AbstractBaseUser], author_is_vip: bool
 ) -> None:
@@ -96,21 +86,19 @@ def mention_notifications_enqueue(
         return
     queued_at = timezone.now()
     expires_at = queued_at + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS)
-    priority = notification_priority(author_is_vip=author_is_vip)
+    priority = mention_priority(author_is_vip=author_is_vip)
     outbox_events_add(
-        routing_key=ROUTING_MENTION,
+        routing_key=MENTION.routing_key,
         payloads=[
-            {
-                "kind": KIND_MENTION,
-                "user_id": user.pk,
-                "message_id": message.pk,
-                "room_id": message.room_id,
-                "author_id": message.author_id,
-                "priority": priority,
-                "queued_at": queued_at.isoformat(),
-                # The relay turns this into the AMQP per-message TTL.
-                "expires_at": expires_at.isoformat(),
-            }
+            mention_fields(
+                user_id=user.pk,
+                message_id=message.pk,
+                room_id=message.room_id,
+                author_id=message.author_id,
+                priority=priority,
+                queued_at=queued_at,
+                expires_at=expires_at,
+            )
             for user in recipients
         ],
         priority=priority,
@@ -120,10 +108,10 @@ def mention_notifications_enqueue(
 def mention_notifications_deliver(*, events: Any) -> DeliveryResult:
     """Deliver one task message's mention events; safe to call again with the same events.
 
-    Raises InvalidNotification (nothing delivered) when any event is malformed; lets database,
-    Redis and SMTP errors propagate after rolling back that event's ledger row (retry).
+    Raises messaging.events.InvalidEvent (nothing delivered) when any event is malformed; lets
+    database, Redis and SMTP errors propagate after rolling back that event's ledger row (retry).
     """
-    parsed = [_parse_event(event) for event in _as_list(events)]
+    parsed = MENTION.parse_batch(events)
     counts = {"delivered": 0, "pushed": 0, "duplicates": 0, "expired": 0, "skipped": 0}
     for event in parsed:
         counts[_deliver_one(event)] += 1
@@ -194,45 +182,7 @@ def notification_fallback_emails_send(*, limit: int = FALLBACK_EMAILS_PER_SWEEP)
     return FallbackResult(**counts)
 
 
-@dataclass(frozen=True)
-class _MentionEvent:
-    notification_id: uuid.UUID
-    user_id: int
-    message_id: int
-    priority: int
-    queued_at: datetime
-    expires_at: datetime
-
-
-def _as_list(events: Any) -> list[Any]:
-    if not isinstance(events, list):
-        raise InvalidNotification("a task's argument must be a list of events")
-    return events
-
-
-def _parse_event(event: Any) -> _MentionEvent:
-    # The errors name fields, never their values: they are logged, and a poison event may hold any
-    # text in any field (the dead letter keeps the payload for a person to read).
-    if not isinstance(event, dict) or any(field not in event for field in REQUIRED_FIELDS):
-        raise InvalidNotification(f"a mention event needs {', '.join(REQUIRED_FIELDS)}")
-    try:
-        return _MentionEvent(
-            notification_id=uuid.UUID(str(event["event_id"])),
-            user_id=int(event["user_id"]),
-            message_id=int(event["message_id"]),
-            priority=int(event.get("priority", PRIORITY_LOW)),
-            queued_at=datetime.fromisoformat(event["queued_at"]),
-            expires_at=datetime.fromisoformat(event["expires_at"]),
-        )
-    except (TypeError, ValueError):
-        # Not chained: the parser's error quotes the value.
-        raise InvalidNotification(
-            "malformed mention event: event_id must be a UUID, user_id, message_id and priority "
-            "integers, queued_at and expires_at ISO 8601 times"
-        ) from None
-
-
-def _deliver_one(event: _MentionEvent) -> str:
+def _deliver_one(event: Mention) -> str:
     now = timezone.now()
     if event.expires_at <= now:
         # RabbitMQ dead-letters what expires in the queue; this catches the rest (a retry, or a
@@ -256,7 +206,7 @@ def _deliver_one(event: _MentionEvent) -> str:
             defaults={
                 "user": user,
                 "message": message,
-                "kind": KIND_MENTION,
+                "kind": MENTION_KIND,
                 "priority": event.priority,
                 "channel": channel,
                 "queued_at": event.queued_at,

@@ -109,9 +109,8 @@ def _vip_member(user_ref: OuterRef) -> Exists:
     return Exists(Group.objects.filter(name=VIP_GROUP, user=user_ref))
 
 
-# Seconds a user's VIP status may be stale in this process. The check was a tenth of the web
-# process's CPU under load (one query per message); a badge that follows an admin change a
-# few seconds late costs nothing.
+# Seconds a user's VIP status may be stale in this process: without the cache the check is a
+# query per message, and a badge that follows an admin change a few seconds late costs nothing.
 VIP_STATUS_TTL_SECONDS = 10.0
 _vip_status: dict[int, tuple[float, bool]] = {}
 

@@ -15,11 +15,17 @@ from django.utils.text import slugify
 
 from chat import protocol
 from chat.mentions import mention_recipients
-from chat.models import Message, OutboxEvent, Room
+from chat.metrics import CHAT_MESSAGES_STORED
+from chat.models import Message, Room
 from chat.notifications import mention_notifications_enqueue
-from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_payload
 from chat.selectors import message_by_client_id, user_can_read_room, user_is_vip
-from chatproject.monitoring.metrics import CHAT_MESSAGES_STORED
+from messaging.events import (
+    MESSAGE_CREATED,
+    event_envelope,
+    message_created_fields,
+    message_created_insert_sql,
+)
+from messaging.models import OutboxEvent
 
 
 class InvalidRoom(Exception):
@@ -182,6 +188,12 @@ _USER_TABLE = get_user_model()._meta.db_table
 _MEMBER_TABLE = Room.members.through._meta.db_table
 _MEMBER_ROOM_COLUMN = Room.members.field.m2m_column_name()
 _MEMBER_USER_COLUMN = Room.members.field.m2m_reverse_name()
+# The chat.message.created fields only this statement knows, from the message row it returns.
+_EVENT_INSERT_FIELDS_SQL = message_created_insert_sql(
+    message_id="id",
+    seq="seq",
+    created_at="""to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')""",
+)
 _MESSAGE_INSERT_SQL = f"""
 WITH seq AS (
     UPDATE {Room._meta.db_table} AS room SET last_seq = last_seq + 1
@@ -199,11 +211,7 @@ WITH seq AS (
 ), event AS (
     INSERT INTO {OutboxEvent._meta.db_table} (event_id, routing_key, payload, priority, created_at)
     SELECT %(event_id)s, %(routing_key)s,
-           %(payload)s::jsonb || jsonb_build_object(
-               'message_id', id,
-               'seq', seq,
-               'created_at', to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
-           ),
+           %(payload)s::jsonb || {_EVENT_INSERT_FIELDS_SQL},
            0, created_at
     FROM message
 )
@@ -213,11 +221,11 @@ SELECT id, seq, created_at FROM message
 
 def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_id: uuid.UUID) -> Message:
     event_id = uuid.uuid4()
-    # The statement adds message_id, seq and created_at (ISO 8601, UTC) once it knows them.
-    payload = outbox_payload(
-        routing_key=ROUTING_MESSAGE_CREATED,
+    # The statement adds the fields it knows (messaging.events.MessageCreatedInsertFields).
+    payload = event_envelope(
+        routing_key=MESSAGE_CREATED.routing_key,
         event_id=event_id,
-        payload={"room_id": room.pk, "room": room.slug, "author_id": author.pk},
+        fields=message_created_fields(room_id=room.pk, room=room.slug, author_id=author.pk),
     )
     with connection.cursor() as cursor:
         cursor.execute(
@@ -228,7 +236,7 @@ def _insert_message(*, room: Room, author: AbstractBaseUser, text: str, client_i
                 "text": text,
                 "client_id": client_id,
                 "event_id": event_id,
-                "routing_key": ROUTING_MESSAGE_CREATED,
+                "routing_key": MESSAGE_CREATED.routing_key,
                 "payload": json.dumps(payload),
             },
         )

@@ -12,41 +12,39 @@ import smtplib
 from typing import Any
 
 import redis
-from celery import Task
-from celery.exceptions import Reject
+from celery import shared_task
 from django.db import InterfaceError, OperationalError
 
-from chat.notifications import (
-    InvalidNotification,
-    mention_notifications_deliver,
-    notification_fallback_emails_send,
-)
+from chat.notifications import mention_notifications_deliver, notification_fallback_emails_send
 from chat.task_logging import FALLBACK_SWEEP_TASK
-from chatproject.celery import app
+from messaging.events import MENTION, InvalidEvent
+from messaging.retrying import DeadLetteringTask
 
 logger = logging.getLogger(__name__)
 
 # Errors that may pass: database, Redis (presence, channel layer) or mail server unavailable.
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.RedisError, smtplib.SMTPException, OSError)
-RETRY_MAX = 5
 
 
-@app.task(name="chat.deliver_mention_notifications", bind=True, max_retries=RETRY_MAX)
-def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
+@shared_task(
+    base=DeadLetteringTask,
+    name=MENTION.task_name,
+    retry_for=TRANSIENT_ERRORS,
+    reject_for=(InvalidEvent,),
+    max_retries=5,
+    # Delays drawn from [0, 2], [0, 4] ... [0, 32] s: the events' expiry still applies to a retry.
+    retry_backoff=2,
+    retry_backoff_max=60,
+)
+def deliver_mention_notifications(events: Any) -> dict[str, int]:
     """Deliver one relay message's mention events (usually one); safe under redelivery.
 
-    Outcomes: malformed events -> rejected without requeue (dead-lettered, retrying cannot help);
-    database, Redis or SMTP unavailable -> retried with backoff (2, 4, 8... s; the events'
-    expiry still applies, so a late retry drops them), then rejected, so dead-lettered; anything
-    else is a bug and raises (also rejected, never acked as done).
+    Outcomes (messaging.retrying): malformed events -> rejected without requeue (dead-lettered,
+    retrying cannot help); database, Redis or SMTP unavailable -> retried with backoff (a late
+    retry drops the events past their expiry), then dead-lettered; anything else is a bug and
+    raises (also dead-lettered, never acked as done).
     """
-    try:
-        result = mention_notifications_deliver(events=events)
-    except InvalidNotification as error:
-        logger.warning("dead-lettering an invalid notification task: %s", error)
-        raise Reject(str(error), requeue=False) from error
-    except TRANSIENT_ERRORS as error:
-        raise self.retry(exc=error, countdown=2 ** (self.request.retries + 1)) from error
+    result = mention_notifications_deliver(events=events)
     return {
         "delivered": result.delivered,
         "pushed": result.pushed,
@@ -56,7 +54,7 @@ def deliver_mention_notifications(self: Task, events: Any) -> dict[str, int]:
     }
 
 
-@app.task(name=FALLBACK_SWEEP_TASK)  # an idle sweep logs nothing (chat/task_logging.py)
+@shared_task(name=FALLBACK_SWEEP_TASK)  # an idle sweep logs nothing (chat/task_logging.py)
 def send_notification_fallback_emails() -> dict[str, int]:
     """Email the pushes no page acknowledged in time (a batch; beat runs this every few seconds).
 

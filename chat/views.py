@@ -14,11 +14,9 @@ from django.shortcuts import redirect, render
 from django.views.decorators.http import require_GET
 
 from chat import protocol, selectors, services
+from chat.client_address import client_address
 from chat.forms import RoomForm
 from chat.ratelimit import take_signup_token
-from chatproject import health
-from chatproject.client_address import client_address
-from chatproject.monitoring.views import metrics_token_presented
 
 HISTORY_MAX_LIMIT = 100
 
@@ -119,19 +117,3 @@ def room_messages(request: HttpRequest, slug: str) -> JsonResponse:
     limit = min(limit, HISTORY_MAX_LIMIT)
     messages, has_more = selectors.messages_page(room=chat_room, before=before, after=after, limit=limit)
     return JsonResponse({"messages": [protocol.message_frame(m) for m in messages], "has_more": has_more})
-
-
-@require_GET
-def healthz(request: HttpRequest) -> JsonResponse:
-    """Each service "ok" or "down: <what stops>"; the error, host and port only for staff and the monitoring.
-
-    Not for the allowed metrics networks: behind a reverse proxy every request comes from one of those.
-    """
-    with_details = request.user.is_staff or metrics_token_presented(
-        authorization=request.headers.get("Authorization", "")
-    )
-    states = health.check_all()
-    body = {s.name: ("ok" if s.ok else f"down: {s.consequence(with_details=with_details)}") for s in states}
-    down = [s.name for s in states if not s.ok]
-    body["status"] = "ok" if not down else "down: " + ", ".join(down)
-    return JsonResponse(body, status=200 if not down else 503)

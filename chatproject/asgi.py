@@ -12,9 +12,10 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402  (needs the apps loaded)
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 
-from chat.routing import websocket_urlpatterns  # noqa: E402
-from chatproject.database_threads import BoundedHttpThreads  # noqa: E402
+from chat import routing as chat_routing  # noqa: E402
 from chatproject.origins import SiteOriginValidator  # noqa: E402
+from infrastructure.database_threads import BoundedHttpThreads  # noqa: E402
+from monitoring import routing as monitoring_routing  # noqa: E402
 
 application = ProtocolTypeRouter(
     {
@@ -24,13 +25,17 @@ application = ProtocolTypeRouter(
         ),
         # Cookie auth makes cross-site socket hijacking possible; refusing foreign Origins
         # (scheme, host and port: chatproject/origins.py) is what CSRF protection is for forms.
-        "websocket": SiteOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
+        "websocket": SiteOriginValidator(
+            AuthMiddlewareStack(
+                URLRouter([*chat_routing.websocket_urlpatterns, *monitoring_routing.websocket_urlpatterns])
+            )
+        ),
     }
 )
 
 # The web process allocates a few objects per delivered frame, thousands per second; with the
-# default thresholds the collector kept re-scanning the loaded app and every socket's state, and
-# its pauses were the latency tail (loadtest p99 64-225 ms -> 33-127 ms, docs/performance.md).
+# default thresholds the collector keeps re-scanning the loaded app and every socket's state, and
+# its pauses become the latency tail.
 # Freeze what start-up loaded (never garbage) and collect the young generation less often.
 gc.freeze()
 gc.set_threshold(50_000, 20, 20)

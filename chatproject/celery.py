@@ -1,6 +1,6 @@
 """The Celery app. Its settings are the CELERY_* names in chatproject/settings.py.
 
-The queues and routes come from chatproject/broker.py, which owns the topology; every worker
+The queues and routes come from messaging/topology.py, which owns the topology; every worker
 declares that topology when it connects, so a worker started before `setup_broker` still finds
 the dead-letter exchange its queues name.
 """
@@ -11,8 +11,8 @@ import os
 
 from celery import Celery, bootsteps
 
-from chatproject.monitoring.worker_metrics import install_worker_metrics
 from chatproject.startup import settings_load_or_exit
+from monitoring.worker_metrics import install_worker_metrics
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "chatproject.settings")
 
@@ -32,7 +32,7 @@ class DeclareTopology(bootsteps.StartStopStep):
     requires = {"celery.worker.consumer.connection:Connection"}
 
     def start(self, c) -> None:
-        from chatproject.broker import declare_topology
+        from messaging.topology import declare_topology
 
         declare_topology(c.connection)
 

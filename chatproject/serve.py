@@ -2,9 +2,9 @@
 
 Daphne creates the asyncio loop that Twisted's reactor and every Channels consumer run on when
 `daphne.server` is first imported, from the event loop policy in force at that moment, so the
-policy is set here before daphne is imported at all. At the issue's load (10 rooms x 10 clients x
-2 msg/s) the web process spends most of its CPU on asyncio's own work per delivered frame (task
-wake-ups, queues, the Redis channel layer), and uvloop does that work in C (docs/performance.md).
+policy is set here before daphne is imported at all. Under load the web process spends most of
+its CPU on asyncio's own work per delivered frame (task wake-ups, queues, the Redis channel
+layer), and uvloop does that work in C.
 """
 
 from __future__ import annotations

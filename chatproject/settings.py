@@ -8,7 +8,8 @@ import environ
 from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
-from chatproject.broker import ANALYTICS_QUEUE, WORK_QUEUES, notifications_queue
+from messaging.events import task_routes
+from messaging.topology import WORK_QUEUES, notifications_queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -46,7 +47,7 @@ SITE_URL = env.str("SITE_URL", default=f"{SITE_SCHEME}://{_site_host}{_SITE_PORT
 INSTALLED_APPS = [
     "daphne",
     # Before django.contrib.admin: its admin/base_site.html adds the staff alert banner.
-    "chatproject.monitoring",
+    "monitoring",
     "django_prometheus",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -57,9 +58,11 @@ INSTALLED_APPS = [
     # Failed-login records and lockouts (chat/accounts.py); its admin lists them for staff to lift.
     "axes",
     "channels",
+    "messaging",
     "chat",
     "analytics",
-    "chatproject.deadletters",
+    "deadletters",
+    "bench",
 ]
 
 MIDDLEWARE = [
@@ -94,7 +97,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "chatproject.monitoring.context_processors.staff_alerts",
+                "monitoring.context_processors.staff_alerts",
             ],
         },
     },
@@ -107,19 +110,19 @@ DATABASES = {
 }
 # Persistent connections: each thread reuses its own instead of opening a PostgreSQL connection
 # per message or request, and replaces it after this many seconds. Only safe with a bounded
-# number of threads per process (chatproject/database_threads.py, docs/architecture.md).
+# number of threads per process (infrastructure/database_threads.py, docs/architecture.md).
 DATABASES["default"]["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
-# No `SELECT 1` before each use of a pooled connection: on the socket's write path it was a
-# round trip per message and doubled p99 under load (docs/performance.md). The cost: after a
+# No `SELECT 1` before each use of a pooled connection: on the socket's write path it would be
+# a round trip per message, inside the latency every sender waits for. The cost: after a
 # PostgreSQL restart, each pooled connection fails once (a socket answers `unavailable`, the
 # page retries; a page view may answer 500 once), and Django then replaces it.
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = env.bool("DB_CONN_HEALTH_CHECKS", default=False)
 # A web process's thread closes its connection after this many seconds without work
-# (chatproject/database_threads.py), so an idle web process holds no connections.
+# (infrastructure/database_threads.py), so an idle web process holds no connections.
 DB_CONN_IDLE_SECONDS = env.float("DB_CONN_IDLE_SECONDS", default=30.0)
 if DB_CONN_IDLE_SECONDS <= 0:
     raise ImproperlyConfigured("DB_CONN_IDLE_SECONDS must be above 0")
-# Threads that run HTTP requests in a web process (chatproject/database_threads.py): at most this
+# Threads that run HTTP requests in a web process (infrastructure/database_threads.py): at most this
 # many requests run Django's synchronous code at once, each thread holding at most one PostgreSQL
 # connection; a request waits for a free thread. A web process's connections are at most this
 # plus the socket write threads plus one (docs/architecture.md).
@@ -153,8 +156,8 @@ CHANNEL_LAYERS = {
     "default": {
         # Redis pub/sub: a group_send is one PUBLISH, and each web process receives it once per
         # room and fans it out to its own sockets. The list-based core layer pays one Redis round
-        # trip per socket per message behind a single receive lock per process; at 10 rooms x
-        # 10 clients x 2 msg/s it delivered 64% with p50 8 s (docs/performance.md). Delivery stays
+        # trip per socket per message behind a single receive lock per process, which cannot
+        # keep up with a busy room. Delivery stays
         # at-most-once (nothing is delivered to a process that is not subscribed at that moment),
         # so clients still repair gaps through `seq`.
         "BACKEND": "channels_redis.pubsub.RedisPubSubChannelLayer",
@@ -163,7 +166,7 @@ CHANNEL_LAYERS = {
 }
 
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="amqp://guest:guest@localhost:5672//")
-# Celery (chatproject/celery.py); queues and routes come from chatproject/broker.py.
+# Celery (chatproject/celery.py); queues and routes come from messaging/topology.py.
 # JSON only: a message is data other processes (the relay, the DLQ archiver) build and read; no pickle.
 CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_SERIALIZER = "json"
@@ -185,18 +188,14 @@ CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 # On a lost connection unacked (acks_late) messages are redelivered anyway; stop running copies.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
-CELERY_WORKER_CONSUMER = "chatproject.worker_consumer:DeadLetteringConsumer"
+CELERY_WORKER_CONSUMER = "messaging.worker_intake:DeadLetteringIntake"
 # One module owns the topology; Celery declares and consumes exactly those queues.
 # The notifications priority queue: classic, since priorities need classic queues before RabbitMQ
-# 4.0 (chatproject/broker.py `notifications_queue` says what changes with "quorum").
+# 4.0 (messaging/topology.py `notifications_queue` says what changes with "quorum").
 NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
 CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE))
-CELERY_TASK_ROUTES = {
-    "analytics.*": {"queue": ANALYTICS_QUEUE.name},
-    "chat.deliver_mention_notifications": {"queue": "notifications"},
-    "chat.send_notification_fallback_emails": {"queue": "notifications"},
-    "monitoring.*": {"queue": "monitoring"},
-}
+# Each event's task to its event's queue, each beat task to its worker's (messaging/events.py).
+CELERY_TASK_ROUTES = task_routes()
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
 # dead-letters it (reason "expired") instead of delivering it late.
 NOTIFICATION_TTL_SECONDS = env.int("NOTIFICATION_TTL_SECONDS", default=600)
@@ -209,7 +208,7 @@ NOTIFICATION_ACK_SWEEP_SECONDS = env.float("NOTIFICATION_ACK_SWEEP_SECONDS", def
 # entry older than TTL (a crashed web process) no longer counts as online.
 PRESENCE_HEARTBEAT_SECONDS = env.float("PRESENCE_HEARTBEAT_SECONDS", default=30.0)
 PRESENCE_TTL_SECONDS = env.float("PRESENCE_TTL_SECONDS", default=75.0)
-# The relay (chat/relay.py): events per published task message, the fallback poll when no
+# The relay (messaging/relay.py): events per published task message, the fallback poll when no
 # NOTIFY arrives, and how long sent outbox rows are kept for inspection before pruning.
 OUTBOX_BATCH_SIZE = env.int("OUTBOX_BATCH_SIZE", default=200)
 OUTBOX_POLL_SECONDS = env.float("OUTBOX_POLL_SECONDS", default=5.0)
@@ -219,34 +218,35 @@ OUTBOX_RETENTION_DAYS = env.int("OUTBOX_RETENTION_DAYS", default=7)
 # idle, instead of at the next publish's 10 s confirm timeout; RabbitMQ's default of 60 s would
 # leave a dead connection unnoticed for two minutes.
 RELAY_HEARTBEAT_SECONDS = env.int("RELAY_HEARTBEAT_SECONDS", default=10)
-# Analytics (analytics/tasks.py): a database outage is retried with exponential backoff and
-# jitter, from BASE up to MAX_DELAY seconds, RETRY_MAX times (about 5 minutes in all), before
-# the batch is dead-lettered for a person to replay.
+# Analytics (analytics/tasks.py): a database outage is retried RETRY_MAX times (at most about 7
+# minutes in all, half that on average) with Celery's exponential backoff and full jitter
+# (messaging/retrying.py), the ceiling doubling from BASE up to MAX_DELAY, before the batch is
+# dead-lettered for a person to replay.
+# Whole seconds: Celery's backoff takes no fractions, and a BASE of 0 would turn it off.
 ANALYTICS_RETRY_MAX = env.int("ANALYTICS_RETRY_MAX", default=12)
-ANALYTICS_RETRY_BASE_DELAY = env.float("ANALYTICS_RETRY_BASE_DELAY", default=1.0)
-ANALYTICS_RETRY_MAX_DELAY = env.float("ANALYTICS_RETRY_MAX_DELAY", default=60.0)
+ANALYTICS_RETRY_BASE_DELAY = env.int("ANALYTICS_RETRY_BASE_DELAY", default=1)
+ANALYTICS_RETRY_MAX_DELAY = env.int("ANALYTICS_RETRY_MAX_DELAY", default=60)
+if ANALYTICS_RETRY_BASE_DELAY < 1 or ANALYTICS_RETRY_MAX_DELAY < 0:
+    raise ImproperlyConfigured(
+        "ANALYTICS_RETRY_BASE_DELAY must be at least 1 and ANALYTICS_RETRY_MAX_DELAY at least 0 "
+        "(whole seconds)"
+    )
 # The ledger (analytics.ProcessedEvent) keeps each counted event's id this many days after it was
 # counted, then an hourly Celery beat task prunes it. A pruned id can no longer stop a duplicate,
 # so the worker refuses (dead-letters, uncounted) any event created longer ago than this, less an
 # hour (analytics.services.ledger_horizon): counting stays at most once whatever the value, and
 # raising it never brings back events whose rows a shorter one pruned (analytics.LedgerPrune). The
 # value is how old an event may be and still be counted: redeliveries of unacked messages come
-# within minutes, retries end within ~5 minutes, a relay republishes on restart; only a long
+# within minutes, retries end within ~7 minutes, a relay republishes on restart; only a long
 # outage or a dead letter replayed late comes after that, and 30 days is far longer than a dead
 # letter stays unresolved without raising a CRITICAL alert (DLQ_CRITICAL_AGE_SECONDS, a day).
 ANALYTICS_LEDGER_RETENTION_DAYS = env.int("ANALYTICS_LEDGER_RETENTION_DAYS", default=30)
 if ANALYTICS_LEDGER_RETENTION_DAYS < 1:
     # Less than the horizon's hour of margin would refuse every event, fresh ones included.
     raise ImproperlyConfigured("ANALYTICS_LEDGER_RETENTION_DAYS must be at least 1")
-# Fault injection for tests/analytics only (0 in production): the worker pauses this long
-# "in_transaction" (counts written, not committed) or "after_commit" (committed, not acked),
-# so a test can SIGKILL it at that exact point.
-ANALYTICS_FAULT_PAUSE_SECONDS = env.float("ANALYTICS_FAULT_PAUSE_SECONDS", default=0.0)
-ANALYTICS_FAULT_PAUSE_AT = env.str("ANALYTICS_FAULT_PAUSE_AT", default="in_transaction")
-# Dead letters (chatproject/deadletters): deliveries the archiver holds unacked at once (a crash
+# Dead letters (deadletters): deliveries the archiver holds unacked at once (a crash
 # redelivers at most these, each archived once); how long failure details no dead letter claimed
-# are kept; the RabbitMQ management API for queue rates (empty: passive declares only); and a
-# test-only pause between commit and ack so tests/deadletters can SIGKILL the archiver there.
+# are kept; and the RabbitMQ management API for queue rates (empty: passive declares only).
 DLQ_ARCHIVER_PREFETCH = env.int("DLQ_ARCHIVER_PREFETCH", default=50)
 DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", default=7)
 # Resolved (replayed or discarded) dead letters are deleted, with their audit rows, this many days
@@ -256,7 +256,6 @@ DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", def
 # or declined (discarded).
 DLQ_RESOLVED_RETENTION_DAYS = env.int("DLQ_RESOLVED_RETENTION_DAYS", default=30)
 RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
-DLQ_ARCHIVER_FAULT_PAUSE_SECONDS = env.float("DLQ_ARCHIVER_FAULT_PAUSE_SECONDS", default=0.0)
 # A dead letter the database refuses even in minimal form (in practice it refuses every row: a missing
 # migration, a read-only database) is held unacked this long, then handed back to RabbitMQ to be
 # tried again: once per interval, not a hot loop, and never dropped. Keep it under RabbitMQ's
@@ -292,7 +291,7 @@ if min(LOGIN_FAILURES_PER_USERNAME, LOGIN_FAILURES_PER_ADDRESS) < 1 or LOGIN_LOC
 # Accounts created per client address per hour (all at once, then back evenly over the hour); 0: no limit.
 SIGNUPS_PER_ADDRESS_PER_HOUR = env.int("SIGNUPS_PER_ADDRESS_PER_HOUR", default=10)
 # Behind reverse proxies: the header they set with the client's address (e.g. X-Forwarded-For or
-# X-Real-IP) and how many proxies append to it (chatproject/client_address.py). Empty: the direct
+# X-Real-IP) and how many proxies append to it (chat/client_address.py). Empty: the direct
 # peer's address, and every forwarding header is ignored (a client could write any of them).
 TRUSTED_PROXY_CLIENT_IP_HEADER = env.str("TRUSTED_PROXY_CLIENT_IP_HEADER", default="")
 TRUSTED_PROXY_COUNT = env.int("TRUSTED_PROXY_COUNT", default=1)
@@ -304,7 +303,7 @@ AXES_FAILURE_LIMIT = LOGIN_FAILURES_PER_USERNAME
 AXES_COOLOFF_TIME = timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
 # Attempts while locked are refused without being counted, so the lock ends when the page says.
 AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
-AXES_CLIENT_IP_CALLABLE = "chatproject.client_address.client_address"
+AXES_CLIENT_IP_CALLABLE = "chat.client_address.client_address"
 AXES_LOCKOUT_CALLABLE = "chat.accounts.lockout_response"
 # No row per successful login: nothing would ever prune them, and the table would grow with every
 # login. Failed attempts are kept only while they count (axes deletes them after the cool-off).
@@ -408,7 +407,7 @@ CHAT_REPLAY_LIMIT = env.int("CHAT_REPLAY_LIMIT", default=500)
 CHAT_ACCESS_RECHECK_SECONDS = env.float("CHAT_ACCESS_RECHECK_SECONDS", default=60.0)
 CHAT_HISTORY_PAGE = 50
 
-# Monitoring (chatproject/monitoring, docs/monitoring.md). Metrics ports of the processes that
+# Monitoring (monitoring, docs/monitoring.md). Metrics ports of the processes that
 # serve no HTTP: Celery workers (`--metrics-port` overrides per worker; 0 disables) and the relay.
 WORKER_METRICS_PORT = env.int("WORKER_METRICS_PORT", default=9808)
 RELAY_METRICS_PORT = env.int("RELAY_METRICS_PORT", default=9809)

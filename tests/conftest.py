@@ -1,4 +1,5 @@
-"""Fixtures shared by the suite: users, rooms, session cookies and a live daphne server.
+"""Fixtures shared by the suite: users, rooms, session cookies, this run's vhost; the process
+harness (a live daphne server, workers, the relay, the archiver) is tests/harness.py.
 
 Everything runs against the real PostgreSQL (pytest-django's test database) and Redis.
 """
@@ -6,9 +7,6 @@ Everything runs against the real PostgreSQL (pytest-django's test database) and 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -22,13 +20,8 @@ from django.test import Client, override_settings
 
 from chat import selectors
 from chat.models import Room
-from chatproject.procfile import (  # noqa: F401  (re-exported for tests that import them from here)
-    DaphneServer,
-    child_process_env,
-    free_port,
-    procfile_command,
-    wait_for_port,
-)
+
+pytest_plugins = ["tests.harness"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -135,20 +128,6 @@ def session_cookie(user) -> str:
     return client.cookies["sessionid"].value
 
 
-@pytest.fixture
-def live_daphne(transactional_db, tmp_path) -> Iterator[DaphneServer]:
-    """A real daphne process serving the project against the test database.
-
-    Its stdout and stderr go to `server.log_path`, for tests about what the server logs.
-    """
-    server = DaphneServer(port=free_port(), log_path=tmp_path / "daphne.log")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _close_stray_test_database_sessions(django_db_setup, django_db_blocker) -> Iterator[None]:
     """Let the test database be dropped at the end.
@@ -164,7 +143,7 @@ def _close_stray_test_database_sessions(django_db_setup, django_db_blocker) -> I
         )
 
 
-# --- RabbitMQ (broker engineer): a vhost per test session, child processes against it -------------
+# --- RabbitMQ: a vhost per test session ----------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -176,7 +155,7 @@ def broker_url() -> Iterator[str]:
     """
     from celery import current_app
 
-    from chatproject.broker import scratch_vhost
+    from messaging.topology import scratch_vhost
 
     previous = settings.CELERY_BROKER_URL
     with scratch_vhost(f"test_{os.getpid()}", broker_url=previous) as url:
@@ -187,37 +166,3 @@ def broker_url() -> Iterator[str]:
         finally:
             settings.CELERY_BROKER_URL = previous
             current_app.conf.broker_url = previous
-
-
-@pytest.fixture
-def start_process(transactional_db, broker_url, tmp_path) -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start child processes (relay, celery worker) on the test database and this session's vhost.
-
-    `start_process(["python", "manage.py", "run_relay"], env={...})`; each runs in its own
-    process group, logs to `tmp_path/<pid>.log`, and is SIGKILLed at teardown if still alive.
-    """
-    children: list[subprocess.Popen] = []
-
-    def start(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-        child_env = {**child_process_env(), "CELERY_BROKER_URL": broker_url, **(env or {})}
-        child_env["PATH"] = f"{Path(sys.executable).parent}:{child_env['PATH']}"
-        log = (tmp_path / f"child-{len(children)}.log").open("wb")
-        process = subprocess.Popen(
-            args, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        process.log_path = log.name  # type: ignore[attr-defined]
-        log.close()  # the child holds its own descriptor
-        children.append(process)
-        return process
-
-    yield start
-    for process in children:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-@pytest.fixture
-def relay_process(start_process) -> subprocess.Popen:
-    """The Procfile's `relay` command, polling every second as a fallback to NOTIFY."""
-    return start_process(["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"])

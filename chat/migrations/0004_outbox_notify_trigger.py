@@ -8,7 +8,7 @@ A statement-level trigger runs inside the INSERT: no extra round trip, one NOTIF
 
 from django.db import migrations
 
-OUTBOX_NOTIFY_CHANNEL = "chat_outbox"  # chat.outbox.OUTBOX_NOTIFY_CHANNEL; a migration must not import app code
+OUTBOX_NOTIFY_CHANNEL = "chat_outbox"  # messaging.outbox.OUTBOX_NOTIFY_CHANNEL; a migration must not import app code
 
 CREATE = f"""
 CREATE FUNCTION chat_outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$

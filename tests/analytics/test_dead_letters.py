@@ -12,10 +12,10 @@ from kombu import Connection, Producer
 
 from analytics import selectors
 from chat import services
-from chatproject.broker import CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE
 from chatproject.celery import app
+from messaging.topology import CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE
 from tests.analytics.test_services import chat_event
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -1,5 +1,5 @@
 """The whole pipeline with real processes: socket -> message + outbox row -> relay -> RabbitMQ ->
-analytics worker -> counts, including workers killed mid-batch and a cut broker connection."""
+analytics worker -> counts. Killed workers and relays, cut connections: tests/faults/test_analytics.py."""
 
 from __future__ import annotations
 
@@ -11,17 +11,17 @@ from urllib.parse import urlparse
 import pytest
 from asgiref.sync import async_to_sync, sync_to_async
 from channels.testing import WebsocketCommunicator
-from django.db import connection, transaction
+from django.db import transaction
 from django.test import Client
 
-from analytics import selectors
 from analytics.models import ProcessedEvent
 from chat import services
-from chat.models import Message, OutboxEvent
+from chat.models import Message
 from chatproject.asgi import application
-from chatproject.broker import ANALYTICS_QUEUE
+from messaging.models import OutboxEvent
+from messaging.topology import ANALYTICS_QUEUE
 from tests.conftest import session_cookie, site_origin
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -125,16 +125,6 @@ def store_in_one_commit(*, room, author, count: int) -> None:
             services.message_create(room=room, author=author, text=f"m{i}", client_id=uuid.uuid4())
 
 
-def worker_backend_in_transaction() -> bool:
-    """A worker's database session is inside its batch transaction: counts written, not committed."""
-    with connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND state = 'idle in transaction' AND query LIKE 'INSERT INTO analytics_usermessagecount%%'"
-        )
-        return cursor.fetchone()[0] > 0
-
-
 def test_messages_sent_over_websockets_are_counted_exactly_once(
     make_user, make_room, start_relay, start_worker, broker_url
 ):
@@ -147,94 +137,3 @@ def test_messages_sent_over_websockets_are_counted_exactly_once(
 
     assert [r["type"] for r in replies] == ["message"] * 75
     wait_for_exact_count(user=users[0], slug="general", expected=75, broker_url=broker_url)
-
-
-def test_worker_killed_inside_its_transaction_loses_nothing(
-    make_user, make_room, start_relay, start_worker, broker_url
-):
-    alice = make_user("alice")
-    room = make_room("general")
-    doomed = start_worker(ANALYTICS_FAULT_PAUSE_SECONDS="120", ANALYTICS_FAULT_PAUSE_AT="in_transaction")
-    start_relay()
-    store_in_one_commit(room=room, author=alice, count=50)
-    wait_until(
-        worker_backend_in_transaction, timeout=DEADLINE, message="the worker never held its batch open"
-    )
-
-    doomed.kill()
-
-    assert selectors.room_message_count(room_id=room.pk) == 0, "nothing commits before the batch ends"
-    start_worker()
-    wait_for_exact_count(user=alice, slug="general", expected=50, broker_url=broker_url)
-
-
-def test_worker_killed_after_commit_before_ack_counts_redelivery_once(
-    make_user, make_room, start_relay, start_worker, broker_url
-):
-    alice = make_user("alice")
-    room = make_room("general")
-    doomed = start_worker(ANALYTICS_FAULT_PAUSE_SECONDS="120", ANALYTICS_FAULT_PAUSE_AT="after_commit")
-    start_relay()
-    store_in_one_commit(room=room, author=alice, count=50)
-    wait_until(
-        lambda: ProcessedEvent.objects.count() == 50,
-        timeout=DEADLINE,
-        message="the batch was never committed",
-    )
-
-    doomed.kill()
-
-    successor = start_worker()
-    wait_for_exact_count(user=alice, slug="general", expected=50, broker_url=broker_url)
-    # The unacked message did come again, and the ledger turned it into a no-op.
-    assert "'duplicates': 50" in successor.log_text()
-
-
-def test_relay_killed_between_publish_and_mark_is_counted_once(
-    make_user, make_room, start_relay, start_worker, broker_url
-):
-    alice = make_user("alice")
-    room = make_room("general")
-    worker = start_worker()
-    crashing = start_relay(crash_after_confirm=True)
-    store_in_one_commit(room=room, author=alice, count=20)
-    wait_until(
-        lambda: crashing.process.poll() is not None, timeout=DEADLINE, message="the relay did not crash"
-    )
-    assert OutboxEvent.objects.filter(sent_at__isnull=True).count() == 20, "published, but not marked sent"
-
-    start_relay()
-
-    wait_for_exact_count(user=alice, slug="general", expected=20, broker_url=broker_url)
-    assert "'duplicates': 20" in worker.log_text()
-
-
-def test_chat_goes_on_while_broker_connections_are_cut_and_counts_are_exact_after(
-    make_user, make_room, start_relay, start_worker, broker_url
-):
-    users = [make_user(f"user{i}") for i in range(2)]
-    make_room("general")
-    start_worker()
-    start_relay()
-    vhost = vhost_of(broker_url)
-    before = async_to_sync(chat_over_sockets)(users, "general", 10)
-
-    # Refuse the vhost to guest and drop its connections: the relay and the worker lose RabbitMQ
-    # (and cannot come back) while the broker stays up for everyone else's vhosts.
-    subprocess.run(["rabbitmqctl", "-q", "clear_permissions", "-p", vhost, "guest"], check=True)
-    try:
-        subprocess.run(
-            ["rabbitmqctl", "-q", "close_all_connections", "-p", vhost, "analytics outage test"], check=True
-        )
-        during = async_to_sync(chat_over_sockets)(users, "general", 15)
-        assert [r["type"] for r in during] == ["message"] * 30, (
-            "users must see no error while RabbitMQ is away"
-        )
-        assert OutboxEvent.objects.filter(sent_at__isnull=True).exists(), "events wait in the outbox"
-    finally:
-        subprocess.run(
-            ["rabbitmqctl", "-q", "set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"], check=True
-        )
-
-    assert [r["type"] for r in before] == ["message"] * 20
-    wait_for_exact_count(user=users[0], slug="general", expected=50, broker_url=broker_url)

@@ -10,8 +10,9 @@ from django.utils import timezone
 
 from analytics import selectors, services
 from analytics.models import LedgerPrune, ProcessedEvent, RoomDayUserCount, RoomMinuteCount, UserMessageCount
-from chatproject.procfile import ROOT, child_process_env
-from tests.waiting import wait_until
+from bench.procfile import ROOT, child_process_env
+from messaging.events import InvalidEvent
+from tests.harness import wait_until
 
 
 def chat_event(*, room, author, message_id: int, created_at: datetime | None = None) -> dict:
@@ -122,7 +123,7 @@ def test_invalid_event_raises_and_changes_nothing(make_user, make_room, breakage
     valid = chat_event(room=general, author=alice, message_id=1)
     broken = {**chat_event(room=general, author=alice, message_id=2), **breakage}
 
-    with pytest.raises(services.InvalidEvent):
+    with pytest.raises(InvalidEvent):
         services.chat_events_record(events=[valid, broken])
 
     assert aggregates_snapshot() == ([], [], [], 0)
@@ -131,7 +132,7 @@ def test_invalid_event_raises_and_changes_nothing(make_user, make_room, breakage
 @pytest.mark.parametrize("payload", [None, "events", {"event_id": "x"}, [1, 2]])
 @pytest.mark.django_db
 def test_payload_that_is_not_a_list_of_events_raises_invalid_event(payload):
-    with pytest.raises(services.InvalidEvent):
+    with pytest.raises(InvalidEvent):
         services.chat_events_record(events=payload)
 
 
@@ -189,7 +190,7 @@ def test_ledger_rows_counted_before_the_retention_are_pruned_and_recent_ones_sta
 def test_ledger_prune_deletes_in_chunks_until_every_old_row_is_gone(
     make_user, make_room, settings, monkeypatch
 ):
-    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    monkeypatch.setattr("infrastructure.postgres.DELETE_CHUNK", 2)
     alice = make_user("alice")
     general = make_room("general")
     events = [chat_event(room=general, author=alice, message_id=i) for i in range(1, 6)]

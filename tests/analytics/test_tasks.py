@@ -6,26 +6,53 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.db import InterfaceError, OperationalError
 from django.utils import timezone
 from kombu import Connection
 
 from analytics import selectors
 from analytics.models import ProcessedEvent
-from analytics.services import chat_events_record
-from analytics.tasks import retry_delay
+from analytics.services import EventsPastLedgerHorizon, chat_events_record
+from analytics.tasks import record_chat_events
 from chatproject.celery import app
+from messaging.events import InvalidEvent
+from messaging.retrying import DeadLetteringTask
 from tests.analytics.test_dead_letters import dead_letter_task_ids, publish_task
 from tests.analytics.test_services import chat_event
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 
-def test_retry_delay_grows_exponentially_with_jitter_up_to_the_cap(settings):
-    settings.ANALYTICS_RETRY_BASE_DELAY = 1.0
-    settings.ANALYTICS_RETRY_MAX_DELAY = 60.0
-    for retries, ceiling in [(0, 1.0), (1, 2.0), (3, 8.0), (5, 32.0), (6, 60.0), (20, 60.0)]:
-        delays = {retry_delay(retries) for _ in range(50)}
-        assert all(ceiling / 2 <= d <= ceiling for d in delays)
-        assert len(delays) > 1, "jitter spreads the retries of concurrent workers"
+def test_record_chat_events_retries_database_errors_with_celerys_backoff_and_full_jitter(settings):
+    assert isinstance(record_chat_events, DeadLetteringTask)
+    assert set(record_chat_events.autoretry_for) == {OperationalError, InterfaceError}
+    assert set(record_chat_events.reject_for) == {InvalidEvent, EventsPastLedgerHorizon}
+    assert (
+        record_chat_events.max_retries,
+        record_chat_events.retry_backoff,
+        record_chat_events.retry_backoff_max,
+        record_chat_events.retry_jitter,
+    ) == (
+        settings.ANALYTICS_RETRY_MAX,
+        settings.ANALYTICS_RETRY_BASE_DELAY,
+        settings.ANALYTICS_RETRY_MAX_DELAY,
+        True,
+    )
+
+
+@pytest.mark.django_db
+def test_record_chat_events_runs_out_of_retries_then_fails(monkeypatch):
+    attempts = []
+
+    def database_down(*, events):
+        attempts.append(events)
+        raise OperationalError("connection refused")
+
+    monkeypatch.setattr("analytics.tasks.chat_events_record", database_down)
+    # Eager apply runs the retries inline (no countdown wait); the last error then propagates.
+    result = record_chat_events.apply(args=[[]])
+
+    assert result.state == "FAILURE" and isinstance(result.result, OperationalError)
+    assert len(attempts) == record_chat_events.max_retries + 1
 
 
 @pytest.mark.broker
@@ -37,8 +64,10 @@ def test_database_outage_is_retried_then_counted_once_it_is_back(
     cut_off = start_worker(
         # Nothing listens on port 1: every query fails like a stopped PostgreSQL.
         DATABASE_URL="postgres://postgres@127.0.0.1:1/nowhere",
-        ANALYTICS_RETRY_BASE_DELAY="0.2",
-        ANALYTICS_RETRY_MAX_DELAY="0.5",
+        # Retries 0 or 1 s apart, more than the test waits for: it stops the worker after 3.
+        ANALYTICS_RETRY_MAX="100",
+        ANALYTICS_RETRY_BASE_DELAY="1",
+        ANALYTICS_RETRY_MAX_DELAY="1",
     )
     events = [chat_event(room=room, author=alice, message_id=i) for i in range(1, 4)]
     with Connection(broker_url) as broker:

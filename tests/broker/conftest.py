@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pytest
 from kombu import Connection, Queue
 
-from chat.models import OutboxEvent
 from chat.services import message_create
-from chatproject.broker import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE
+from messaging.models import OutboxEvent
+from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from chat.models import OutboxEvent
+from messaging.models import OutboxEvent
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 

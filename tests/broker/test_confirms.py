@@ -8,12 +8,12 @@ from urllib.parse import urlsplit
 import amqp
 import pytest
 
-from chatproject.broker import CHAT_EVENTS_EXCHANGE
-from chatproject.broker_connection import BrokerUnavailable
-from chatproject.confirms import ConfirmingPublisher, Outgoing
-from chatproject.procfile import free_port
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from bench.procfile import free_port
+from messaging.confirms import ConfirmingPublisher, Outgoing
+from messaging.connection import BrokerUnavailable
+from messaging.topology import CHAT_EVENTS_EXCHANGE
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.broker]
 

@@ -10,17 +10,17 @@ from django.db import transaction
 from django.utils import timezone
 from kombu import Connection, Exchange, Queue
 
-from chat.models import OutboxEvent
-from chat.outbox import ROUTING_MESSAGE_CREATED, outbox_event_add
-from chat.relay import (
-    EventPublisher,
-    OutboxListener,
-    RelayLog,
+from messaging.events import EVENT_TASKS, MESSAGE_CREATED
+from messaging.listening import OutboxListener
+from messaging.models import OutboxEvent
+from messaging.outbox import (
+    outbox_event_add,
     prune_sent_events,
-    publish_pending_events,
     unroutable_pending_events,
 )
-from chatproject.broker import CHAT_EVENTS_EXCHANGE, EVENT_TASKS
+from messaging.publishing import EventPublisher, publish_pending_events
+from messaging.relay import UnroutableEvents
+from messaging.topology import CHAT_EVENTS_EXCHANGE
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 
@@ -42,7 +42,7 @@ def listener():
 
 def test_outbox_insert_wakes_the_listener_when_its_transaction_commits(listener):
     with transaction.atomic():
-        outbox_event_add(routing_key=ROUTING_MESSAGE_CREATED, payload={"message_id": 1})
+        outbox_event_add(routing_key=MESSAGE_CREATED.routing_key, payload={"message_id": 1})
         assert listener.wait(timeout=0.3) is False
 
     assert listener.wait(timeout=10) is True
@@ -50,7 +50,7 @@ def test_outbox_insert_wakes_the_listener_when_its_transaction_commits(listener)
 
 def test_rolled_back_outbox_insert_wakes_nobody(listener):
     with pytest.raises(RuntimeError), transaction.atomic():
-        outbox_event_add(routing_key=ROUTING_MESSAGE_CREATED, payload={"message_id": 1})
+        outbox_event_add(routing_key=MESSAGE_CREATED.routing_key, payload={"message_id": 1})
         raise RuntimeError("the message write failed")
 
     assert listener.wait(timeout=0.5) is False
@@ -131,23 +131,23 @@ def test_events_no_task_consumes_stay_pending_and_are_counted_by_routing_key(
 
 
 def test_relay_log_names_each_unroutable_routing_key_once_while_it_stays_pending(caplog):
-    log = RelayLog("amqp://guest:guest@localhost//")
+    unroutable = UnroutableEvents()
 
-    with caplog.at_level(logging.INFO, logger="chat.relay"):
-        log.unroutable({"chat.renamed": 2})
-        log.unroutable({"chat.renamed": 3, "chat.typo": 1})
-        log.unroutable({"chat.typo": 1})
+    with caplog.at_level(logging.INFO, logger="messaging.relay"):
+        unroutable.report({"chat.renamed": 2})
+        unroutable.report({"chat.renamed": 3, "chat.typo": 1})
+        unroutable.report({"chat.typo": 1})
 
     assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
         (
             "ERROR",
             "2 outbox events with routing key 'chat.renamed' stay pending: no task consumes it "
-            "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+            "(EVENT_TASKS in messaging/events.py); they are kept, not published, until one does",
         ),
         (
             "ERROR",
             "1 outbox events with routing key 'chat.typo' stay pending: no task consumes it "
-            "(EVENT_TASKS in chatproject/broker.py); they are kept, not published, until one does",
+            "(EVENT_TASKS in messaging/events.py); they are kept, not published, until one does",
         ),
         ("INFO", "no outbox events with routing key 'chat.renamed' are pending any more"),
     ]
@@ -189,7 +189,7 @@ def test_prune_removes_only_old_sent_events(send_messages):
 
 
 def test_prune_deletes_in_chunks_until_every_old_sent_event_is_gone(send_messages, monkeypatch):
-    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    monkeypatch.setattr("infrastructure.postgres.DELETE_CHUNK", 2)
     send_messages(5)
     OutboxEvent.objects.update(sent_at=timezone.now() - timedelta(days=8))
 

@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 from kombu import Connection, Queue
 
-from chatproject.broker import (
+from bench.procfile import ROOT, child_process_env, free_port, procfile_command
+from messaging.topology import (
     ANALYTICS_QUEUE,
     CHAT_EVENTS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
     declare_topology,
     topology_differences,
 )
-from chatproject.procfile import ROOT, child_process_env, free_port, procfile_command
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 

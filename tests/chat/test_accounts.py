@@ -10,8 +10,8 @@ from django.contrib.auth import get_user_model
 from django.test import Client, RequestFactory
 from django.utils import timezone
 
-from chatproject.client_address import client_address
-from chatproject.procfile import free_port
+from bench.procfile import free_port
+from chat.client_address import client_address
 
 pytestmark = pytest.mark.django_db
 

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client, override_settings
 
 from chat import services
-from chatproject.database import database_connect_autocommit
+from infrastructure.postgres import database_connect_autocommit
 from tests.conftest import ROOT
 
 

@@ -9,8 +9,8 @@ import urllib.request
 import pytest
 from django.db import connection
 
-from chatproject.database import database_url
-from chatproject.procfile import DaphneServer, free_port
+from bench.procfile import DaphneServer, free_port
+from infrastructure.postgres import database_url
 
 
 def get_health(server: DaphneServer) -> tuple[int, dict]:

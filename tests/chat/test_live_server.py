@@ -13,14 +13,14 @@ from channels.layers import get_channel_layer
 from django.db import connection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from bench.procfile import DaphneServer, free_port
 from chat import services
 from chat.models import Message, Room
 from chat.protocol import room_group
-from chatproject.database import database_url
-from chatproject.procfile import DaphneServer, free_port
+from infrastructure.postgres import database_url
 from tests.conftest import session_cookie
-from tests.tcp_proxy import TcpProxy
-from tests.waiting import wait_until
+from tests.faults.tcp_proxy import TcpProxy
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

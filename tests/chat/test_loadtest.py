@@ -1,4 +1,4 @@
-"""`manage.py loadtest` and chat.loadtest against a live daphne (tiny loads; no timing assertions)."""
+"""`manage.py loadtest` and bench.loadtest against a live daphne (tiny loads; no timing assertions)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ from django.contrib.auth import get_user_model
 from django.contrib.sessions.models import Session
 from django.core.management import CommandError, call_command
 
-from chat import loadtest
+from bench import loadtest
+from bench.procfile import free_port
 from chat.models import Message, Room
 from chat.services import message_create
-from chatproject.procfile import free_port
 
 
 def _clients(*, rooms: int, per_room: int) -> tuple[list[loadtest.LoadClient], list[str]]:

@@ -23,21 +23,22 @@ from kombu import Connection
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
+from bench.procfile import DaphneServer, procfile_argv
 from chat import presence, services
-from chat.models import Message, NotificationDelivery, OutboxEvent
+from chat.models import Message, NotificationDelivery
 from chat.notifications import (
     mention_notifications_deliver,
     notification_acknowledge,
     notification_fallback_emails_send,
 )
-from chat.outbox import ROUTING_MENTION
-from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import declare_topology, notifications_queue
-from chatproject.procfile import DaphneServer, procfile_command
+from messaging.events import MENTION
+from messaging.models import OutboxEvent
+from messaging.publishing import EventPublisher, publish_pending_events
+from messaging.topology import declare_topology, notifications_queue
 from tests.chat.test_consumer import connect, message, reply_to
 from tests.conftest import session_cookie
+from tests.harness import wait_until
 from tests.mail import file_email_env, sent_emails
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -82,7 +83,7 @@ def mention(author, room, text: str) -> Message:
 
 
 def deliver_mentions_of(message: Message) -> None:
-    events = OutboxEvent.objects.filter(routing_key=ROUTING_MENTION, payload__message_id=message.pk)
+    events = OutboxEvent.objects.filter(routing_key=MENTION.routing_key, payload__message_id=message.pk)
     mention_notifications_deliver(events=[event.payload for event in events.order_by("id")])
 
 
@@ -210,19 +211,16 @@ async def test_a_socket_ignores_acknowledgements_of_notifications_not_pushed_to_
 
 
 @pytest.fixture
-def notifier_and_beat(broker_url, start_process, tmp_path) -> Path:
+def notifier_and_beat(broker_url, processes, start_notifier, tmp_path) -> Path:
     """The Procfile's notifier and beat, with a 2 s acknowledgement deadline; returns the mail directory."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
         notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
-    start_process(
-        ["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"],
-        env={**file_email_env(mail_dir), "NOTIFICATION_ACK_SECONDS": "2"},
-    )
-    start_process(
-        ["bash", "-c", f"exec {procfile_command('beat')}"],
+    start_notifier(**file_email_env(mail_dir), NOTIFICATION_ACK_SECONDS="2")
+    processes.start(
+        procfile_argv("beat"),
         # Its schedule file in this test's directory; the alert check is not this test's business.
         env={
             "BEAT_SCHEDULE_FILENAME": str(tmp_path / "beat-schedule"),
@@ -274,8 +272,7 @@ def test_push_to_a_killed_web_process_is_emailed_not_recorded_delivered(
         receive_notification(socket)
 
         # The page's web process dies before the page could acknowledge (SIGKILL: no goodbye).
-        live_daphne.process.kill()
-        live_daphne.process.wait()
+        live_daphne.kill()
 
     # The email is sent before its ledger row commits: wait for the commit, then read the mail.
     wait_until(lambda: emailed(alice), timeout=60, message="the fallback email recorded")

@@ -21,10 +21,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from chat import presence, protocol, selectors, services
-from chat.models import Message, NotificationDelivery, OutboxEvent
+from chat.models import Message, NotificationDelivery
 from chat.notifications import mention_notifications_deliver
-from chat.outbox import ROUTING_MENTION
-from chatproject.broker import PRIORITY_HIGH, PRIORITY_LOW
+from messaging.events import MENTION, PRIORITY_HIGH, PRIORITY_LOW
+from messaging.models import OutboxEvent
 from tests.chat.test_consumer import connect
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -42,9 +42,8 @@ def send(author, room, text: str) -> Message:
 
 
 def mention_events(message: Message) -> list[OutboxEvent]:
-    return list(
-        OutboxEvent.objects.filter(routing_key=ROUTING_MENTION, payload__message_id=message.pk).order_by("id")
-    )
+    events = OutboxEvent.objects.filter(routing_key=MENTION.routing_key, payload__message_id=message.pk)
+    return list(events.order_by("id"))
 
 
 def make_vip(user) -> None:

@@ -6,7 +6,9 @@ import pytest
 from django.db import connection
 
 from chat import services
-from chat.models import Message, OutboxEvent, Room
+from chat.models import Message, Room
+from messaging.events import MESSAGE_CREATED, MessageCreatedPayload
+from messaging.models import OutboxEvent
 
 
 @pytest.mark.django_db(transaction=True)
@@ -106,6 +108,26 @@ def test_returned_message_and_its_event_match_what_is_stored(make_user, make_roo
         "type": "chat.message.created",
     }
     assert (event.routing_key, event.priority, event.sent_at) == ("chat.message.created", 0, None)
+
+
+@pytest.mark.django_db
+def test_stored_message_created_event_has_exactly_the_declared_fields_and_parses(make_user, make_room):
+    alice = make_user("alice")
+    room = make_room("general")
+
+    message = services.message_create(room=room, author=alice, text="hi", client_id=uuid.uuid4()).message
+
+    event = OutboxEvent.objects.get(payload__message_id=message.pk)
+    assert event.routing_key == MESSAGE_CREATED.routing_key
+    assert set(event.payload) == set(MessageCreatedPayload.__annotations__)
+    [parsed] = MESSAGE_CREATED.parse_batch([event.payload])
+    assert (parsed.event_id, parsed.message_id, parsed.room_id, parsed.author_id, parsed.created_at) == (
+        event.event_id,
+        message.pk,
+        room.pk,
+        alice.pk,
+        message.created_at,
+    )
 
 
 @pytest.mark.django_db

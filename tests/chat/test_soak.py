@@ -1,4 +1,4 @@
-"""The soak benchmark (chat/soak.py): finding the processes, its verdicts, and a one-minute run."""
+"""The soak benchmark (bench/soak.py): finding the processes, its verdicts, and a one-minute run."""
 
 from __future__ import annotations
 
@@ -8,14 +8,12 @@ import re
 import shlex
 
 import pytest
-from django.conf import settings
 from django.core.management import CommandError, call_command
 
-from chat.soak import PROCESS_SIGNATURES, Series, _has_words, connection_bound
-from chatproject.broker import ANALYTICS_QUEUE
-from chatproject.monitoring.selectors import queue_stats
-from chatproject.procfile import ROOT, procfile_command
-from tests.waiting import wait_until
+from bench.procfile import ROOT, procfile_command
+from bench.soak import PROCESS_SIGNATURES, Series, _has_words, connection_bound
+from messaging.topology import ANALYTICS_QUEUE, DEAD_LETTER_QUEUE
+from tests.harness import QUIET_WORKER
 
 
 def procfile_names() -> set[str]:
@@ -90,27 +88,18 @@ def test_a_backlog_judges_the_last_third_against_the_first():
     assert Series("outbox", "backlog", False, [0, 10, 20, 40, 90, 300], slack=50).verdict() == "growing"
 
 
-def consuming() -> bool:
-    consumers = {stat.name: stat.consumers for stat in queue_stats(queues=settings.CELERY_TASK_QUEUES)}
-    return bool(consumers[ANALYTICS_QUEUE.name] and consumers["notifications"])
-
-
-def _start(start_process, name: str):
-    # No metrics endpoints: their fixed ports belong to whichever run's monitoring tests.
-    extra = (
-        " --metrics-port 0 --without-mingle --without-gossip" if "celery" in procfile_command(name) else ""
-    )
-    return start_process(["bash", "-c", f"exec {procfile_command(name)}{extra}"])
-
-
 @pytest.mark.broker
 @pytest.mark.timeout(400)
 def test_a_one_minute_soak_of_the_running_processes_finds_nothing_growing(
-    live_daphne, start_process, relay_process, broker_url, capsys
+    live_daphne, processes, relay_process, broker_url, capsys
 ):
-    started = {name: _start(start_process, name) for name in ("worker", "notifier", "dlq_archiver")}
-    started["relay"] = relay_process
-    wait_until(consuming, timeout=90, message="the analytics worker and the notifier consume")
+    # No metrics endpoints: their fixed ports belong to whichever run's monitoring tests.
+    started = {
+        "worker": processes.start_consumer("worker", ANALYTICS_QUEUE.name, QUIET_WORKER),
+        "notifier": processes.start_consumer("notifier", "notifications", QUIET_WORKER),
+        "dlq_archiver": processes.start_consumer("dlq_archiver", DEAD_LETTER_QUEUE.name),
+        "relay": relay_process,
+    }
 
     out = io.StringIO()
     try:

@@ -7,7 +7,6 @@ import uuid
 from pathlib import Path
 
 import pytest
-from django.conf import settings
 from django.utils import timezone
 from kombu import Connection
 
@@ -15,19 +14,11 @@ from chat import services
 from chat.models import NotificationDelivery
 from chat.task_logging import FALLBACK_SWEEP_TASK, IdleFallbackSweepFilter
 from chat.tasks import send_notification_fallback_emails
-from chatproject.broker import declare_topology, notifications_queue
-from chatproject.monitoring.selectors import queue_stats
-from chatproject.procfile import procfile_command
+from messaging.topology import declare_topology, notifications_queue
+from tests.harness import QUIET_WORKER, wait_until
 from tests.mail import file_email_env
-from tests.waiting import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
-
-
-def notifier_consumes() -> bool:
-    return any(
-        s.consumers for s in queue_stats(queues=settings.CELERY_TASK_QUEUES) if s.name == "notifications"
-    )
 
 
 def push_awaiting_acknowledgement(*, user, message) -> None:
@@ -48,7 +39,7 @@ def push_awaiting_acknowledgement(*, user, message) -> None:
 
 @pytest.mark.broker
 def test_idle_sweeps_add_no_log_lines_and_a_sweep_that_emails_logs_its_result(
-    broker_url, start_process, tmp_path, make_user, make_room
+    broker_url, processes, tmp_path, make_user, make_room
 ):
     alice, bob, room = make_user("alice", email="alice@example.com"), make_user("bob"), make_room("general")
     with Connection(broker_url) as conn:
@@ -56,16 +47,12 @@ def test_idle_sweeps_add_no_log_lines_and_a_sweep_that_emails_logs_its_result(
         notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
-    notifier = start_process(
-        [
-            "bash",
-            "-c",
-            f"exec {procfile_command('notifier')} --metrics-port 0 --without-mingle --without-gossip",
-        ],
-        env=file_email_env(mail_dir),
+    notifier = processes.start_consumer(
+        "notifier", "notifications", QUIET_WORKER, env=file_email_env(mail_dir)
     )
     log = Path(notifier.log_path)
-    wait_until(notifier_consumes, timeout=90, message="the notifier consumes")
+    # The lines counted start after Celery's " ready.", the end of its start-up output, which can
+    # come after the consumer count the harness waits for.
     wait_until(lambda: " ready." in log.read_text(), timeout=30, message="the notifier says it is ready")
     ready_at = len(log.read_text())
 

@@ -1,4 +1,4 @@
-"""Dead-letter tests: real archiver and worker processes on this session's RabbitMQ vhost.
+"""Dead-letter tests: real archiver and worker processes (tests/harness.py) on this session's vhost.
 
 Messages are built with the relay's own `task_message_build`, so they are the Celery protocol-2
 messages the pipeline really carries.
@@ -6,11 +6,9 @@ messages the pipeline really carries.
 
 from __future__ import annotations
 
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import amqp
@@ -18,26 +16,29 @@ import pytest
 from django.db import connection
 from kombu import Connection
 
-from chat.relay import task_message_build
-from chatproject.broker import CHAT_EVENTS_EXCHANGE
-from chatproject.procfile import procfile_command
-from tests.waiting import wait_until
+from bench.procfile import ProcfileProcess
+from messaging.topology import CHAT_EVENTS_EXCHANGE
+from messaging.wire import task_message_build
+from tests.harness import wait_until
 
 ROUTING_KEY = "chat.message.created"
 
 
-def log_text(process: subprocess.Popen) -> str:
-    path = Path(process.log_path)  # type: ignore[attr-defined]
-    return path.read_text(errors="replace") if path.exists() else ""
+def log_text(process: ProcfileProcess) -> str:
+    return process.log_text()
 
 
-def wait_for_log(process: subprocess.Popen, line: str, *, timeout: float = 60) -> None:
+def wait_for_log(process: ProcfileProcess, line: str, *, timeout: float = 60) -> None:
+    """Wait for a line the test is about (what the archiver says it did), never for readiness."""
+
     def seen() -> bool:
         if process.poll() is not None:
-            pytest.fail(f"process exited with {process.returncode}; log:\n{log_text(process)[-3000:]}")
-        return line in log_text(process)
+            pytest.fail(f"process exited with {process.returncode}; log:\n{process.log_text()[-3000:]}")
+        return line in process.log_text()
 
-    wait_until(seen, timeout=timeout, message=f"{line!r} not logged; log:\n{log_text(process)[-3000:]}")
+    wait_until(
+        seen, timeout=timeout, message=lambda: f"{line!r} not logged; log:\n{process.log_text()[-3000:]}"
+    )
 
 
 def chat_event(*, room_id: int, author_id: int, message_id: int = 1) -> dict[str, Any]:
@@ -88,11 +89,11 @@ def _empty_queues(request: pytest.FixtureRequest) -> None:
     """Broker tests share the session's vhost: start each with every topology queue empty."""
     if request.node.get_closest_marker("broker") is None:
         return
-    from chatproject.deadletters.selectors import topology_queues
+    from messaging.topology import declared_queues
 
     broker_url = request.getfixturevalue("broker_url")
     with Connection(broker_url) as conn:
-        for queue in topology_queues():
+        for queue in declared_queues():
             conn.default_channel.queue_purge(queue.name)
 
 
@@ -131,35 +132,6 @@ def refuse_dead_letters(django_db_blocker) -> Iterator[Callable[..., None]]:
         drop(cursor)
 
 
-@pytest.fixture
-def start_archiver(start_process) -> Callable[..., subprocess.Popen]:
-    """The Procfile's `dlq_archiver` command, once it consumes `dead_letters`."""
-
-    def start(**extra_env: str) -> subprocess.Popen:
-        process = start_process(["bash", "-c", f"exec {procfile_command('dlq_archiver')}"], env=extra_env)
-        wait_for_log(process, "dead-letter archiver consuming")
-        return process
-
-    return start
-
-
-@pytest.fixture
-def start_worker(start_process) -> Callable[..., subprocess.Popen]:
-    """The Procfile's analytics `worker` command with one pool process, once it is ready."""
-
-    def start(**extra_env: str) -> subprocess.Popen:
-        name = f"dlq-test-{uuid.uuid4().hex[:8]}"
-        command = (
-            f"{procfile_command('worker')} --concurrency 1 --hostname {name}@%h "
-            "--without-mingle --without-gossip"
-        )
-        process = start_process(["bash", "-c", f"exec {command}"], env=extra_env)
-        wait_for_log(process, " ready.")
-        return process
-
-    return start
-
-
 def x_death(
     *, queue: str = "analytics", reason: str = "rejected", count: int = 1, when: datetime | None = None
 ) -> list[dict[str, Any]]:
@@ -180,7 +152,7 @@ def archive_letter(
     *, task_id: str | None = None, reason: str = "rejected", queue: str = "analytics", **extra: Any
 ):
     """Archive a dead letter as the archiver would receive it (no broker involved)."""
-    from chatproject.deadletters.services.archive import dead_letter_archive
+    from deadletters.services.archive import dead_letter_archive
 
     message = analytics_task_message([chat_event(room_id=1, author_id=1)])
     headers = dict(message.properties["application_headers"])

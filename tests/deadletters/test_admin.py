@@ -7,8 +7,8 @@ from django.contrib.admin.models import LogEntry
 from django.test import Client
 from django.urls import reverse
 
-from chatproject.deadletters.models import DeadLetter, DeadLetterAction
-from chatproject.deadletters.services.task_failures import task_failure_record
+from deadletters.models import DeadLetter, DeadLetterAction
+from deadletters.services.task_failures import task_failure_record
 from tests.conftest import grant_permission
 from tests.deadletters.conftest import archive_letter
 

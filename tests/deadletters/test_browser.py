@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, expect, sync_playwright
 
-from chatproject.deadletters.models import DeadLetter, DeadLetterAction
-from chatproject.procfile import DaphneServer
+from bench.procfile import DaphneServer
+from deadletters.models import DeadLetter, DeadLetterAction
 from tests.conftest import session_cookie
 from tests.deadletters.conftest import archive_letter
 from tests.e2e.conftest import CHROMIUM, CHROMIUM_ARGS, EXPECT_TIMEOUT_MS

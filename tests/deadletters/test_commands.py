@@ -9,9 +9,9 @@ import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
-from chatproject.deadletters.models import DeadLetter, DeadLetterAction
+from deadletters.models import DeadLetter, DeadLetterAction
 from tests.deadletters.conftest import archive_letter
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 
 def run(*args: str) -> str:
@@ -84,7 +84,7 @@ def test_dlq_replay_by_id_republishes_and_marks_it(letters, broker_url):
 
 @pytest.mark.broker
 def test_queues_json_lists_every_topology_queue_with_its_dead_letter_settings(broker_url):
-    from chatproject.deadletters.selectors import topology_queues
+    from messaging.topology import declared_queues
 
     def rows_from_the_api() -> dict | None:
         rows = {row["name"]: row for row in json.loads(run("queues", "--json"))}
@@ -94,7 +94,7 @@ def test_queues_json_lists_every_topology_queue_with_its_dead_letter_settings(br
         return rows if sampled and rows["analytics"].get("messages_unacked") == 0 else None
 
     rows = wait_until(rows_from_the_api, timeout=30, message="the management API never described the queues")
-    assert set(rows) == {queue.name for queue in topology_queues()}
+    assert set(rows) == {queue.name for queue in declared_queues()}
     analytics = rows["analytics"]
     assert analytics["dead_letter_exchange"] == "dead_letter"
     assert {"messages_ready", "messages_unacked", "consumers"} <= set(analytics)

@@ -11,10 +11,10 @@ from kombu import Connection
 from analytics import selectors as analytics_selectors
 from analytics import services as analytics_services
 from analytics.models import ProcessedEvent
-from chatproject.deadletters.models import DeadLetter, DeadLetterAction
-from chatproject.deadletters.services.resolution import REPLAY_HEADER, dead_letter_replay, replay_publisher
+from deadletters.models import DeadLetter, DeadLetterAction
+from deadletters.services.resolution import REPLAY_HEADER, dead_letter_replay, replay_publisher
 from tests.deadletters.conftest import analytics_task_message, archive_letter, chat_event, log_text, publish
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.broker
 

@@ -10,18 +10,18 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from chatproject.deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
-from chatproject.deadletters.retrying import DeadLetteringTask
-from chatproject.deadletters.services.archive import (
+from deadletters.models import DeadLetter, DeadLetterAction, TaskFailure
+from deadletters.services.archive import (
     ArchiveOutcome,
     dead_letter_archive,
     dead_letters_archive,
     dead_letters_mark_acked,
 )
-from chatproject.deadletters.services.delivery_rows import body_bytes
-from chatproject.deadletters.services.resolution import REPLAY_HEADER, dead_letter_discard, replay_message
-from chatproject.deadletters.services.retention import dead_letters_prune, task_failures_prune
-from chatproject.deadletters.services.task_failures import FAILURE_NOTE_HEADER, task_failure_record
+from deadletters.services.delivery_rows import body_bytes
+from deadletters.services.resolution import REPLAY_HEADER, dead_letter_discard, replay_message
+from deadletters.services.retention import dead_letters_prune, task_failures_prune
+from deadletters.services.task_failures import FAILURE_NOTE_HEADER, task_failure_record
+from messaging.retrying import DeadLetteringTask
 from tests.deadletters.conftest import (
     REFUSED_HEADER,
     analytics_task_message,
@@ -229,7 +229,7 @@ def test_unresolved_dead_letters_are_never_pruned_however_old():
 
 
 def test_dead_letter_prune_deletes_in_chunks_loading_only_primary_keys(monkeypatch):
-    monkeypatch.setattr("chatproject.database.DELETE_CHUNK", 2)
+    monkeypatch.setattr("infrastructure.postgres.DELETE_CHUNK", 2)
     for _ in range(5):
         _letter(status=DeadLetter.Status.DISCARDED, resolved_days_ago=365)
     keep = _letter(status=DeadLetter.Status.NEW, resolved_days_ago=365)

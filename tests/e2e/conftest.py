@@ -16,9 +16,9 @@ import pytest
 from django.db import connections
 from playwright.sync_api import Browser, BrowserContext, Page, expect, sync_playwright
 
+from bench.procfile import DaphneServer
 from chat import services
 from chat.models import Message, Room
-from chatproject.procfile import DaphneServer
 from tests.conftest import session_cookie
 
 CHROMIUM = "/usr/bin/chromium"

@@ -9,7 +9,7 @@ import pytest
 from django.urls import reverse
 from playwright.sync_api import BrowserContext, Page, expect
 
-from chatproject.deadletters.models import DeadLetter
+from deadletters.models import DeadLetter
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 

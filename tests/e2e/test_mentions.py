@@ -12,21 +12,20 @@ from playwright.sync_api import expect
 
 from chat import selectors
 from chat.models import NotificationDelivery
-from chatproject.broker import declare_topology, notifications_queue
-from chatproject.procfile import procfile_command
+from messaging.topology import declare_topology, notifications_queue
 from tests.e2e.conftest import store_message
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = [pytest.mark.browser, pytest.mark.django_db(transaction=True)]
 
 
 @pytest.fixture
-def pipeline(broker_url, relay_process, start_process) -> None:
+def pipeline(broker_url, relay_process, start_notifier) -> None:
     """The relay and the Procfile's notifier worker, on this session's vhost."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
         notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
-    start_process(["bash", "-c", f"exec {procfile_command('notifier')} --without-mingle --without-gossip"])
+    start_notifier()
 
 
 @pytest.fixture

@@ -81,7 +81,7 @@ def metric_names(text: str) -> set[str]:
 @pytest.fixture
 def make_dead_letters(db) -> Callable[..., list]:
     """Archived dead letters as the archiver stores them (status new unless told)."""
-    from chatproject.deadletters.models import DeadLetter
+    from deadletters.models import DeadLetter
 
     def make(count: int, *, status: str = DeadLetter.Status.NEW, died_at=None) -> list[DeadLetter]:
         died_at = died_at or timezone.now()

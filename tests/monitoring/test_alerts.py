@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from django.contrib.auth import get_user_model
 
-from chatproject.deadletters.models import DeadLetter
-from chatproject.monitoring.models import AlertLevel, AlertState
-from chatproject.monitoring.services import DEAD_LETTERS_KEY, alerts_check
+from deadletters.models import DeadLetter
+from monitoring.models import AlertLevel, AlertState
+from monitoring.services import DEAD_LETTERS_KEY, alerts_check
 from tests.conftest import grant_permission
 from tests.monitoring.conftest import sample, scrape
 

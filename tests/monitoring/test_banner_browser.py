@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from playwright.sync_api import expect
 
-from chatproject.deadletters.models import DeadLetter
-from chatproject.monitoring.services import alerts_check
+from deadletters.models import DeadLetter
+from monitoring.services import alerts_check
 from tests.conftest import grant_permission
 from tests.e2e.conftest import off_loop
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from django.core.management import call_command
 
-from chatproject.deadletters.models import DeadLetter
+from deadletters.models import DeadLetter
 
 
 def run_check_dlq(capsys, *args: str) -> tuple[int, str]:

@@ -12,11 +12,11 @@ from kombu import Connection, Producer
 from prometheus_client import REGISTRY
 
 from chat import services
-from chat.models import OutboxEvent
 from chat.presence import presence_socket_close, presence_socket_open
-from chat.relay import EventPublisher, publish_pending_events
-from chatproject.broker import ANALYTICS_QUEUE, MONITORING_QUEUE
-from chatproject.monitoring.metrics import PROJECT_METRIC_NAMES
+from messaging.models import OutboxEvent
+from messaging.publishing import EventPublisher, publish_pending_events
+from messaging.topology import ANALYTICS_QUEUE, MONITORING_QUEUE
+from monitoring.metrics import PROJECT_METRIC_NAMES
 from tests.monitoring.conftest import metric_names, sample, scrape
 
 

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from chatproject.monitoring.tasks import check_alerts
-from chatproject.procfile import free_port, procfile_command, wait_for_port
+from bench.procfile import ProcfileProcess, free_port, port_open, procfile_argv
+from monitoring.tasks import check_alerts
+from tests.harness import Processes, wait_until
 from tests.monitoring.conftest import sample
 
 pytestmark = pytest.mark.broker
@@ -21,30 +20,23 @@ def read_metrics(port: int) -> str:
         return response.read().decode()
 
 
-def poll(condition: Callable[[], object], *, timeout: float, message: Callable[[], str]) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(message())
-        time.sleep(0.2)
+def start_serving_metrics(
+    processes: Processes, name: str, extra_args: str, *, port: int, env: dict[str, str] | None = None
+) -> ProcfileProcess:
+    """The Procfile's `name`, once its metrics endpoint on `port` answers."""
+    return processes.start(procfile_argv(name, extra_args), env=env, ready=port_open(port), name=name)
 
 
-def test_prefork_worker_serves_task_counters_of_all_its_pool_processes(start_process):
+def test_prefork_worker_serves_task_counters_of_all_its_pool_processes(processes):
     port = free_port()
     # The Procfile's worker, on the monitoring queue, with two pool processes: the endpoint in the
     # parent must add up what both children counted.
-    worker = start_process(
-        [
-            "bash",
-            "-c",
-            f"exec {procfile_command('worker')} -Q monitoring --concurrency 2 --metrics-port {port} "
-            "--without-mingle --without-gossip",
-        ]
+    worker = start_serving_metrics(
+        processes,
+        "worker",
+        f"-Q monitoring --concurrency 2 --metrics-port {port} --without-mingle --without-gossip",
+        port=port,
     )
-    wait_for_port(port, timeout=60, process=worker)
     for _ in range(4):
         check_alerts.apply_async()
 
@@ -56,48 +48,43 @@ def test_prefork_worker_serves_task_counters_of_all_its_pool_processes(start_pro
             else None
         )
 
-    text = poll(
+    text = wait_until(
         counted,
         timeout=60,
-        message=lambda: f"4 successes not counted; log:\n{Path(worker.log_path).read_text()[-3000:]}",
+        message=lambda: f"4 successes not counted; log:\n{worker.log_text()[-3000:]}",
     )
 
     assert sample(text, "celery_task_duration_seconds_count", task="monitoring.check_alerts") == 4
 
 
-def test_worker_counts_a_rejected_task(start_process):
+def test_worker_counts_a_rejected_task(processes):
     from chatproject.celery import app
 
     port = free_port()
-    worker = start_process(
-        [
-            "bash",
-            "-c",
-            f"exec {procfile_command('worker')} --concurrency 1 --metrics-port {port} "
-            "--without-mingle --without-gossip",
-        ]
+    worker = start_serving_metrics(
+        processes,
+        "worker",
+        f"--concurrency 1 --metrics-port {port} --without-mingle --without-gossip",
+        port=port,
     )
-    wait_for_port(port, timeout=60, process=worker)
     # Not a list of events: the task rejects it without requeue (dead-lettered).
     app.send_task("analytics.record_chat_events", args=["not a list"])
 
-    poll(
+    wait_until(
         lambda: (
             sample(read_metrics(port), "celery_tasks_rejected_total", task="analytics.record_chat_events")
             == 1
         ),
         timeout=60,
-        message=lambda: f"the rejection was not counted; log:\n{Path(worker.log_path).read_text()[-3000:]}",
+        message=lambda: f"the rejection was not counted; log:\n{worker.log_text()[-3000:]}",
     )
 
 
-def test_relay_serves_its_publish_latency(start_process):
+def test_relay_serves_its_publish_latency(processes):
     port = free_port()
-    relay = start_process(
-        ["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"],
-        env={"RELAY_METRICS_PORT": str(port)},
+    start_serving_metrics(
+        processes, "relay", "--poll-seconds 1", port=port, env={"RELAY_METRICS_PORT": str(port)}
     )
-    wait_for_port(port, timeout=60, process=relay)
 
     text = read_metrics(port)
 
@@ -119,38 +106,35 @@ def listening_addresses(port: int) -> set[str]:
 LOOPBACK_V4 = "0100007F"  # 127.0.0.1, as /proc/net/tcp writes it
 
 
-def test_relay_metrics_listen_on_loopback_only_by_default(start_process):
+def test_relay_metrics_listen_on_loopback_only_by_default(processes):
     port = free_port()
-    relay = start_process(
-        ["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"],
-        env={"RELAY_METRICS_PORT": str(port)},
+    start_serving_metrics(
+        processes, "relay", "--poll-seconds 1", port=port, env={"RELAY_METRICS_PORT": str(port)}
     )
-    wait_for_port(port, timeout=60, process=relay)
 
     assert listening_addresses(port) == {LOOPBACK_V4}
 
 
-def test_worker_metrics_listen_on_loopback_only_by_default(start_process):
+def test_worker_metrics_listen_on_loopback_only_by_default(processes):
     port = free_port()
-    worker = start_process(
-        [
-            "bash",
-            "-c",
-            f"exec {procfile_command('worker')} --concurrency 1 --metrics-port {port} "
-            "--without-mingle --without-gossip",
-        ]
+    start_serving_metrics(
+        processes,
+        "worker",
+        f"--concurrency 1 --metrics-port {port} --without-mingle --without-gossip",
+        port=port,
     )
-    wait_for_port(port, timeout=60, process=worker)
 
     assert listening_addresses(port) == {LOOPBACK_V4}
 
 
-def test_metrics_bind_address_setting_moves_the_endpoint(start_process):
+def test_metrics_bind_address_setting_moves_the_endpoint(processes):
     port = free_port()
-    relay = start_process(
-        ["bash", "-c", f"exec {procfile_command('relay')} --poll-seconds 1"],
+    start_serving_metrics(
+        processes,
+        "relay",
+        "--poll-seconds 1",
+        port=port,
         env={"RELAY_METRICS_PORT": str(port), "METRICS_BIND_ADDRESS": "0.0.0.0"},
     )
-    wait_for_port(port, timeout=60, process=relay)
 
     assert listening_addresses(port) == {"00000000"}

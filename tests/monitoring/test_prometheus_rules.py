@@ -9,7 +9,7 @@ import subprocess
 import pytest
 import yaml
 
-from chatproject.procfile import ROOT
+from bench.procfile import ROOT
 
 PROMETHEUS = ROOT / "ops" / "prometheus"
 
@@ -98,7 +98,7 @@ def test_rules_cover_dead_letters_queues_outbox_and_errors():
 
 
 def test_rules_and_dashboard_use_only_metrics_the_code_defines():
-    from chatproject.monitoring import metrics
+    from monitoring import metrics
 
     defined = {*metrics.PROJECT_METRIC_NAMES, *metrics.WORKER_METRIC_NAMES, metrics.SOURCE_UP}
     texts = (PROMETHEUS / "alerts.yml").read_text() + (

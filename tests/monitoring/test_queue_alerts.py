@@ -8,10 +8,10 @@ import pytest
 from django.utils import timezone
 from kombu import Connection, Producer
 
-from chatproject.broker import MONITORING_QUEUE
-from chatproject.monitoring.models import AlertLevel, AlertState, QueueSample
-from chatproject.monitoring.selectors import QueueStat
-from chatproject.monitoring.services import alerts_check, queue_findings
+from messaging.topology import MONITORING_QUEUE
+from monitoring.models import AlertLevel, AlertState, QueueSample
+from monitoring.selectors import QueueStat
+from monitoring.services import alerts_check, queue_findings
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

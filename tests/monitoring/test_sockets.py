@@ -10,8 +10,8 @@ from channels.testing import WebsocketCommunicator
 from prometheus_client import REGISTRY
 
 from chatproject.asgi import application
-from chatproject.monitoring.consumers import CLOSE_NOT_STAFF
-from chatproject.monitoring.services import DEAD_LETTERS_KEY, alerts_check
+from monitoring.consumers import CLOSE_NOT_STAFF
+from monitoring.services import DEAD_LETTERS_KEY, alerts_check
 from tests.conftest import grant_permission, session_cookie, site_origin
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -9,7 +9,13 @@ from django.test import Client
 
 from tests.conftest import ROOT
 
-TEMPLATE_FOLDERS = ("templates", "chat/templates", "analytics/templates", "chatproject")
+TEMPLATE_FOLDERS = (
+    "templates",
+    "chat/templates",
+    "analytics/templates",
+    "monitoring/templates",
+    "deadletters/templates",
+)
 
 
 @pytest.mark.django_db

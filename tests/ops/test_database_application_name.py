@@ -5,7 +5,7 @@ from urllib.request import urlopen
 from django.conf import settings
 from django.db import connection
 
-from chatproject.database import database_connect_autocommit
+from infrastructure.postgres import database_connect_autocommit
 
 
 def session_names() -> list[str]:

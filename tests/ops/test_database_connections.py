@@ -14,13 +14,13 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import connection
 
+from bench.loadtest import LoadClient, Target, client_socket_open
+from bench.procfile import DaphneServer, free_port
+from bench.soak import ChatProcess, HttpSession, database_client_ports, process_database_connections
 from chat.consumers import WRITE_THREADS
-from chat.loadtest import LoadClient, Target, client_socket_open
-from chat.soak import ChatProcess, HttpSession, database_client_ports, process_database_connections
-from chatproject.database_threads import DatabaseThreadPool
-from chatproject.procfile import DaphneServer, free_port
+from infrastructure.database_threads import DatabaseThreadPool
 from tests.conftest import session_cookie
-from tests.waiting import wait_until
+from tests.harness import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from django.conf import settings
 
-from chatproject.procfile import procfile_command
+from bench.procfile import procfile_command
 from tests.conftest import ROOT
 
 

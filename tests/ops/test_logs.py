@@ -29,15 +29,15 @@ from kombu import Connection
 from websockets.sync.client import connect as websocket_connect
 
 from analytics.models import ProcessedEvent
+from bench.procfile import DaphneServer, free_port
 from chat.models import Message, NotificationDelivery
-from chat.outbox import ROUTING_MENTION, ROUTING_MESSAGE_CREATED
-from chat.relay import task_message_build
-from chatproject.broker import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
-from chatproject.deadletters.models import DeadLetter
-from chatproject.procfile import DaphneServer, free_port, procfile_command
+from deadletters.models import DeadLetter
+from messaging.events import MENTION, MESSAGE_CREATED
+from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
+from messaging.wire import task_message_build
 from tests.conftest import session_cookie
+from tests.harness import QUIET_WORKER, wait_until
 from tests.mail import file_email_env
-from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.broker, pytest.mark.django_db(transaction=True)]
 
@@ -71,28 +71,15 @@ def web(tmp_path: Path, mail_env: dict[str, str], transactional_db) -> Iterator[
     server.stop()
 
 
-def consumers(broker_url: str, queue: str) -> int:
-    with Connection(broker_url) as conn:
-        _, _, count = conn.default_channel.queue_declare(queue, passive=True)
-        return count
-
-
 @pytest.fixture
-def workers(broker_url, start_process, mail_env) -> None:
+def workers(broker_url, processes, mail_env) -> None:
     """The Procfile's analytics worker, notifier and dead-letter archiver, once each consumes its queue."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
-    for name in ("worker", "notifier"):
-        # No metrics endpoint: the Procfile's ports belong to whichever test runs a worker meanwhile.
-        command = f"{procfile_command(name)} --metrics-port 0 --without-mingle --without-gossip"
-        start_process(["bash", "-c", f"exec {command}"], env=mail_env)
-    start_process(["bash", "-c", f"exec {procfile_command('dlq_archiver')}"])
-    for queue in (ANALYTICS_QUEUE.name, "notifications", DEAD_LETTER_QUEUE.name):
-        wait_until(
-            lambda queue=queue: consumers(broker_url, queue) > 0,
-            timeout=60,
-            message=f"nothing consumes {queue}",
-        )
+    # No metrics endpoint: the Procfile's ports belong to whichever test runs a worker meanwhile.
+    processes.start_consumer("worker", ANALYTICS_QUEUE.name, QUIET_WORKER, env=mail_env)
+    processes.start_consumer("notifier", "notifications", QUIET_WORKER, env=mail_env)
+    processes.start_consumer("dlq_archiver", DEAD_LETTER_QUEUE.name)
 
 
 def log_files(tmp_path: Path) -> list[Path]:
@@ -230,7 +217,7 @@ def poison_messages(secret: Callable[[str], str]) -> list[tuple[str, amqp.Messag
     """(routing key, message) for each way a worker refuses a message, with secrets where text could be."""
     now = datetime.now(UTC)
     invalid_event = {
-        "type": ROUTING_MESSAGE_CREATED,
+        "type": MESSAGE_CREATED.routing_key,
         "event_id": secret("analytics event"),
         "created_at": now.isoformat(),
     }
@@ -241,25 +228,25 @@ def poison_messages(secret: Callable[[str], str]) -> list[tuple[str, amqp.Messag
         "queued_at": now.isoformat(),
         "expires_at": (now + timedelta(minutes=5)).isoformat(),
     }
-    undecodable = task_message_build(routing_key=ROUTING_MESSAGE_CREATED, rows=[(1, {}, 0)]).message
+    undecodable = task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {}, 0)]).message
     undecodable.body = b"\xff" + secret("undecodable body").encode()
     undecodable.properties["application_headers"]["argsrepr"] = secret("undecodable argsrepr")
     unregistered = task_message_build(
-        routing_key=ROUTING_MESSAGE_CREATED, rows=[(1, {"text": secret("unregistered body")}, 0)]
+        routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {"text": secret("unregistered body")}, 0)]
     ).message
     unregistered.properties["application_headers"]["task"] = "analytics.no_such_task"
     unregistered.properties["application_headers"]["argsrepr"] = secret("unregistered argsrepr")
     return [
         (
-            ROUTING_MESSAGE_CREATED,
-            task_message_build(routing_key=ROUTING_MESSAGE_CREATED, rows=[(1, invalid_event, 0)]).message,
+            MESSAGE_CREATED.routing_key,
+            task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, invalid_event, 0)]).message,
         ),
         (
-            ROUTING_MENTION,
-            task_message_build(routing_key=ROUTING_MENTION, rows=[(1, invalid_mention, 0)]).message,
+            MENTION.routing_key,
+            task_message_build(routing_key=MENTION.routing_key, rows=[(1, invalid_mention, 0)]).message,
         ),
-        (ROUTING_MESSAGE_CREATED, undecodable),
-        (ROUTING_MESSAGE_CREATED, unregistered),
+        (MESSAGE_CREATED.routing_key, undecodable),
+        (MESSAGE_CREATED.routing_key, unregistered),
     ]
 
 

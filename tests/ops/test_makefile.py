@@ -8,8 +8,8 @@ import re
 import stat
 import subprocess
 
-from chatproject.health import HOW_TO_START
-from chatproject.procfile import free_port
+from bench.procfile import free_port
+from infrastructure.health import HOW_TO_START
 from tests.conftest import ROOT
 
 SKIP_INSTALL = "-o.venv/.installed"

@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chatproject.procfile import child_process_env
+from bench.procfile import child_process_env
 from tests.conftest import ROOT
 
 # Runs the launcher as `python -m chatproject.serve --help` does: daphne parses the options and

@@ -1,0 +1,267 @@
+"""Running the Procfile's processes as children: the test suite's harness (tests/harness.py), the
+benchmarks (`manage.py loadtest`, `bench_analytics_lag`, `bench_priority`).
+
+They start the Procfile's own command rather than a copy of it, so they exercise its flags
+(daphne's frame limits) exactly as `make run` does. A child counts as started once a probe sees it
+serve: its port answers, its queue has one more consumer, its LISTEN is registered; never once a
+line appears in its log, whose wording is free to change.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from amqp.exceptions import NotFound
+from django.conf import settings
+from django.db import connection
+from kombu import Connection
+
+from infrastructure.postgres import database_url
+from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
+
+ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+# A readiness check: true once the child serves.
+Probe = Callable[[], bool]
+
+
+class ProcessNotReady(RuntimeError):
+    """A child exited, or did not pass its readiness probe in time; the message says which."""
+
+
+def procfile_command(name: str) -> str:
+    """The command line of process `name` in the Procfile; KeyError when there is none."""
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        process, _, command = line.partition(":")
+        if process.strip() == name:
+            return command.strip()
+    raise KeyError(f"no {name!r} process in the Procfile")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(condition: Callable[[], T], *, timeout: float, message: str | Callable[[], str]) -> T:
+    """Poll `condition` until it is truthy and return its value; TimeoutError(`message`) after `timeout`.
+
+    `timeout` is an upper bound for a stuck process, never a performance claim.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            text = message() if callable(message) else message
+            raise TimeoutError(f"{text} (waited {timeout:.0f}s)")
+        time.sleep(0.1)
+
+
+def port_open(port: int) -> Probe:
+    """Something accepts connections on 127.0.0.1:`port` (daphne, a metrics endpoint)."""
+
+    def probe() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    return probe
+
+
+def queue_consumers(broker_url: str, queue: str) -> int:
+    """How many consumers `queue` has now (passive declare); 0 while nobody has declared it."""
+    with Connection(broker_url) as conn:
+        try:
+            _, _, consumers = conn.default_channel.queue_declare(queue, passive=True)
+        except NotFound:
+            return 0
+        return consumers
+
+
+def outbox_listeners() -> int:
+    """Sessions of this process's database that LISTEN for outbox events (relays, once connected)."""
+    with connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = %s",
+            [f"LISTEN {OUTBOX_NOTIFY_CHANNEL}"],
+        )
+        return cursor.fetchone()[0]
+
+
+def child_process_env() -> dict[str, str]:
+    """Environment for a child process that must use the same database as this one.
+
+    Under pytest that is the test database, whose name exists only in this process's settings.
+    """
+    return {
+        **os.environ,
+        "DATABASE_URL": database_url(connection.settings_dict),
+        "DJANGO_SETTINGS_MODULE": "chatproject.settings",
+        "PYTHONUNBUFFERED": "1",
+        # Same Redis namespace too: under pytest, the run's own (tests/conftest.py).
+        "REDIS_KEY_PREFIX": settings.REDIS_KEY_PREFIX,
+        # Same key too: the child reads the sessions (and checks the CSRF tokens) this process signs.
+        "SECRET_KEY": settings.SECRET_KEY,
+        # Same collected static files (under pytest, the run's own: tests/conftest.py).
+        "STATIC_ROOT": str(settings.STATIC_ROOT),
+    }
+
+
+@dataclass
+class ProcfileProcess:
+    """A child in its own process group, so that stop and kill reach its own children (a Celery
+    worker's pool) too, like a host going away.
+
+    `argv` is usually `procfile_argv(name, ...)`. With `log_path`, stdout and stderr are appended
+    there (across restarts) for assertions about what it logged; without, they are discarded.
+    `start` returns once `ready` (if any) is true.
+    """
+
+    argv: list[str]
+    env: Mapping[str, str]
+    log_path: Path | None = None
+    ready: Probe | None = None
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process else None
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Start the child and wait for its probe; ProcessNotReady if it exits or times out first."""
+        env = {**self.env, "PATH": f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}"}
+        log = self.log_path.open("ab") if self.log_path else None
+        try:
+            self.process = subprocess.Popen(
+                self.argv,
+                cwd=ROOT,
+                env=env,
+                stdout=log or subprocess.DEVNULL,
+                stderr=subprocess.STDOUT if log else subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        finally:
+            if log:
+                log.close()  # the child holds its own descriptor
+        if self.ready is not None:
+            try:
+                wait_until(self._ready_or_exited, timeout=timeout, message=f"{self} was not ready")
+            except TimeoutError as error:
+                raise ProcessNotReady(f"{error}{self._log_tail()}") from None
+
+    def _ready_or_exited(self) -> bool:
+        if self.poll() is not None:
+            raise ProcessNotReady(f"{self} exited with {self.returncode}{self._log_tail()}")
+        assert self.ready is not None
+        return self.ready()
+
+    def poll(self) -> int | None:
+        return self.process.poll() if self.process else None
+
+    def wait(self, timeout: float | None = None) -> int:
+        assert self.process is not None
+        return self.process.wait(timeout)
+
+    def send_signal(self, signum: int) -> None:
+        assert self.process is not None
+        self.process.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the group (shutdown code runs), SIGKILL it after `timeout`."""
+        if self.poll() is None and self.process is not None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no shutdown code runs, nothing is acked."""
+        if self.poll() is None and self.process is not None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def log_text(self) -> str:
+        """What the child logged so far: for assertions about logging, not for readiness."""
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")
+
+    def _log_tail(self) -> str:
+        return f"; log:\n{self.log_text()[-3000:]}" if self.log_path else ""
+
+    def __str__(self) -> str:
+        return " ".join(self.argv[2:] if self.argv[:2] == ["bash", "-c"] else self.argv)[:120]
+
+
+def procfile_argv(name: str, extra_args: str = "") -> list[str]:
+    """The Procfile's process `name`, later options in `extra_args` winning; `exec` makes the
+    shell's pid the process's own."""
+    return ["bash", "-c", f"exec {procfile_command(name)} {extra_args}".rstrip()]
+
+
+@dataclass
+class DaphneServer:
+    """The Procfile's `web` process on 127.0.0.1:`port`, sharing this process's database.
+
+    With `log_path`, its stdout and stderr are appended there (across restarts), so tests can
+    read what the server logged; without, they are discarded.
+    """
+
+    port: int
+    extra_env: dict[str, str] = field(default_factory=dict)
+    log_path: Path | None = None
+    child: ProcfileProcess | None = field(default=None, repr=False)
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self.child.pid if self.child and self.child.poll() is None else None
+
+    def start(self) -> None:
+        """ProcessNotReady (a RuntimeError) when it exits or does not listen within 20 s."""
+        env = {**child_process_env(), "HOST": "127.0.0.1", "PORT": str(self.port), **self.extra_env}
+        self.child = ProcfileProcess(
+            procfile_argv("web"), env=env, log_path=self.log_path, ready=port_open(self.port)
+        )
+        self.child.start(timeout=20.0)
+
+    def stop(self) -> None:
+        if self.child:
+            self.child.stop(timeout=10.0)
+        self.child = None
+
+    def kill(self) -> None:
+        if self.child:
+            self.child.kill()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()

@@ -1,7 +1,0 @@
-from django.urls import path
-
-from chatproject.monitoring import views
-
-urlpatterns = [
-    path("metrics", views.metrics, name="metrics"),
-]

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonResponse
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from infrastructure import health
+from monitoring.collectors import web_metrics_text
+
+
+def metrics(request: HttpRequest) -> HttpResponse:
+    """Prometheus scrape endpoint of the web process (see collectors.py for what it contains).
+
+    Queue names and backlogs are not for the public. With METRICS_BEARER_TOKEN set, only a request
+    carrying that token is answered, from any address: behind a reverse proxy on the same host every
+    request comes from loopback, so the address proves nothing. Without it, only peers in
+    METRICS_ALLOWED_NETWORKS are.
+    """
+    if not metrics_reader_allowed(
+        address=request.META.get("REMOTE_ADDR", ""),
+        authorization=request.headers.get("Authorization", ""),
+    ):
+        return HttpResponseForbidden("metrics are served to the monitoring system only\n")
+    return HttpResponse(web_metrics_text(), content_type=CONTENT_TYPE_LATEST)
+
+
+def metrics_reader_allowed(*, address: str, authorization: str) -> bool:
+    if settings.METRICS_BEARER_TOKEN:
+        return metrics_token_presented(authorization=authorization)
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in ipaddress.ip_network(network) for network in settings.METRICS_ALLOWED_NETWORKS)
+
+
+def metrics_token_presented(*, authorization: str) -> bool:
+    """Whether an Authorization header carries METRICS_BEARER_TOKEN (never, with no token set)."""
+    token = settings.METRICS_BEARER_TOKEN
+    if not token:
+        return False
+    scheme, _, credentials = authorization.partition(" ")
+    # Constant time: how much of a guess matched must not show in the response time.
+    return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
+
+
+@require_GET
+def healthz(request: HttpRequest) -> JsonResponse:
+    """Each service "ok" or "down: <what stops>"; the error, host and port only for staff and the monitoring.
+
+    Not for the allowed metrics networks: behind a reverse proxy every request comes from one of those.
+    """
+    with_details = request.user.is_staff or metrics_token_presented(
+        authorization=request.headers.get("Authorization", "")
+    )
+    states = health.check_all()
+    body = {s.name: ("ok" if s.ok else f"down: {s.consequence(with_details=with_details)}") for s in states}
+    down = [s.name for s in states if not s.ok]
+    body["status"] = "ok" if not down else "down: " + ", ".join(down)
+    return JsonResponse(body, status=200 if not down else 503)
