@@ -3,7 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test install lint format browser promtool rabbitmq-management secret-key
+.PHONY: run test install lint format browser promtool rabbitmq-management secret-key \
+	rabbitmq-cluster rabbitmq-cluster-stop
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -33,6 +34,15 @@ rabbitmq-management:
 	rabbitmq-plugins -q is_enabled rabbitmq_management >/dev/null 2>&1 \
 	  || rabbitmq-plugins -q enable rabbitmq_management >/dev/null \
 	  || echo "Warning: cannot enable RabbitMQ's management plugin: run 'sudo rabbitmq-plugins enable rabbitmq_management'" >&2
+
+# A three-node RabbitMQ cluster on loopback (AMQP 5680-5682, management 5690-5692), from the
+# installed rabbitmq-server, as root (ops/rabbitmq-cluster/cluster.sh; docs/scaling.md).
+# Point the chat at it with CELERY_BROKER_URL=amqp://guest:guest@localhost:5680// BROKER_QUEUE_TYPE=quorum.
+rabbitmq-cluster:
+	ops/rabbitmq-cluster/cluster.sh start
+
+rabbitmq-cluster-stop:
+	ops/rabbitmq-cluster/cluster.sh stop
 
 # settings.py refuses to start without SECRET_KEY. A checkout gets a random one of its own, made
 # once into .env (git- and docker-ignored, read by settings.py and honcho); keeping the file keeps

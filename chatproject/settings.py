@@ -9,7 +9,7 @@ from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from messaging.events import task_routes
-from messaging.topology import WORK_QUEUES, notifications_queue
+from messaging.topology import notifications_queue, work_queues
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -193,7 +193,14 @@ CELERY_WORKER_CONSUMER = "messaging.worker_intake:DeadLetteringIntake"
 # The notifications priority queue: classic, since priorities need classic queues before RabbitMQ
 # 4.0 (messaging/topology.py `notifications_queue` says what changes with "quorum").
 NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
-CELERY_TASK_QUEUES = (*WORK_QUEUES, notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE))
+# The analytics, monitoring and dead-letter queues: classic on one node (a quorum queue there
+# replicates to nobody and only costs throughput); quorum on a cluster, so losing a node loses no
+# event or dead letter (docs/scaling.md).
+BROKER_QUEUE_TYPE = env.str("BROKER_QUEUE_TYPE", default="classic")
+CELERY_TASK_QUEUES = (
+    *work_queues(queue_type=BROKER_QUEUE_TYPE),
+    notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE),
+)
 # Each event's task to its event's queue, each beat task to its worker's (messaging/events.py).
 CELERY_TASK_ROUTES = task_routes()
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ

@@ -27,33 +27,81 @@ DEAD_LETTER_EXCHANGE = Exchange("dead_letter", type="topic", durable=True)
 # lands here instead of looping or vanishing.
 WORK_QUEUE_ARGUMENTS = {"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name}
 
-DEAD_LETTER_QUEUE = Queue(
-    "dead_letters",
-    exchange=DEAD_LETTER_EXCHANGE,
-    routing_key="#",
-    durable=True,
-)
+# BROKER_QUEUE_TYPE: "classic" on one node (the default), "quorum" on a cluster (docs/scaling.md).
+BROKER_QUEUE_TYPES = ("classic", "quorum")
+# A quorum queue dead-letters a message itself once it has been delivered this many times without
+# an ack: a message that kills every worker that takes it (requeued by
+# CELERY_TASK_REJECT_ON_WORKER_LOST) ends in the dead letters instead of looping. Celery's own
+# retries publish a new message, so they do not count towards it.
+QUORUM_DELIVERY_LIMIT = 5
+QUORUM_WORK_QUEUE_ARGUMENTS = {
+    **WORK_QUEUE_ARGUMENTS,
+    "x-queue-type": "quorum",
+    "x-delivery-limit": QUORUM_DELIVERY_LIMIT,
+    # A dead letter stays in its queue until the dead-letter queue has confirmed it; classic
+    # queues (and quorum's default, at-most-once) drop it when that move fails. RabbitMQ needs
+    # reject-publish for it: a full queue refuses new messages instead of dropping the oldest.
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
 
-ANALYTICS_QUEUE = Queue(
-    "analytics",
-    exchange=CHAT_EVENTS_EXCHANGE,
-    # Every chat.message.* event (messaging.events.MESSAGE_CREATED is the one today).
-    routing_key="chat.message.*",
-    durable=True,
-    queue_arguments=WORK_QUEUE_ARGUMENTS,
-)
+ANALYTICS_QUEUE_NAME = "analytics"
+MONITORING_QUEUE_NAME = "monitoring"
+DEAD_LETTER_QUEUE_NAME = "dead_letters"
 
 # The periodic alert check (monitoring/tasks.py) has a queue and a worker of its own
 # (Procfile `monitor`), so it still runs, and reports, when the analytics workers are gone.
 MONITORING_EXCHANGE = Exchange("monitoring", type="direct", durable=True)
-MONITORING_QUEUE = Queue(
-    "monitoring",
-    exchange=MONITORING_EXCHANGE,
-    routing_key="monitoring",
-    durable=True,
-    queue_arguments=WORK_QUEUE_ARGUMENTS,
-)
 
+
+def work_queue_arguments(*, queue_type: str) -> dict[str, object]:
+    """The arguments every work queue (analytics, monitoring) is declared with for `queue_type`."""
+    if queue_type == "classic":
+        return dict(WORK_QUEUE_ARGUMENTS)
+    if queue_type == "quorum":
+        return dict(QUORUM_WORK_QUEUE_ARGUMENTS)
+    raise ValueError(f"BROKER_QUEUE_TYPE must be one of {BROKER_QUEUE_TYPES}, not {queue_type!r}")
+
+
+def work_queues(*, queue_type: str) -> tuple[Queue, ...]:
+    """The analytics and monitoring queues as BROKER_QUEUE_TYPE wants them."""
+    arguments = work_queue_arguments(queue_type=queue_type)
+    return (
+        Queue(
+            ANALYTICS_QUEUE_NAME,
+            exchange=CHAT_EVENTS_EXCHANGE,
+            # Every chat.message.* event (messaging.events.MESSAGE_CREATED is the one today).
+            routing_key="chat.message.*",
+            durable=True,
+            queue_arguments=arguments,
+        ),
+        Queue(
+            MONITORING_QUEUE_NAME,
+            exchange=MONITORING_EXCHANGE,
+            routing_key="monitoring",
+            durable=True,
+            queue_arguments=arguments,
+        ),
+    )
+
+
+def dead_letter_queue(*, queue_type: str) -> Queue:
+    """The dead-letter queue as BROKER_QUEUE_TYPE wants it: on a cluster it is replicated too, or
+    losing one node would lose the letters the work queues kept so carefully."""
+    work_queue_arguments(queue_type=queue_type)  # the same check of the setting
+    return Queue(
+        DEAD_LETTER_QUEUE_NAME,
+        exchange=DEAD_LETTER_EXCHANGE,
+        routing_key="#",
+        durable=True,
+        queue_arguments={"x-queue-type": "quorum"} if queue_type == "quorum" else None,
+    )
+
+
+# The classic declarations, for code that needs a queue's name, exchange or routing key (these
+# do not depend on the type); anything that declares queues goes through `declared_queues`.
+ANALYTICS_QUEUE, MONITORING_QUEUE = work_queues(queue_type="classic")
+DEAD_LETTER_QUEUE = dead_letter_queue(queue_type="classic")
 WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE, MONITORING_QUEUE)
 EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, MONITORING_EXCHANGE)
 QUEUES: tuple[Queue, ...] = (*WORK_QUEUES, DEAD_LETTER_QUEUE)
@@ -96,10 +144,15 @@ def notifications_queue(*, queue_type: str) -> Queue:
 
 
 def declared_queues() -> tuple[Queue, ...]:
-    """QUEUES plus the notifications queue of the configured type (a setting, so read late)."""
+    """Every queue as the settings BROKER_QUEUE_TYPE and NOTIFICATIONS_QUEUE_TYPE want it (read
+    late, so a test's override counts): the work queues, the dead letters, the notifications."""
     from django.conf import settings
 
-    return (*QUEUES, notifications_queue(queue_type=settings.NOTIFICATIONS_QUEUE_TYPE))
+    return (
+        *work_queues(queue_type=settings.BROKER_QUEUE_TYPE),
+        dead_letter_queue(queue_type=settings.BROKER_QUEUE_TYPE),
+        notifications_queue(queue_type=settings.NOTIFICATIONS_QUEUE_TYPE),
+    )
 
 
 def declare_topology(connection: Connection) -> None:
