@@ -39,6 +39,7 @@ from messaging.connection import (
     broker_connect,
     broker_drop,
     broker_keep_alive,
+    broker_node,
     keep_alive_interval,
 )
 from messaging.loop import BrokerLoop
@@ -88,6 +89,10 @@ class DeadLetterArchiver(BrokerLoop):
         self.arrived, self.held, self.channel = [], {}, channel
         channel.basic_consume(DEAD_LETTER_QUEUE.name, callback=self.arrived.append, no_ack=False)
         logger.info("dead-letter archiver consuming %s (prefetch %d)", DEAD_LETTER_QUEUE.name, self.prefetch)
+
+    def broker_node(self) -> str:
+        assert self.connection is not None
+        return broker_node(self.connection)
 
     def work(self) -> bool:
         assert self.connection is not None and self.channel is not None

@@ -57,6 +57,9 @@ class ServiceState:
 
 
 def redacted_url(url: str) -> str:
+    """The URL without its password; each node's, for a failover list (`amqp://a;amqp://b`)."""
+    if ";" in url:
+        return ";".join(redacted_url(node) for node in url.split(";"))
     parts = urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(f":{parts.password}@", ":***@")

@@ -27,6 +27,7 @@ from messaging.connection import (
     broker_connect,
     broker_drop,
     broker_keep_alive,
+    broker_node,
     keep_alive_interval,
 )
 
@@ -138,6 +139,12 @@ class ConfirmingPublisher:
     def keep_alive_seconds(self) -> float | None:
         """How often `keep_alive` must run while idle; None without heartbeats."""
         return keep_alive_interval(self.heartbeat)
+
+    @property
+    def node(self) -> str:
+        """The node this publisher's connection uses (one of a failover URL's). Only while connected."""
+        assert self._connection is not None
+        return broker_node(self._connection)
 
     def fileno(self) -> int:
         """The broker socket, for select(): readable when the broker sent something (a heartbeat,

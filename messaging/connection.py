@@ -22,7 +22,7 @@ from amqp.exceptions import ConnectionError as AMQPConnectionError
 from kombu import Connection
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from infrastructure.health import first_line
+from infrastructure.health import first_line, redacted_url
 
 CONNECT_TIMEOUT_SECONDS = 3.0
 # No read or write on the broker socket waits longer: a peer gone silent must not hang a declare,
@@ -51,12 +51,17 @@ class BrokerUnavailable(Exception):
 def broker_connect(broker_url: str, *, heartbeat: int = 0) -> Connection:
     """Open a connection whose socket reads and writes time out; raises BrokerUnavailable.
 
-    `heartbeat` (seconds, 0 for none) asks the broker for AMQP heartbeats: whoever sets it must
-    call `broker_keep_alive` at least every `keep_alive_interval(heartbeat)` while idle.
+    `broker_url` may list a cluster's nodes as kombu's failover URL (`amqp://a;amqp://b`): each
+    node is tried once, in the listed order, and the first that answers is used (`broker_node`
+    names it); BrokerUnavailable means none did. `heartbeat` (seconds, 0 for none) asks the broker
+    for AMQP heartbeats: whoever sets it must call `broker_keep_alive` at least every
+    `keep_alive_interval(heartbeat)` while idle.
     """
     connection = Connection(broker_url, connect_timeout=CONNECT_TIMEOUT_SECONDS, heartbeat=heartbeat)
     try:
-        connection.ensure_connection(max_retries=0)
+        # kombu moves to the next node after each failed try and sleeps only after a full cycle,
+        # which this never reaches: a caller's own backoff decides when to go round again.
+        connection.ensure_connection(max_retries=max(len(connection.alt), 1) - 1)
         # py-amqp restores this after every read that has a timeout of its own.
         connection.connection.sock.settimeout(SOCKET_TIMEOUT_SECONDS)
     except BROKER_ERRORS as error:
@@ -83,6 +88,11 @@ def broker_connection(broker_url: str, *, heartbeat: int = 0) -> Iterator[Connec
         broker_close(connection)
         raise
     broker_close(connection)
+
+
+def broker_node(connection: Connection) -> str:
+    """The node a connected Connection uses, as a URL without its password (for logs and pages)."""
+    return redacted_url(connection.as_uri(include_password=True))
 
 
 def keep_alive_interval(heartbeat: int) -> float | None:

@@ -7,7 +7,8 @@ outage it drops what it holds, backs off (0.5 s doubling to MAX_BACKOFF_SECONDS)
 again, logging each state change once, never each retry. SIGTERM ends it cleanly
 (`stop_on_sigterm`); it closes its connections on the way out.
 
-A loop writes only its own part: `connect`, `work`, `idle_wait`, `keep_alive`, `prune`, `close`.
+A loop writes only its own part: `connect`, `broker_node`, `work`, `idle_wait`, `keep_alive`,
+`prune`, `close`.
 """
 
 from __future__ import annotations
@@ -61,22 +62,23 @@ class LoopState:
         self.name = name
         self.waiting = waiting
         self.url = redacted_url(broker_url)
+        self.node = ""  # the node of the connection in use: one of a failover URL's
         self.broker = "starting"  # then "up", "lost" (was up) or "unreachable" (a connect failed)
         self.database = "up"
 
-    def broker_up(self) -> None:
+    def broker_up(self, node: str) -> None:
         if self.broker == "starting":
-            logger.info("%s connected to RabbitMQ at %s", self.name, self.url)
+            logger.info("%s connected to RabbitMQ at %s", self.name, node)
         elif self.broker != "up":
-            logger.info("%s reconnected to RabbitMQ at %s", self.name, self.url)
-        self.broker = "up"
+            logger.info("%s reconnected to RabbitMQ at %s", self.name, node)
+        self.broker, self.node = "up", node
 
     def broker_lost(self, error: str) -> None:
         """The connection failed while in use."""
         if self.broker == "up":
             logger.warning(
                 "lost the broker connection to %s (%s); %s, the %s reconnects",
-                self.url,
+                self.node,
                 error,
                 self.waiting,
                 self.name,
@@ -127,6 +129,10 @@ class BrokerLoop(ABC):
         """Open the broker connection (and whatever else the work needs); a no-op for what is open."""
 
     @abstractmethod
+    def broker_node(self) -> str:
+        """The node the open broker connection uses (messaging.connection.broker_node)."""
+
+    @abstractmethod
     def work(self) -> bool:
         """One round of work; True when it reached the database (so the database is up)."""
 
@@ -155,7 +161,7 @@ class BrokerLoop(ABC):
                 try:
                     self.connect()
                     connected = True
-                    self.state.broker_up()
+                    self.state.broker_up(self.broker_node())
                     while not self.should_stop():
                         if self.work():
                             self.state.database_up()

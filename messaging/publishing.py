@@ -68,6 +68,10 @@ class EventPublisher:
     def keep_alive_seconds(self) -> float | None:
         return self._confirming.keep_alive_seconds
 
+    @property
+    def node(self) -> str:
+        return self._confirming.node
+
     def fileno(self) -> int:
         return self._confirming.fileno()
 

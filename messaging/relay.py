@@ -77,6 +77,9 @@ class OutboxRelay(BrokerLoop):
         self.listener.connect()
         self.publisher.connect()
 
+    def broker_node(self) -> str:
+        return self.publisher.node
+
     def work(self) -> bool:
         while not self.should_stop():
             result = publish_pending_events(publisher=self.publisher)

@@ -32,6 +32,9 @@ class ScriptedLoop(BrokerLoop):
         if error := self.connects.pop(0):
             raise error
 
+    def broker_node(self) -> str:
+        return "amqp://guest:***@localhost//"
+
     def work(self) -> bool:
         self.calls.append("work")
         if error := self.works.pop(0):
@@ -103,11 +106,11 @@ def test_loop_state_logs_a_failed_reconnect_once_after_the_loss(caplog):
     state = LoopState(name="relay", waiting="events wait in the outbox", broker_url="amqp://localhost//")
 
     with caplog.at_level(logging.INFO, logger="messaging.loop"):
-        state.broker_up()
+        state.broker_up("amqp://localhost//")
         state.broker_lost("Connection reset")
         for _ in range(3):
             state.broker_unreachable("timed out")
-        state.broker_up()
+        state.broker_up("amqp://localhost//")
 
     assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
         "relay connected to RabbitMQ at amqp://localhost//",
@@ -115,3 +118,11 @@ def test_loop_state_logs_a_failed_reconnect_once_after_the_loss(caplog):
         "broker unreachable at amqp://localhost//",
         "relay reconnected to RabbitMQ at amqp://localhost//",
     ]
+
+
+def test_loop_state_names_the_node_of_a_failover_url():
+    state = LoopState(name="relay", waiting="events wait", broker_url="amqp://a//;amqp://b//;amqp://c//")
+    state.broker_up("amqp://b//")
+    state.broker_lost("Connection reset")
+
+    assert state.node == "amqp://b//"
