@@ -127,6 +127,7 @@ class LeaderKill:
     led: tuple[str, ...]  # the queues it led when killed
     after_vip: int  # VIP notifications sent before the kill
     new_leaders: dict[str, str | None]  # queue -> its leader at the end
+    vip_after: LatencySummary | None  # the VIP notifications sent after the kill
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,14 @@ def benchmark_priority(
     kill_leader: bool = False,
     progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
 ) -> PriorityResult:
-    """Queue the expiring notifications and the backlog with no notifier running, start both
-    notifiers, send VIP notifications while the backlog drains (killing the node that leads the
-    VIP queue halfway with `kill_leader`), then account for every notification."""
+    """`benchmark_priority_in` a vhost of its own on CELERY_BROKER_URL, deleted afterwards.
+
+    rabbitmqctl's default node is this machine's own; a cluster's nodes (a broker URL naming
+    several, or `kill_leader`) come from the management API at RABBITMQ_MANAGEMENT_URL.
+    """
     broker_url = settings.CELERY_BROKER_URL
     nodes = None
     if kill_leader or ";" in broker_url:
-        # rabbitmqctl's default node is this machine's own; a cluster's come from its management API.
         try:
             nodes = RabbitNodes.discover(settings.RABBITMQ_MANAGEMENT_URL, broker_url=broker_url)
         except NodesUnavailable as error:
@@ -166,17 +168,11 @@ def benchmark_priority(
                 "on a cluster the benchmark needs RABBITMQ_MANAGEMENT_URL to reach a node's "
                 f"management API: {error}"
             ) from None
-    if kill_leader and settings.BROKER_QUEUE_TYPE != "quorum":
-        raise BenchmarkError(
-            "--kill-leader needs BROKER_QUEUE_TYPE=quorum: a classic queue dies with its node"
-        )
-    if kill_leader and nodes is not None and len(nodes.names) < 3:
-        raise BenchmarkError(f"--kill-leader needs a cluster of three nodes or more, not {len(nodes.names)}")
     try:
         with scratch_vhost(
             "bench_priority", broker_url=broker_url, rabbitmq_nodes=nodes.names if nodes else ()
         ) as url:
-            return _PriorityRun(
+            return benchmark_priority_in(
                 url,
                 nodes=nodes,
                 backlog=backlog,
@@ -186,9 +182,46 @@ def benchmark_priority(
                 kill_leader=kill_leader,
                 timeout=timeout,
                 progress=progress,
-            ).run()
+            )
     except ScratchVhostError as error:
         raise BenchmarkError(f"bench_priority works in a vhost of its own: {error}") from error
+
+
+def benchmark_priority_in(
+    url: str,
+    *,
+    nodes: RabbitNodes | None,
+    backlog: int,
+    vip_count: int,
+    vip_interval: float,
+    timeout: float,
+    expiring: int = 0,
+    kill_leader: bool = False,
+    progress: Callable[[str, int, int], None] = lambda stage, done, total: None,
+) -> PriorityResult:
+    """In the vhost of `url` (the topology declared, nothing else using it): queue the expiring
+    notifications and the backlog with no notifier running, start both notifiers, send VIP
+    notifications while the backlog drains (with `kill_leader`, kill -9 the node of `nodes` that
+    leads the VIP queue halfway), then account for every notification."""
+    if kill_leader and settings.BROKER_QUEUE_TYPE != "quorum":
+        raise BenchmarkError(
+            "--kill-leader needs BROKER_QUEUE_TYPE=quorum: a classic queue dies with its node"
+        )
+    if kill_leader and (nodes is None or len(nodes.names) < 3):
+        raise BenchmarkError("--kill-leader needs a cluster of three nodes or more")
+    if kill_leader and vip_count < 4:
+        raise BenchmarkError("--kill-leader needs --vip 4 or more: percentiles before and after the kill")
+    return _PriorityRun(
+        url,
+        nodes=nodes,
+        backlog=backlog,
+        vip_count=vip_count,
+        vip_interval=vip_interval,
+        expiring=expiring,
+        kill_leader=kill_leader,
+        timeout=timeout,
+        progress=progress,
+    ).run()
 
 
 class _PriorityRun:
@@ -226,7 +259,8 @@ class _PriorityRun:
             account = self._account(sent, expected_expired=len(expiring_ids))
             if kill is not None:
                 new_leaders = {queue: self._leader(queue) for queue in kill.led}
-                kill = LeaderKill(kill.node, kill.pid, kill.led, kill.after_vip, new_leaders)
+                vip_after_kill = _latencies(vip_ids[kill.after_vip :])
+                kill = LeaderKill(kill.node, kill.pid, kill.led, kill.after_vip, new_leaders, vip_after_kill)
             return PriorityResult(
                 backlog=self.backlog,
                 vip=_latencies(vip_ids),
@@ -367,7 +401,7 @@ class _PriorityRun:
             pid = self.nodes.kill(node)
         except NodesUnavailable as error:
             raise BenchmarkError(str(error)) from None
-        return LeaderKill(node, pid, led, after_vip, {})
+        return LeaderKill(node, pid, led, after_vip, {}, None)
 
     # --- the notifiers ---------------------------------------------------------------------
 

@@ -292,6 +292,11 @@ def broker_url_with_vhost(broker_url: str, vhost: str) -> str:
     )
 
 
+# Deleting a vhost deletes its quorum queues one by one; with a cluster node down, RabbitMQ tries
+# each for seconds before it force-deletes it, minutes for the 30-odd a Celery worker declares.
+RABBITMQCTL_TIMEOUT_SECONDS = 600
+
+
 def _rabbitmqctl(*args: str, nodes: Sequence[str]) -> None:
     error_text = ""
     for node in nodes or [None]:
@@ -300,7 +305,7 @@ def _rabbitmqctl(*args: str, nodes: Sequence[str]) -> None:
                 ["rabbitmqctl", "-q", *(["-n", node] if node else []), *args],
                 check=True,
                 capture_output=True,
-                timeout=60,
+                timeout=RABBITMQCTL_TIMEOUT_SECONDS,
             )
             return
         except FileNotFoundError as error:
@@ -310,4 +315,6 @@ def _rabbitmqctl(*args: str, nodes: Sequence[str]) -> None:
         except subprocess.CalledProcessError as error:
             detail = error.stderr.decode(errors="replace").strip().splitlines()
             error_text = detail[-1] if detail else str(error)
+        except subprocess.TimeoutExpired:
+            error_text = f"no answer from {node or 'the default node'} in {RABBITMQCTL_TIMEOUT_SECONDS}s"
     raise ScratchVhostError(f"rabbitmqctl {args[0]} failed: {error_text}")

@@ -117,6 +117,16 @@ class Command(BaseCommand):
             f"{result.vip.max:.3f}",
             f"p99 < {target:g} s: {_verdict(met)}",
         )
+        if result.leader_kill and result.leader_kill.vip_after:
+            after = result.leader_kill.vip_after
+            table.add_row(
+                "  of which sent after the kill",
+                str(after.count),
+                f"{after.p50:.3f}",
+                f"{after.p99:.3f}",
+                f"{after.max:.3f}",
+                "-",
+            )
         table.add_row(
             "normal (queue notifications)",
             str(result.normal.count),
