@@ -30,8 +30,8 @@ anywhere finishes when run again, losing nothing. Two things can deliver a messa
 every consumer here is idempotent by id (the ledgers), so it is processed once:
 - a crash between a batch's confirms and its ack: the batch is back in the source and its copies
   are in the destination, so it is moved again (at most BATCH_SIZE messages); no broker operation
-  can ack one queue and publish to another atomically (AMQP transactions are not atomic across
-  queues, and RabbitMQ applies their acks before the publishes are safe);
+  can ack one queue and publish to another atomically (RabbitMQ's transactions are not atomic
+  across queues, so one broken off mid-commit could lose the message instead);
 - a message published in the moment between steps 1 and 2 (or 5 and 6) reaches both queues:
   unbinding first would leave a moment with no queue bound, and dead letters routed then would be
   dropped. One broker round trip; a crash just there stretches it until the next run.
