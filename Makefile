@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test install lint format browser promtool rabbitmq-management secret-key \
+.PHONY: run test install lint format browser promtool docker-compose rabbitmq-management secret-key \
 	rabbitmq-cluster rabbitmq-cluster-stop
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -25,6 +25,13 @@ promtool:
 	@command -v promtool >/dev/null || { \
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "promtool is missing: run 'sudo apt-get install -y prometheus'" >&2; exit 1; fi; }
+
+# tests/ops checks docker-compose.yml and its cluster variant with `docker-compose config`, from Debian's
+# docker-compose package (compose v1: its command is `docker-compose`, not the `docker compose` plugin).
+docker-compose:
+	@command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; \
+	  else echo "docker-compose is missing: run 'sudo apt-get install -y docker-compose'" >&2; exit 1; fi; }
 
 # The management plugin serves the UI on :15672 and the queue rates `manage.py queues` and the
 # dead-letter admin read (docs/dead-letters.md); RabbitMQ does not enable it by default. Without
@@ -63,7 +70,7 @@ run: install secret-key
 	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start --port $(PORT)
 
-test: install secret-key browser promtool
+test: install secret-key browser promtool docker-compose
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
 	$(VENV)/bin/pytest
