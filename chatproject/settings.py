@@ -189,6 +189,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 # A worker started before RabbitMQ waits for it instead of exiting.
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# On quorum queues (BROKER_QUEUE_TYPE=quorum) the worker sets its prefetch per consumer: RabbitMQ
+# refuses a global QoS on them. Celery's default, spelled out because the prefetch of 1 above
+# depends on it.
+CELERY_WORKER_DETECT_QUORUM_QUEUES = True
 # On a lost connection unacked (acks_late) messages are redelivered anyway; stop running copies.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
