@@ -44,7 +44,7 @@ rabbitmq-management:
 
 # A three-node RabbitMQ cluster on loopback (AMQP 5680-5682, management 5690-5692), from the
 # installed rabbitmq-server, as root (ops/rabbitmq-cluster/cluster.sh; docs/scaling.md).
-# Point the chat at it with CELERY_BROKER_URL=amqp://guest:guest@localhost:5680// BROKER_QUEUE_TYPE=quorum.
+# Point the chat at it as docs/scaling.md shows: every node in CELERY_BROKER_URL, BROKER_QUEUE_TYPE=quorum.
 rabbitmq-cluster:
 	ops/rabbitmq-cluster/cluster.sh start
 

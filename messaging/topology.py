@@ -13,6 +13,7 @@ so a later queue can bind to a subset; the `dead_letters` queue binds `#` to kee
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,6 +26,8 @@ from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Connection, Exchange, Queue
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 CHAT_EVENTS_EXCHANGE = Exchange("chat_events", type="topic", durable=True)
 DEAD_LETTER_EXCHANGE = Exchange("dead_letter", type="topic", durable=True)
@@ -161,21 +164,31 @@ def declared_queues() -> tuple[Queue, ...]:
     )
 
 
-def declare_topology(connection: Connection) -> None:
+def declare_topology(connection: Connection) -> list[str]:
     """Declare every exchange, queue and binding; idempotent, safe to run on every start-up.
 
-    Raises amqp's PreconditionFailed when an entity exists with other arguments (see
-    `topology_differences` for a readable report).
+    Returns (and logs) why each queue it could not declare could not: on a cluster, a classic
+    queue lives on one node, and while that node is down RabbitMQ answers NOT_FOUND for it. The
+    rest is declared all the same, so that the relay, the archiver and the workers go on with
+    the queues that live on. Raises amqp's PreconditionFailed when an entity exists with other
+    arguments (see `topology_differences` for a readable report).
     """
+    unavailable: list[str] = []
     channel = connection.channel()
     try:
         for exchange in EXCHANGES:
             exchange.bind(channel).declare()
         for queue in declared_queues():
-            # Declares the queue's exchange, the queue and the binding.
-            queue.bind(channel).declare()
+            try:
+                # Declares the queue's exchange, the queue and the binding.
+                queue.bind(channel).declare()
+            except NotFound as error:
+                unavailable.append(f"queue {queue.name} is unavailable ({_reply_text(error)})")
+                logger.warning("%s; it comes back with its node", unavailable[-1])
+                channel = connection.channel()  # the error closed the channel
     finally:
         channel.close()
+    return unavailable
 
 
 # RabbitMQ cannot change a queue's arguments or name: `manage.py migrate_queues` moves a queue's

@@ -1,5 +1,6 @@
-"""The Celery worker's message intake (Celery's Consumer), changed in two ways: bad messages are
-dead-lettered, and no log line quotes a message's body or headers.
+"""The Celery worker's message intake (Celery's Consumer), changed in three ways: bad messages are
+dead-lettered, no log line quotes a message's body or headers, and delayed delivery is set up
+through the one node the worker uses (messaging/delayed_delivery.py).
 
 Stock Celery logs a message whose body cannot be decoded and then ACKS it, so it vanishes. Our
 work queues name a dead-letter exchange for exactly this case: rejecting it without requeue
@@ -22,7 +23,16 @@ from celery.worker.consumer import consumer as celery_consumer
 logger = logging.getLogger(__name__)
 
 
+CELERY_DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+
+
 class DeadLetteringIntake(Consumer):
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [
+            "messaging.delayed_delivery:NodeDelayedDelivery" if step == CELERY_DELAYED_DELIVERY_STEP else step
+            for step in Consumer.Blueprint.default_steps
+        ]
+
     def on_decode_error(self, message, exc: Exception) -> None:
         headers = message.headers or {}
         logger.critical(
