@@ -30,6 +30,10 @@ from messaging.topology import declare_topology
 from tests.harness import Processes
 
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "ops" / "rabbitmq-cluster" / "cluster.sh"
+# pytest-timeout counts fixtures in: whichever cluster test runs first (pytest-django runs database
+# tests first) also waits for the session's cluster to start (cluster.sh, up to 300 s), and in
+# test_node_down.py for node 1 to stop. An upper bound for a stuck test, never a performance claim.
+FIRST_CLUSTER_TEST_TIMEOUT = pytest.mark.timeout(480)
 NODE_COUNT = 3
 # cluster.sh's layout: node i has AMQP on base+i-1, management on base+10+i-1, distribution on base+20+i-1.
 PORT_OFFSETS = (0, 10, 20)

@@ -15,10 +15,13 @@ from deadletters.models import DeadLetter
 from messaging.models import OutboxEvent
 from messaging.topology import ANALYTICS_QUEUE, DEAD_LETTER_QUEUE
 from tests.analytics.test_pipeline import store_in_one_commit
+from tests.cluster.conftest import FIRST_CLUSTER_TEST_TIMEOUT
 from tests.deadletters.conftest import wait_for_log
 from tests.harness import QUIET_WORKER, Processes, wait_until
 
 DEADLINE = 90
+
+pytestmark = FIRST_CLUSTER_TEST_TIMEOUT
 
 
 def _node(port: int) -> str:

@@ -21,10 +21,14 @@ from django.urls import reverse
 from deadletters.services.resolution import REPLAY_HEADER
 from messaging.connection import broker_connection
 from messaging.topology import ANALYTICS_QUEUE_NAME, declare_topology
-from tests.cluster.conftest import RabbitCluster, new_vhost
+from tests.cluster.conftest import FIRST_CLUSTER_TEST_TIMEOUT, RabbitCluster, new_vhost
 from tests.conftest import grant_permission
 from tests.deadletters.conftest import archive_letter
 from tests.harness import wait_until
+
+# Every test a database test: pytest-django runs those first, so they run one after the other,
+# and node 1 is stopped and started once, not once per group.
+pytestmark = [FIRST_CLUSTER_TEST_TIMEOUT, pytest.mark.django_db]
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +105,6 @@ def test_queues_without_the_management_api_answers_through_node_two(
     }
 
 
-@pytest.mark.django_db
 def test_replay_publishes_through_node_two_and_names_it(rabbit_cluster, settings):
     letter = archive_letter()
 
@@ -114,7 +117,6 @@ def test_replay_publishes_through_node_two_and_names_it(rabbit_cluster, settings
     assert replayed.properties["application_headers"][REPLAY_HEADER] == letter.pk
 
 
-@pytest.mark.django_db
 def test_healthz_is_degraded_and_lists_each_node_without_addresses():
     response = Client().get("/healthz")
 
@@ -133,7 +135,6 @@ def test_healthz_is_degraded_and_lists_each_node_without_addresses():
     assert "localhost" not in response.content.decode()
 
 
-@pytest.mark.django_db
 def test_healthz_tells_staff_each_node_and_why_node_one_is_down(rabbit_cluster, replicated_vhost, make_user):
     staff = Client()
     staff.force_login(make_user("root", is_staff=True))
@@ -157,7 +158,6 @@ def _rows(html: str, table: str, key: str) -> dict[str, str]:
     }
 
 
-@pytest.mark.django_db
 def test_broker_status_page_shows_each_node_and_where_the_queues_live(rabbit_cluster, make_user):
     names = [node.name for node in rabbit_cluster.nodes]
     staff = Client()
