@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
 
-.PHONY: run test install lint format browser promtool rabbitmq-management secret-key \
+.PHONY: run test install lint format browser promtool docker-compose rabbitmq-management secret-key \
 	rabbitmq-cluster rabbitmq-cluster-stop
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -26,6 +26,13 @@ promtool:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; \
 	  else echo "promtool is missing: run 'sudo apt-get install -y prometheus'" >&2; exit 1; fi; }
 
+# tests/ops checks docker-compose.yml and its cluster variant with `docker-compose config`, from Debian's
+# docker-compose package (compose v1: its command is `docker-compose`, not the `docker compose` plugin).
+docker-compose:
+	@command -v docker-compose >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; \
+	  else echo "docker-compose is missing: run 'sudo apt-get install -y docker-compose'" >&2; exit 1; fi; }
+
 # The management plugin serves the UI on :15672 and the queue rates `manage.py queues` and the
 # dead-letter admin read (docs/dead-letters.md); RabbitMQ does not enable it by default. Without
 # it the chat still works (queue depths come from passive declares), so this only warns.
@@ -37,7 +44,7 @@ rabbitmq-management:
 
 # A three-node RabbitMQ cluster on loopback (AMQP 5680-5682, management 5690-5692), from the
 # installed rabbitmq-server, as root (ops/rabbitmq-cluster/cluster.sh; docs/scaling.md).
-# Point the chat at it with CELERY_BROKER_URL=amqp://guest:guest@localhost:5680// BROKER_QUEUE_TYPE=quorum.
+# Point the chat at it as docs/scaling.md shows: every node in CELERY_BROKER_URL, BROKER_QUEUE_TYPE=quorum.
 rabbitmq-cluster:
 	ops/rabbitmq-cluster/cluster.sh start
 
@@ -63,7 +70,7 @@ run: install secret-key
 	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/)"
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start --port $(PORT)
 
-test: install secret-key browser promtool
+test: install secret-key browser promtool docker-compose
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
 	$(VENV)/bin/pytest

@@ -54,6 +54,7 @@ from bench.procfile import (
 )
 from bench.rabbitmq_nodes import NodesUnavailable, RabbitNodes
 from chat.models import Message, NotificationDelivery, Room
+from infrastructure.health import broker_nodes
 from messaging.connection import BrokerUnavailable
 from messaging.events import (
     MENTION,
@@ -156,17 +157,16 @@ def benchmark_priority(
     """`benchmark_priority_in` a vhost of its own on CELERY_BROKER_URL, deleted afterwards.
 
     rabbitmqctl's default node is this machine's own; a cluster's nodes (a broker URL naming
-    several, or `kill_leader`) come from the management API at RABBITMQ_MANAGEMENT_URL.
+    several, or `kill_leader`) come from the management APIs of RABBITMQ_MANAGEMENT_URL.
     """
     broker_url = settings.CELERY_BROKER_URL
     nodes = None
-    if kill_leader or ";" in broker_url:
+    if kill_leader or len(broker_nodes(broker_url)) > 1:
         try:
-            nodes = RabbitNodes.discover(settings.RABBITMQ_MANAGEMENT_URL, broker_url=broker_url)
+            nodes = RabbitNodes.discover(broker_url)
         except NodesUnavailable as error:
             raise BenchmarkError(
-                "on a cluster the benchmark needs RABBITMQ_MANAGEMENT_URL to reach a node's "
-                f"management API: {error}"
+                f"on a cluster the benchmark reads RABBITMQ_MANAGEMENT_URL's management APIs: {error}"
             ) from None
     try:
         with scratch_vhost(
@@ -239,7 +239,7 @@ class _PriorityRun:
         progress: Callable[[str, int, int], None],
     ) -> None:
         self.url = url
-        self.vhost = Connection(url.split(";")[0]).virtual_host
+        self.vhost = Connection(broker_nodes(url)[0]).virtual_host
         self.nodes = nodes
         self.backlog = backlog
         self.vip_count = vip_count

@@ -23,9 +23,9 @@ from typing import TypeVar
 from amqp.exceptions import NotFound
 from django.conf import settings
 from django.db import connection
-from kombu import Connection
 
 from infrastructure.postgres import database_url
+from messaging.connection import broker_connection
 from messaging.outbox import OUTBOX_NOTIFY_CHANNEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,8 +84,11 @@ def port_open(port: int) -> Probe:
 
 
 def queue_consumers(broker_url: str, queue: str) -> int:
-    """How many consumers `queue` has now (passive declare); 0 while nobody has declared it."""
-    with Connection(broker_url) as conn:
+    """How many consumers `queue` has now (passive declare); 0 while nobody has declared it.
+
+    Through the first node of a cluster's failover URL that answers, like the processes it waits for.
+    """
+    with broker_connection(broker_url) as conn:
         try:
             _, _, consumers = conn.default_channel.queue_declare(queue, passive=True)
         except NotFound:

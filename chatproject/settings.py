@@ -165,6 +165,10 @@ CHANNEL_LAYERS = {
     },
 }
 
+# One node, or a cluster's nodes as kombu's failover URL (`amqp://a//;amqp://b//;amqp://c//`): every
+# broker client (the relay, the archiver, replay, setup_broker, queues, /healthz, and Celery's
+# workers) uses the first node that answers and moves to the next when it is lost (docs/scaling.md).
+# List every node of the cluster: /healthz counts a majority of them as "working".
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="amqp://guest:guest@localhost:5672//")
 # Celery (chatproject/celery.py); queues and routes come from messaging/topology.py.
 # JSON only: a message is data other processes (the relay, the DLQ archiver) build and read; no pickle.
@@ -185,6 +189,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"confirm_publish": True}
 # A worker started before RabbitMQ waits for it instead of exiting.
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+# On quorum queues (BROKER_QUEUE_TYPE=quorum) the worker sets its prefetch per consumer: RabbitMQ
+# refuses a global QoS on them. Celery's default, spelled out because the prefetch of 1 above
+# depends on it.
+CELERY_WORKER_DETECT_QUORUM_QUEUES = True
 # On a lost connection unacked (acks_late) messages are redelivered anyway; stop running copies.
 CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
@@ -259,7 +267,19 @@ DLQ_TASK_FAILURE_RETENTION_DAYS = env.int("DLQ_TASK_FAILURE_RETENTION_DAYS", def
 # Deleting one loses only the option to replay it again, which a person already used (replayed)
 # or declined (discarded).
 DLQ_RESOLVED_RETENTION_DAYS = env.int("DLQ_RESOLVED_RETENTION_DAYS", default=30)
+# The management API gives the broker status page and `manage.py queues` unacked counts, rates and
+# where each queue lives. Each node of a cluster serves its own, so on a cluster it may list one
+# per node, `;`-separated like CELERY_BROKER_URL and in the same order (node i's vhost and, unless
+# its URL has its own, credentials come from CELERY_BROKER_URL's node i): the first that answers is
+# used, and each node's name is shown beside it. A single URL serves every node.
 RABBITMQ_MANAGEMENT_URL = env.str("RABBITMQ_MANAGEMENT_URL", default="http://localhost:15672")
+_MANAGEMENT_URLS = [url for url in RABBITMQ_MANAGEMENT_URL.split(";") if url.strip()]
+_BROKER_NODES = [url for url in CELERY_BROKER_URL.split(";") if url.strip()]
+if len(_MANAGEMENT_URLS) > 1 and len(_MANAGEMENT_URLS) != len(_BROKER_NODES):
+    raise ImproperlyConfigured(
+        f"RABBITMQ_MANAGEMENT_URL lists {len(_MANAGEMENT_URLS)} URLs and CELERY_BROKER_URL "
+        f"{len(_BROKER_NODES)} nodes: list one management URL per broker node, in the same order, or just one"
+    )
 # A dead letter the database refuses even in minimal form (in practice it refuses every row: a missing
 # migration, a read-only database) is held unacked this long, then handed back to RabbitMQ to be
 # tried again: once per interval, not a hot loop, and never dropped. Keep it under RabbitMQ's

@@ -201,7 +201,8 @@ class DeadLetterAdmin(admin.ModelAdmin):
         return TemplateResponse(request, "admin/deadletters/deadletter/action_confirmation.html", context)
 
     def _report(self, request: HttpRequest, result: BulkResult, past: str) -> None:
-        self.message_user(request, f"{len(result.done)} dead letters {past}.", messages.SUCCESS)
+        through = f" Published through RabbitMQ node {result.node}." if result.node else ""
+        self.message_user(request, f"{len(result.done)} dead letters {past}.{through}", messages.SUCCESS)
         for pk, error in list(result.failed.items())[:10]:
             self.message_user(request, f"Dead letter #{pk} was not {past}: {error}", messages.ERROR)
         if len(result.failed) > 10:
@@ -220,13 +221,15 @@ class DeadLetterAdmin(admin.ModelAdmin):
         ]
 
     def broker_status_view(self, request: HttpRequest) -> TemplateResponse:
-        """Queue depths and rates: for staff who may view dead letters, like the letters themselves."""
+        """Each broker node and each queue's depth, rates and place on a cluster: for staff who may
+        view dead letters, like the letters themselves."""
         if not self.has_view_permission(request):
             raise PermissionDenied
         context = {
             **self.admin_site.each_context(request),
             "title": "Broker status",
             "opts": self.model._meta,
+            "nodes": selectors.broker_node_statuses(),
             "queues": selectors.queue_statuses(),
         }
         return TemplateResponse(request, "admin/deadletters/deadletter/broker_status.html", context)

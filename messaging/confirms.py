@@ -1,6 +1,7 @@
 """Publishing with pipelined publisher confirms: a message counts as sent only once RabbitMQ said so.
 
-Used by the outbox relay (messaging/relay.py) and by dead-letter replay (deadletters).
+Used by the outbox relay (messaging/relay.py), by dead-letter replay (deadletters) and by
+`migrate_queues` (messaging/queue_migration.py).
 A batch is published, then one wait covers all its confirms, instead of a round trip per
 message, which would cap publishing at one broker round trip per event. Messages go out
 `mandatory`, so an unroutable one comes back (basic.return, sent before its ack) instead of
@@ -34,6 +35,8 @@ from messaging.connection import (
 CONFIRM_TIMEOUT_SECONDS = 10.0
 
 NACKED = "the broker refused the message (nack)"
+# What a publisher without `return_key` records for a returned message: it fails every message.
+_UNKNOWN_RETURN = object()
 UNROUTABLE = "no queue is bound for its exchange and routing key"
 
 
@@ -49,7 +52,8 @@ class ConfirmingPublisher:
     """One broker connection with a confirm-mode channel, opened on first use and after a failure.
 
     `return_key` reads an Outgoing's key back from a returned message (a header or property
-    the caller set); `on_connect` runs on every new connection (e.g. declaring the topology).
+    the caller set); without one, a returned message cannot be told from the others, so a return
+    fails the whole batch. `on_connect` runs on every new connection (e.g. declaring the topology).
     `heartbeat` (seconds, 0 for none) asks the broker for AMQP heartbeats; whoever sets it must
     call `keep_alive` at least every `keep_alive_seconds` while not publishing.
     """
@@ -58,7 +62,7 @@ class ConfirmingPublisher:
         self,
         broker_url: str,
         *,
-        return_key: Callable[[amqp.Message], Hashable],
+        return_key: Callable[[amqp.Message], Hashable] | None = None,
         on_connect: Callable[[Connection], None] | None = None,
         heartbeat: int = 0,
     ) -> None:
@@ -129,7 +133,7 @@ class ConfirmingPublisher:
             raise BrokerUnavailable(first_line(error)) from error
         failed: dict[Hashable, str] = {}
         for tag, outgoing in tags.items():
-            if outgoing.key in self._returned:
+            if outgoing.key in self._returned or _UNKNOWN_RETURN in self._returned:
                 failed[outgoing.key] = UNROUTABLE
             elif tag in self._nacked:
                 failed[outgoing.key] = NACKED
@@ -198,4 +202,4 @@ class ConfirmingPublisher:
         self._nacked |= self._settle(delivery_tag, multiple)
 
     def _on_return(self, exc: Exception, exchange: str, routing_key: str, message: amqp.Message) -> None:
-        self._returned.add(self._return_key(message))
+        self._returned.add(self._return_key(message) if self._return_key else _UNKNOWN_RETURN)

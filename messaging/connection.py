@@ -1,7 +1,10 @@
-"""Long-lived RabbitMQ connections that neither hang nor die unnoticed.
+"""RabbitMQ connections that fail over across a cluster's nodes and neither hang nor die unnoticed.
 
-Used by the confirming publisher (messaging/confirms.py: the relay, dead-letter replay) and the
-dead-letter archiver. No socket read or write waits longer than SOCKET_TIMEOUT_SECONDS, and a
+Every broker client of the project connects through here, so each fails over the same way and can
+name the node it uses: the confirming publisher (messaging/confirms.py: the relay, dead-letter
+replay), the dead-letter archiver, setup_broker, and the queue reads behind the metrics, the
+alerts, `queues` and the broker status page. Celery's workers fail over by themselves (kombu, with
+the same failover URL). No socket read or write waits longer than SOCKET_TIMEOUT_SECONDS, and a
 connection that failed is dropped without the AMQP close handshake, which would only wait on it.
 
 py-amqp neither reads the broker's heartbeats nor sends its own by itself: a client that asks for
@@ -22,7 +25,7 @@ from amqp.exceptions import ConnectionError as AMQPConnectionError
 from kombu import Connection
 from kombu.exceptions import OperationalError as KombuOperationalError
 
-from infrastructure.health import first_line, redacted_url
+from infrastructure.health import broker_nodes, first_line, redacted_url
 
 CONNECT_TIMEOUT_SECONDS = 3.0
 # No read or write on the broker socket waits longer: a peer gone silent must not hang a declare,
@@ -48,37 +51,58 @@ class BrokerUnavailable(Exception):
     """The broker cannot be reached or stopped answering; the connection was dropped."""
 
 
-def broker_connect(broker_url: str, *, heartbeat: int = 0) -> Connection:
+def broker_connect(
+    broker_url: str,
+    *,
+    heartbeat: int = 0,
+    connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+    socket_timeout: float = SOCKET_TIMEOUT_SECONDS,
+) -> Connection:
     """Open a connection whose socket reads and writes time out; raises BrokerUnavailable.
 
     `broker_url` may list a cluster's nodes as kombu's failover URL (`amqp://a;amqp://b`): each
     node is tried once, in the listed order, and the first that answers is used (`broker_node`
-    names it); BrokerUnavailable means none did. `heartbeat` (seconds, 0 for none) asks the broker
-    for AMQP heartbeats: whoever sets it must call `broker_keep_alive` at least every
+    names it); BrokerUnavailable means none did, and says why for each. A caller's own backoff
+    decides when to go round again. `heartbeat` (seconds, 0 for none) asks the broker for AMQP
+    heartbeats: whoever sets it must call `broker_keep_alive` at least every
     `keep_alive_interval(heartbeat)` while idle.
     """
-    connection = Connection(broker_url, connect_timeout=CONNECT_TIMEOUT_SECONDS, heartbeat=heartbeat)
-    try:
-        # kombu moves to the next node after each failed try and sleeps only after a full cycle,
-        # which this never reaches: a caller's own backoff decides when to go round again.
-        connection.ensure_connection(max_retries=max(len(connection.alt), 1) - 1)
-        # py-amqp restores this after every read that has a timeout of its own.
-        connection.connection.sock.settimeout(SOCKET_TIMEOUT_SECONDS)
-    except BROKER_ERRORS as error:
-        broker_drop(connection)
-        raise BrokerUnavailable(first_line(error)) from error
-    return connection
+    nodes = broker_nodes(broker_url)
+    failures: list[str] = []
+    for node in nodes:
+        connection = Connection(node, connect_timeout=connect_timeout, heartbeat=heartbeat)
+        try:
+            connection.ensure_connection(max_retries=0)
+            # py-amqp restores this after every read that has a timeout of its own.
+            connection.connection.sock.settimeout(socket_timeout)
+        except BROKER_ERRORS as error:
+            broker_drop(connection)
+            failures.append(
+                first_line(error) if len(nodes) == 1 else f"{redacted_url(node)}: {first_line(error)}"
+            )
+            continue
+        return connection
+    raise BrokerUnavailable("; ".join(failures))
 
 
 @contextmanager
-def broker_connection(broker_url: str, *, heartbeat: int = 0) -> Iterator[Connection]:
-    """A `with` block's connection (see broker_connect); raises BrokerUnavailable.
+def broker_connection(
+    broker_url: str,
+    *,
+    heartbeat: int = 0,
+    connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
+    socket_timeout: float = SOCKET_TIMEOUT_SECONDS,
+) -> Iterator[Connection]:
+    """A `with` block's connection (see broker_connect, which also picks the node); raises
+    BrokerUnavailable.
 
     A broker error ending the block drops the connection at once and comes out as
     BrokerUnavailable; any other end closes it with the AMQP handshake (bounded by the socket
     timeout), which hands its unacked deliveries back to RabbitMQ without waiting for a timeout.
     """
-    connection = broker_connect(broker_url, heartbeat=heartbeat)
+    connection = broker_connect(
+        broker_url, heartbeat=heartbeat, connect_timeout=connect_timeout, socket_timeout=socket_timeout
+    )
     try:
         yield connection
     except BROKER_ERRORS as error:

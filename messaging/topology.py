@@ -2,7 +2,9 @@
 
 Everything else imports names from here. `declare_topology` is run by `manage.py setup_broker`,
 by `make run` and by every Celery worker on start-up; `topology_differences` backs
-`manage.py setup_broker --check`.
+`manage.py setup_broker --check`; `migration_holding_queue` names the queue
+`manage.py migrate_queues` (messaging/queue_migration.py) keeps a queue's messages in while it
+declares the queue anew.
 
 The dead-letter exchange is a topic exchange that keeps each message's original routing key,
 so a later queue can bind to a subset; the `dead_letters` queue binds `#` to keep everything.
@@ -10,19 +12,27 @@ so a later queue can bind to a subset; the `dead_letters` queue binds `#` to kee
 
 from __future__ import annotations
 
+import copy
+import logging
 import subprocess
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Connection, Exchange, Queue
 
+from infrastructure.health import broker_nodes
+
 if TYPE_CHECKING:
     from messaging.events import EventType
+
+T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 CHAT_EVENTS_EXCHANGE = Exchange("chat_events", type="topic", durable=True)
 DEAD_LETTER_EXCHANGE = Exchange("dead_letter", type="topic", durable=True)
@@ -154,21 +164,83 @@ def declared_queues() -> tuple[Queue, ...]:
     )
 
 
-def declare_topology(connection: Connection) -> None:
+def declare_topology(connection: Connection) -> list[str]:
     """Declare every exchange, queue and binding; idempotent, safe to run on every start-up.
 
-    Raises amqp's PreconditionFailed when an entity exists with other arguments (see
-    `topology_differences` for a readable report).
+    Returns (and logs) why each queue it could not declare could not: on a cluster, a classic
+    queue lives on one node, and while that node is down RabbitMQ answers NOT_FOUND for it. The
+    rest is declared all the same, so that the relay, the archiver and the workers go on with
+    the queues that live on. Raises amqp's PreconditionFailed when an entity exists with other
+    arguments (see `topology_differences` for a readable report).
     """
+    unavailable: list[str] = []
     channel = connection.channel()
     try:
         for exchange in EXCHANGES:
             exchange.bind(channel).declare()
         for queue in declared_queues():
-            # Declares the queue's exchange, the queue and the binding.
-            queue.bind(channel).declare()
+            try:
+                # Declares the queue's exchange, the queue and the binding.
+                queue.bind(channel).declare()
+            except NotFound as error:
+                unavailable.append(f"queue {queue.name} is unavailable ({_reply_text(error)})")
+                logger.warning("%s; it comes back with its node", unavailable[-1])
+                channel = connection.channel()  # the error closed the channel
     finally:
         channel.close()
+    return unavailable
+
+
+# RabbitMQ cannot change a queue's arguments or name: `manage.py migrate_queues` moves a queue's
+# messages to this other name, declares the queue anew, and moves them back.
+MIGRATION_HOLDING_SUFFIX = ".migrating"
+
+
+def migration_holding_queue(queue: Queue) -> Queue:
+    """Where `queue`'s messages wait while `queue` is declared anew: its name plus
+    MIGRATION_HOLDING_SUFFIX, with the arguments and bindings `queue` is declared with."""
+    holding = copy.copy(queue)
+    holding.name = f"{queue.name}{MIGRATION_HOLDING_SUFFIX}"
+    return holding
+
+
+def queue_bindings(queue: Queue) -> list[tuple[str, str, dict | None]]:
+    """`queue`'s bindings as (exchange, routing key, arguments), whichever way it declares them."""
+    if queue.bindings:
+        return [(b.exchange.name, b.routing_key, b.arguments) for b in queue.bindings]
+    if queue.exchange is not None and queue.exchange.name:
+        return [(queue.exchange.name, queue.routing_key, queue.binding_arguments)]
+    return []
+
+
+@dataclass(frozen=True)
+class QueueState:
+    """A queue on the broker, compared with its declaration here."""
+
+    exists: bool
+    messages: int = 0  # ready, not counting those delivered and not yet acked
+    consumers: int = 0
+    difference: str | None = None  # RabbitMQ's reply when it exists with other arguments
+
+
+def queue_inspect(connection: Connection, queue: Queue) -> QueueState:
+    """`queue` as the broker has it; never creates it.
+
+    It is first declared passively, and only an existing one is redeclared with this module's
+    arguments, which RabbitMQ answers with PRECONDITION_FAILED when they differ. Either error
+    closes the channel, so each declare gets a fresh one.
+    """
+    try:
+        _, messages, consumers = _on_fresh_channel(
+            connection, lambda ch: ch.queue_declare(queue.name, passive=True)
+        )
+    except NotFound:
+        return QueueState(exists=False)
+    try:
+        _on_fresh_channel(connection, lambda ch: queue.bind(ch).queue_declare())
+    except PreconditionFailed as error:
+        return QueueState(True, messages, consumers, _reply_text(error))
+    return QueueState(True, messages, consumers)
 
 
 @dataclass(frozen=True)
@@ -185,10 +257,10 @@ class TopologyDifference:
 def topology_differences(connection: Connection) -> list[TopologyDifference]:
     """Compare the broker's entities with this module's; an empty list means they match.
 
-    Never creates anything that is missing: each entity is first declared passively, and only
-    an existing one is redeclared with the expected arguments, which RabbitMQ answers with
-    PRECONDITION_FAILED when they differ. Either error closes the channel, so each entity
-    gets a fresh one. Bindings cannot be listed over AMQP; setup_broker re-creates them.
+    Never creates anything that is missing (see `queue_inspect`). A holding queue left by an
+    unfinished `migrate_queues` counts as a difference too: it is bound like its queue, so it
+    would keep a copy of every message. Bindings cannot be listed over AMQP; setup_broker
+    re-creates them.
     """
     vhost = connection.virtual_host or "/"
     vhost_flag = "" if vhost == "/" else f" -p {vhost}"
@@ -218,32 +290,38 @@ def topology_differences(connection: Connection) -> list[TopologyDifference]:
             )
 
     for queue in declared_queues():
-        try:
-            _on_fresh_channel(connection, lambda ch, q=queue: ch.queue_declare(q.name, passive=True))
-        except NotFound:
+        state = queue_inspect(connection, queue)
+        if not state.exists:
             differences.append(
                 TopologyDifference("queue", queue.name, "is missing", "run `manage.py setup_broker`")
             )
-            continue
-        try:
-            _on_fresh_channel(connection, lambda ch, q=queue: q.bind(ch).queue_declare())
-        except PreconditionFailed as error:
+        elif state.difference is not None:
             differences.append(
                 TopologyDifference(
                     "queue",
                     queue.name,
-                    f"exists with other arguments ({_reply_text(error)})",
-                    f"drain it, delete it with `rabbitmqctl delete_queue{vhost_flag} {queue.name}`, "
-                    "then run `manage.py setup_broker`",
+                    f"exists with other arguments ({state.difference})",
+                    "stop its consumers, then run `manage.py migrate_queues`: it declares the queue "
+                    f"anew and moves its {state.messages} messages over (docs/scaling.md)",
+                )
+            )
+        holding = migration_holding_queue(queue)
+        if queue_inspect(connection, holding).exists:
+            differences.append(
+                TopologyDifference(
+                    "queue",
+                    holding.name,
+                    "is left from an unfinished migration",
+                    "run `manage.py migrate_queues` again to finish it",
                 )
             )
     return differences
 
 
-def _on_fresh_channel(connection: Connection, declare) -> None:
+def _on_fresh_channel(connection: Connection, declare: Callable[[Any], T]) -> T:
     channel = connection.channel()
     try:
-        declare(channel)
+        return declare(channel)
     finally:
         # A channel error has already closed it on the broker's side; closing again is harmless.
         try:
@@ -273,7 +351,7 @@ def scratch_vhost(prefix: str, *, broker_url: str, rabbitmq_nodes: Sequence[str]
     """
     vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
     url = broker_url_with_vhost(broker_url, vhost)
-    username = urlsplit(broker_url.split(";")[0]).username or "guest"
+    username = urlsplit(broker_nodes(broker_url)[0]).username or "guest"
     _rabbitmqctl("add_vhost", vhost, nodes=rabbitmq_nodes)
     try:
         _rabbitmqctl("set_permissions", "-p", vhost, username, ".*", ".*", ".*", nodes=rabbitmq_nodes)
@@ -288,7 +366,7 @@ def broker_url_with_vhost(broker_url: str, vhost: str) -> str:
     """`broker_url` (one node, or several separated by `;`) with every node's vhost set to `vhost`."""
     return ";".join(
         urlsplit(node_url)._replace(path="/" + quote(vhost, safe="")).geturl()
-        for node_url in broker_url.split(";")
+        for node_url in broker_nodes(broker_url)
     )
 
 

@@ -1,6 +1,6 @@
 """The Celery worker's message intake (Celery's Consumer), changed in three ways: bad messages are
-dead-lettered, no log line quotes a message's body or headers, and on a cluster a worker that lost
-its node consumes again as soon as it has reconnected to another.
+dead-lettered, no log line quotes a message's body or headers, and delayed delivery is set up
+through the one node the worker uses (messaging/delayed_delivery.py).
 
 Stock Celery logs a message whose body cannot be decoded and then ACKS it, so it vanishes. Our
 work queues name a dead-letter exchange for exactly this case: rejecting it without requeue
@@ -11,13 +11,6 @@ Stock Celery also writes the body (up to 1 KiB) and headers of an unknown, unreg
 task message into its log. A message may carry chat text anywhere, and logs must never hold it; the
 dead letter keeps the whole message for a person with access to the admin, so the log names only
 the task, its id and the body's size.
-
-With quorum queues, Celery declares its native delayed delivery (the celery_delayed_* queues, where
-a retry's countdown waits instead of in a worker's memory) each time the worker (re)connects, and
-does so through every node of a failover URL in turn, as if each were a broker of its own, giving a
-node that is down four tries and some 17 seconds. After losing a node, every worker reconnected to
-another at once but consumed only that much later. A cluster shares its exchanges, queues and
-bindings, so `NodeDelayedDelivery` declares them once, through the node the worker is connected to.
 """
 
 from __future__ import annotations
@@ -26,39 +19,17 @@ import logging
 
 from celery.worker.consumer import Consumer
 from celery.worker.consumer import consumer as celery_consumer
-from celery.worker.consumer.delayed_delivery import DelayedDelivery
-from kombu.transport.native_delayed_delivery import (
-    bind_queue_to_native_delayed_delivery_exchange,
-    declare_native_delayed_delivery_exchanges_and_queues,
-)
 
 logger = logging.getLogger(__name__)
 
 
-class NodeDelayedDelivery(DelayedDelivery):
-    """Celery's DelayedDelivery step (included with quorum queues), declared through the node the
-    worker's consumer is connected to only."""
-
-    def start(self, c: Consumer) -> None:
-        url = c.connection.as_uri(include_password=True)  # the node failover chose
-        try:
-            with c.app.connection_for_write(url=url) as connection:
-                declare_native_delayed_delivery_exchanges_and_queues(
-                    connection, c.app.conf.broker_native_delayed_delivery_queue_type
-                )
-                for queue in c.app.amqp.queues.values():
-                    bind_queue_to_native_delayed_delivery_exchange(connection, queue)
-        except Exception as error:  # as Celery's own: the worker runs on, retries' countdowns held in memory
-            logger.warning("native delayed delivery is not set up: %s: %s", type(error).__name__, error)
-
-
-_CELERY_DELAYED_DELIVERY = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+CELERY_DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
 
 
 class DeadLetteringIntake(Consumer):
     class Blueprint(Consumer.Blueprint):
         default_steps = [
-            "messaging.worker_intake:NodeDelayedDelivery" if step == _CELERY_DELAYED_DELIVERY else step
+            "messaging.delayed_delivery:NodeDelayedDelivery" if step == CELERY_DELAYED_DELIVERY_STEP else step
             for step in Consumer.Blueprint.default_steps
         ]
 

@@ -16,8 +16,9 @@ from django.conf import settings
 from django.db.models import Count, Min
 from django.db.models.functions import Coalesce
 from django.utils import timezone
-from kombu import Connection, Queue
+from kombu import Queue
 
+from messaging.connection import BrokerUnavailable, broker_connection
 from messaging.models import OutboxEvent
 from monitoring.models import AlertLevel, AlertState, QueueSample
 
@@ -126,35 +127,31 @@ class QueueStat:
 def queue_stats(*, queues: tuple[Queue, ...], broker_url: str | None = None) -> list[QueueStat]:
     """Depth and consumer count of each queue by passive declares; never creates a queue.
 
+    Through the first node of a cluster's failover URL that answers (messaging.connection).
     Connect, read and write all time out after METRICS_SOURCE_TIMEOUT_SECONDS, so a scrape or a
     check never hangs on a stuck broker. Raises SourceUnavailable.
     """
     timeout = settings.METRICS_SOURCE_TIMEOUT_SECONDS
-    connection = Connection(
-        broker_url or settings.CELERY_BROKER_URL,
-        connect_timeout=timeout,
-        transport_options={"read_timeout": timeout, "write_timeout": timeout},
-    )
     stats: list[QueueStat] = []
     try:
-        connection.ensure_connection(max_retries=0)
-        for queue in queues:
-            # A passive declare of a missing queue closes the channel: one channel per queue.
-            channel = connection.channel()
-            try:
-                _, messages, consumers = channel.queue_declare(queue.name, passive=True)
-                stats.append(QueueStat(queue.name, True, messages, consumers))
-            except NotFound:
-                stats.append(QueueStat(queue.name, False, 0, 0))
-            finally:
+        with broker_connection(
+            broker_url or settings.CELERY_BROKER_URL, connect_timeout=timeout, socket_timeout=timeout
+        ) as connection:
+            for queue in queues:
+                # A passive declare of a missing queue closes the channel: one channel per queue.
+                channel = connection.channel()
                 try:
-                    channel.close()
-                except Exception:  # already closed by the broker after NotFound
-                    pass
-    except Exception as error:  # socket, AMQP and kombu errors all mean "broker not readable now"
-        raise SourceUnavailable(f"RabbitMQ: {str(error).strip() or type(error).__name__}") from error
-    finally:
-        connection.release()
+                    _, messages, consumers = channel.queue_declare(queue.name, passive=True)
+                    stats.append(QueueStat(queue.name, True, messages, consumers))
+                except NotFound:
+                    stats.append(QueueStat(queue.name, False, 0, 0))
+                finally:
+                    try:
+                        channel.close()
+                    except Exception:  # already closed by the broker after NotFound
+                        pass
+    except BrokerUnavailable as error:
+        raise SourceUnavailable(f"RabbitMQ: {error}") from error
     return stats
 
 

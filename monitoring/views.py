@@ -50,15 +50,50 @@ def metrics_token_presented(*, authorization: str) -> bool:
 
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Each service "ok" or "down: <what stops>"; the error, host and port only for staff and the monitoring.
+    """Each service "ok", "degraded: ..." or "down: <what stops>"; the error, host and port only for
+    staff and the monitoring.
 
     Not for the allowed metrics networks: behind a reverse proxy every request comes from one of those.
+    A broker that is a cluster (CELERY_BROKER_URL lists several nodes) adds `broker_nodes`, one entry
+    per node in the URL's order: "ok" or "down", and whether this process uses it; staff and the
+    monitoring also get its URL and why it is down. A cluster missing a minority of its nodes still
+    works: "degraded", answered with 200, since taking web processes out of a load balancer would
+    not help; 503 means something is down.
     """
     with_details = request.user.is_staff or metrics_token_presented(
         authorization=request.headers.get("Authorization", "")
     )
     states = health.check_all()
-    body = {s.name: ("ok" if s.ok else f"down: {s.consequence(with_details=with_details)}") for s in states}
+    body: dict[str, object] = {s.name: _service_health(s, with_details=with_details) for s in states}
+    for state in states:
+        if state.nodes:
+            body[f"{state.name}_nodes"] = [
+                _node_health(position, node, with_details=with_details)
+                for position, node in enumerate(state.nodes, start=1)
+            ]
     down = [s.name for s in states if not s.ok]
-    body["status"] = "ok" if not down else "down: " + ", ".join(down)
+    degraded = [s.name for s in states if s.degraded]
+    if down:
+        body["status"] = "down: " + ", ".join(down)
+    elif degraded:
+        body["status"] = "degraded: " + ", ".join(degraded)
+    else:
+        body["status"] = "ok"
     return JsonResponse(body, status=200 if not down else 503)
+
+
+def _service_health(state: health.ServiceState, *, with_details: bool) -> str:
+    if not state.ok:
+        return f"down: {state.consequence(with_details=with_details)}"
+    if state.degraded:
+        return f"degraded: {state.consequence(with_details=with_details)}"
+    return "ok"
+
+
+def _node_health(position: int, node: health.BrokerNodeState, *, with_details: bool) -> dict[str, object]:
+    entry: dict[str, object] = {"node": position, "state": "ok" if node.ok else "down", "in_use": node.in_use}
+    if with_details:
+        entry["url"] = node.url
+        if not node.ok:
+            entry["state"] = f"down: {node.error}"
+    return entry

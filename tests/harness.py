@@ -58,15 +58,16 @@ def wait_until(condition: Callable[[], T], *, timeout: float, message: str | Cal
 class Processes:
     """The children of one test; `start*` return once the child serves."""
 
-    def __init__(self, *, broker_url: str, log_dir: Path) -> None:
+    def __init__(self, *, broker_url: str, log_dir: Path, env: Mapping[str, str] | None = None) -> None:
         self.broker_url = broker_url
         self.log_dir = log_dir
+        self.base_env = dict(env or {})  # every child's, under each start's own `env`
         self.children: list[ProcfileProcess] = []
         # Children counted by a probe, with what they are counted in (a queue, the outbox LISTEN).
         self._counted: list[tuple[ProcfileProcess, str]] = []
 
     def env(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
-        env = {**child_process_env(), "CELERY_BROKER_URL": self.broker_url, **(extra or {})}
+        env = {**child_process_env(), "CELERY_BROKER_URL": self.broker_url, **self.base_env, **(extra or {})}
         if "FAULT_POINTS" in env:
             env["DJANGO_SETTINGS_MODULE"] = FAULT_SETTINGS_MODULE
         return env

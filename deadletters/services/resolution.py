@@ -76,6 +76,8 @@ def replay_message(dead_letter: DeadLetter) -> tuple[bytes, dict[str, Any]]:
 class BulkResult:
     done: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
+    # The broker node a replay published through (one of a cluster's, no password); empty when none.
+    node: str = ""
 
 
 def _actor_label(actor: Any, actor_label: str | None) -> str:
@@ -133,7 +135,13 @@ def dead_letter_replay(
         if own_publisher:
             publisher.close()
     if result.done or result.failed:
-        logger.info("%s replayed %d dead letters (%d failed)", label, len(result.done), len(result.failed))
+        logger.info(
+            "%s replayed %d dead letters (%d failed) through %s",
+            label,
+            len(result.done),
+            len(result.failed),
+            result.node or "no broker node",
+        )
     return result
 
 
@@ -157,6 +165,7 @@ def _replay_chunk(
         # Nothing of the chunk counts as replayed; replaying it again is harmless.
         result.failed.update({dead_letter.pk: f"broker unreachable: {error}" for dead_letter in chunk})
         return
+    result.node = publisher.node
     confirmed = [dead_letter for dead_letter in chunk if dead_letter.pk not in failed]
     if confirmed:
         now = timezone.now()

@@ -26,8 +26,12 @@ def test_failover_url_connects_to_the_next_node_when_the_first_refuses(broker_ur
         broker_close(connection)
 
 
-def test_failover_url_with_every_node_down_raises_broker_unavailable(broker_url):
-    dead = [_node_url(broker_url, free_port()) for _ in range(3)]
+def test_failover_url_with_every_node_down_raises_broker_unavailable_saying_why_for_each(broker_url):
+    ports = [free_port() for _ in range(3)]
 
-    with pytest.raises(BrokerUnavailable):
-        broker_connect(";".join(dead))
+    with pytest.raises(BrokerUnavailable) as unavailable:
+        broker_connect(";".join(_node_url(broker_url, port) for port in ports))
+
+    reasons = str(unavailable.value).split("; ")
+    assert [reason.split("@127.0.0.1:")[1].split("/")[0] for reason in reasons] == [str(p) for p in ports]
+    assert all("Connection refused" in reason and ":***@" in reason for reason in reasons)

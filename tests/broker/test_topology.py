@@ -83,7 +83,7 @@ def test_check_reports_queue_declared_with_other_arguments(scratch_broker_url):
     output = " ".join(check.stderr.split())  # the rich table wraps long cells
     assert "exists with other arguments" in output
     assert "x-dead-letter-exchange" in output
-    assert "rabbitmqctl delete_queue -p" in output
+    assert "manage.py migrate_queues" in output
 
 
 def test_setup_broker_reports_a_mismatched_queue_and_leaves_it_alone(scratch_broker_url):

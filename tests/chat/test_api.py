@@ -5,10 +5,12 @@ import os
 import subprocess
 import sys
 import uuid
+from urllib.parse import urlsplit
 
 import pytest
 from django.test import Client, override_settings
 
+from bench.procfile import free_port
 from chat import services
 from infrastructure.postgres import database_connect_autocommit
 from tests.conftest import ROOT
@@ -96,6 +98,26 @@ def test_healthz_reports_every_service_up():
     response = Client().get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"database": "ok", "channel_layer": "ok", "broker": "ok", "status": "ok"}
+
+
+@pytest.mark.django_db
+def test_healthz_with_a_minority_of_the_broker_nodes_answering_says_the_broker_is_down(broker_url, settings):
+    # A cluster of three (tests/cluster/ has a real one): only the first node answers.
+    live_port = f":{urlsplit(broker_url).port}/"
+    dead = [broker_url.replace(live_port, f":{free_port()}/") for _ in range(2)]
+    settings.CELERY_BROKER_URL = ";".join([broker_url, *dead])
+
+    response = Client().get("/healthz")
+
+    assert response.status_code == 503
+    body = response.json()
+    assert body["status"] == "down: broker"
+    assert body["broker"].startswith("down: RabbitMQ is not reachable")
+    assert body["broker_nodes"] == [
+        {"node": 1, "state": "ok", "in_use": True},
+        {"node": 2, "state": "down", "in_use": False},
+        {"node": 3, "state": "down", "in_use": False},
+    ]
 
 
 @pytest.mark.django_db

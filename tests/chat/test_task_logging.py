@@ -58,8 +58,8 @@ def test_idle_sweeps_add_no_log_lines_and_a_sweep_that_emails_logs_its_result(
 
     for _ in range(3):
         send_notification_fallback_emails.delay()  # nothing is due: idle
-    # Then one with work: a push no page acknowledged, due at once. With one process and a
-    # prefetch of one, the notifier runs it after the idle ones.
+    # Then one with work: a push no page acknowledged, due at once; whichever of the notifier's
+    # processes runs it, its result is the one line logged.
     push_awaiting_acknowledgement(
         user=alice,
         message=services.message_create(

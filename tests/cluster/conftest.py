@@ -17,12 +17,23 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from bench import procfile
+from bench.procfile import port_open
+from messaging.connection import broker_connection
+from messaging.topology import declare_topology
+from tests.harness import Processes
+
 CLUSTER_SCRIPT = Path(__file__).resolve().parents[2] / "ops" / "rabbitmq-cluster" / "cluster.sh"
+# pytest-timeout counts fixtures in: whichever cluster test runs first (pytest-django runs database
+# tests first) also waits for the session's cluster to start (cluster.sh, up to 300 s), and in
+# test_node_down.py for node 1 to stop. An upper bound for a stuck test, never a performance claim.
+FIRST_CLUSTER_TEST_TIMEOUT = pytest.mark.timeout(480)
 NODE_COUNT = 3
 # cluster.sh's layout: node i has AMQP on base+i-1, management on base+10+i-1, distribution on base+20+i-1.
 PORT_OFFSETS = (0, 10, 20)
@@ -55,9 +66,43 @@ class RabbitCluster:
         )
         return result.stdout
 
-    def failover_url(self, vhost: str) -> str:
-        """kombu's failover URL listing every node, node 1 first."""
+    def failover_url(self, vhost: str = "/") -> str:
+        """CELERY_BROKER_URL for this cluster: every node, kombu's failover list, node 1 first."""
         return ";".join(node.url(vhost) for node in self.nodes)
+
+    def management_urls(self) -> str:
+        """RABBITMQ_MANAGEMENT_URL for this cluster: each node's, in the order of `failover_url`."""
+        return ";".join(f"http://localhost:{node.management_port}" for node in self.nodes)
+
+    def running_nodes(self, *, asking: int) -> list[str]:
+        status = json.loads(self.ctl("cluster_status", "--formatter", "json", node=asking))
+        return sorted(status["running_nodes"])
+
+    @contextmanager
+    def node_stopped(self, index: int) -> Iterator[None]:
+        """Node `index` stopped (`rabbitmqctl stop_app`: its clients' connections are closed, its
+        queues' leadership moves to the others), then started again, with the whole cluster running
+        and its AMQP port answering before the test goes on: other tests share the cluster."""
+        self.ctl("stop_app", node=index)
+        try:
+            yield
+        finally:
+            try:
+                self.ctl("start_app", node=index)
+            except subprocess.CalledProcessError:
+                # A start that failed half-way (a listener it could not open) leaves applications
+                # running that the next start refuses to find: stop them, then start once more.
+                self.ctl("stop_app", node=index)
+                self.ctl("start_app", node=index)
+            other = (index + 1) % len(self.nodes)
+            procfile.wait_until(
+                lambda: (
+                    self.running_nodes(asking=other) == sorted(node.name for node in self.nodes)
+                    and port_open(self.nodes[index].amqp_port)()
+                ),
+                timeout=120,
+                message=f"{self.nodes[index].name} did not rejoin the cluster",
+            )
 
     def start_node(self, node: int) -> subprocess.Popen:
         """Start a stopped or killed node again (cluster.sh start-node), in the background: it keeps
@@ -109,14 +154,25 @@ def _ports_free(base: int) -> bool:
     return True
 
 
+def _first_ephemeral_port() -> int:
+    """Where the kernel starts picking local ports for outgoing connections."""
+    return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+
+
 def _free_base_port() -> int:
     """A base port whose nine cluster ports are free now (a race with another process stays
-    possible; cluster.sh then fails with the node's log named)."""
+    possible; cluster.sh then fails with the node's log named).
+
+    Below the kernel's ephemeral range: while a test has a node stopped, an outgoing connection
+    from anywhere on the machine could otherwise take one of its ports, and the node could not
+    listen again when started.
+    """
+    low, high = 20000, _first_ephemeral_port() - 30
     for _ in range(100):
-        base = random.randrange(20000, 60000, 100)
+        base = random.randrange(low, high, 100)
         if _ports_free(base):
             return base
-    raise RuntimeError("no free block of ports for a RabbitMQ cluster between 20000 and 60000")
+    raise RuntimeError(f"no free block of ports for a RabbitMQ cluster between {low} and {high}")
 
 
 @pytest.fixture(scope="session")
@@ -148,11 +204,37 @@ def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitC
         subprocess.run([str(CLUSTER_SCRIPT), "stop", *options], capture_output=True, timeout=300)
 
 
-@pytest.fixture
-def cluster_vhost(rabbit_cluster: RabbitCluster) -> Iterator[str]:
-    """An empty vhost of this test's own on the cluster (created through node 1, seen by all)."""
+@contextmanager
+def new_vhost(rabbit_cluster: RabbitCluster) -> Iterator[str]:
+    """An empty vhost on the cluster (created through node 1, seen by all), deleted on exit."""
     vhost = f"test_{uuid.uuid4().hex[:8]}"
     rabbit_cluster.ctl("add_vhost", vhost)
     rabbit_cluster.ctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
-    yield vhost
-    rabbit_cluster.ctl("delete_vhost", vhost)
+    try:
+        yield vhost
+    finally:
+        rabbit_cluster.ctl("delete_vhost", vhost)
+
+
+@pytest.fixture
+def cluster_vhost(rabbit_cluster: RabbitCluster) -> Iterator[str]:
+    """An empty vhost of this test's own on the cluster."""
+    with new_vhost(rabbit_cluster) as vhost:
+        yield vhost
+
+
+@pytest.fixture
+def cluster_processes(
+    transactional_db, rabbit_cluster: RabbitCluster, cluster_vhost: str, settings, tmp_path: Path
+) -> Iterator[Processes]:
+    """The Procfile's processes (tests/harness.py) on this test's vhost of the cluster, given its
+    failover URL (node 1 first), with the work and dead-letter queues replicated
+    (BROKER_QUEUE_TYPE=quorum) and the topology declared through node 1."""
+    url = rabbit_cluster.failover_url(cluster_vhost)
+    settings.CELERY_BROKER_URL = url
+    settings.BROKER_QUEUE_TYPE = "quorum"
+    with broker_connection(rabbit_cluster.nodes[0].url(cluster_vhost)) as connection:
+        declare_topology(connection)
+    started = Processes(broker_url=url, log_dir=tmp_path, env={"BROKER_QUEUE_TYPE": "quorum"})
+    yield started
+    started.kill_all()

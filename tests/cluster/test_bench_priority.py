@@ -23,9 +23,9 @@ def test_bench_priority_with_the_leader_killed_delivers_each_notification_once_o
     url = rabbit_cluster.failover_url(cluster_vhost)
     settings.CELERY_BROKER_URL = url
     settings.BROKER_QUEUE_TYPE = "quorum"
+    settings.RABBITMQ_MANAGEMENT_URL = rabbit_cluster.management_urls()
     call_command("setup_broker")  # through node 1, so node 1 leads every queue
-    management_url = f"http://localhost:{rabbit_cluster.nodes[1].management_port}"
-    nodes = RabbitNodes.discover(management_url, broker_url=url)
+    nodes = RabbitNodes.discover(url)
     try:
         result = benchmark_priority_in(
             url,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 
 import pytest
 from django.core.management import CommandError, call_command
 from django.test import override_settings
 
+from bench.procfile import ROOT, child_process_env
 from deadletters.models import DeadLetter, DeadLetterAction
 from tests.deadletters.conftest import archive_letter
 from tests.harness import wait_until
@@ -150,3 +153,20 @@ def test_queues_fails_with_one_line_when_rabbitmq_is_unreachable():
         pytest.raises(CommandError, match="RabbitMQ is unreachable"),
     ):
         run("queues")
+
+
+def test_one_management_url_per_broker_node_is_required_when_several_are_listed():
+    env = {
+        **child_process_env(),
+        "CELERY_BROKER_URL": "amqp://a//;amqp://b//;amqp://c//",
+        "RABBITMQ_MANAGEMENT_URL": "http://a:15672;http://b:15672",
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", "import django; django.setup()"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert "RABBITMQ_MANAGEMENT_URL lists 2 URLs and CELERY_BROKER_URL 3 nodes" in done.stderr

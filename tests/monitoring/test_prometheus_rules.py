@@ -33,8 +33,8 @@ def test_alert_rules_unit_tests_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-# Where docker-compose.yml mounts the secret `metrics_token` in the Prometheus container.
-TOKEN_FILE = "/run/secrets/metrics_token"
+# Where docker-compose.yml's Prometheus writes the token on start, in memory (a tmpfs).
+TOKEN_FILE = "/run/metrics/token"
 
 
 def test_scrape_config_is_valid_and_loads_the_rules(tmp_path):
@@ -61,9 +61,11 @@ def test_web_scrape_presents_the_token_compose_gives_the_web_process():
     services = compose["services"]
 
     assert jobs["web"]["authorization"] == {"type": "Bearer", "credentials_file": TOKEN_FILE}
-    assert "metrics_token" in services["prometheus"]["secrets"]
-    assert compose["secrets"]["metrics_token"] == {"environment": "METRICS_BEARER_TOKEN"}
-    assert services["web"]["environment"]["METRICS_BEARER_TOKEN"].startswith("${METRICS_BEARER_TOKEN:?")
+    prometheus = services["prometheus"]
+    assert f'printf %s "$$METRICS_BEARER_TOKEN" > {TOKEN_FILE} &&' in prometheus["entrypoint"][-1]
+    assert TOKEN_FILE.rpartition("/")[0] in prometheus["tmpfs"]
+    for service in ("web", "prometheus"):
+        assert services[service]["environment"]["METRICS_BEARER_TOKEN"].startswith("${METRICS_BEARER_TOKEN:?")
 
 
 def test_unauthenticated_metrics_ports_are_not_published_by_compose():

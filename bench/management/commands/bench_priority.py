@@ -45,7 +45,7 @@ class Command(BaseCommand):
             action="store_true",
             help="kill -9 the node leading the notification queues after half the VIP tasks "
             "(a cluster: several nodes in CELERY_BROKER_URL, BROKER_QUEUE_TYPE=quorum, "
-            "RABBITMQ_MANAGEMENT_URL reaching one node's management API; run as root)",
+            "RABBITMQ_MANAGEMENT_URL listing each node's management API; run as root)",
         )
         parser.add_argument("--timeout", type=float, default=900.0, help="give up draining after this long")
         parser.add_argument("--json", action="store_true", help="print the results as JSON")

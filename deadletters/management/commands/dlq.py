@@ -179,14 +179,18 @@ class Command(BaseCommand):
         action = dead_letter_replay if verb == "replay" else dead_letter_discard
         done: list[int] = []
         failed: dict[int, str] = {}
+        nodes: dict[str, None] = {}  # the broker nodes replays went through, in order
         # One service call per chunk keeps the progress bar moving on thousands of letters.
         chunks = [letters[i : i + 100] for i in range(0, len(letters), 100)]
         for chunk in track(chunks, description=f"{verb}ing", console=self.console, disable=len(chunks) < 2):
             result = action(dead_letters=chunk)
             done += result.done
             failed.update(result.failed)
+            if result.node:
+                nodes[result.node] = None
         past = "replayed" if verb == "replay" else "discarded"
-        self.stdout.write(f"{past} {len(done)} dead letters")
+        through = f" through {', '.join(nodes)}" if nodes else ""
+        self.stdout.write(f"{past} {len(done)} dead letters{through}")
         if failed:
             for pk, error in failed.items():
                 self.stderr.write(f"#{pk}: {error}")

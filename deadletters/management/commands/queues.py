@@ -1,4 +1,5 @@
-"""`manage.py queues [--json]`: every queue of the topology with its depth, consumers and DLX settings."""
+"""`manage.py queues [--json]`: every queue of the topology with its depth, consumers and DLX settings,
+where it lives on a cluster, and which node (management API or AMQP) answered."""
 
 import json
 
@@ -33,7 +34,7 @@ class Command(BaseCommand):
             return
         table = Table(title="RabbitMQ queues")
         for column in ("queue", "ready", "unacked", "consumers", "dead-letter exchange", "ttl / max-length",
-                       "publish", "deliver", "ack", "source"):  # fmt: skip
+                       "publish", "deliver", "ack", "type", "leader", "members up", "source"):  # fmt: skip
             table.add_column(column)
         for s in statuses:
             limits = " / ".join(_cell(v) for v in (s.message_ttl, s.max_length))
@@ -49,6 +50,11 @@ class Command(BaseCommand):
                 _cell(s.publish_rate),
                 _cell(s.deliver_rate),
                 _cell(s.ack_rate),
+                _cell(s.queue_type),
+                _cell(s.leader),
+                f"{len(s.online or [])}/{len(s.members)}" if s.members else "-",
                 s.source,
             )
-        Console(file=self.stdout, width=160).print(table)
+        Console(file=self.stdout, width=200).print(table)
+        # Which node answered: a cluster's first that does, management API or AMQP.
+        self.stdout.write("answered by " + ", ".join(dict.fromkeys(s.via for s in statuses if s.via)))

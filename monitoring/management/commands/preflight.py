@@ -21,6 +21,8 @@ class Command(BaseCommand):
         for state in health.check_all():
             if not state.ok:
                 problems.append(state.explain())
+            elif state.degraded:
+                self.stderr.write(f"Warning: {state.consequence(with_details=True)}")
         if problems:
             raise CommandError("\n".join(problems))
         self.stdout.write("PostgreSQL, Redis and RabbitMQ are reachable.")
