@@ -1,5 +1,6 @@
-"""The worker's intake (messaging/worker_intake.py): Celery's native delayed delivery is declared
-through the node the consumer is connected to, never through the failover URL's other nodes."""
+"""messaging/delayed_delivery.py: Celery's native delayed delivery is declared through the node the
+worker's consumer is connected to, never through the failover URL's other nodes (stock Celery tries
+each, a dead one for seconds, before the worker consumes again)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import pytest
 from kombu import Connection
 
 from chatproject.celery import app
+from messaging.delayed_delivery import NodeDelayedDelivery
 from messaging.topology import declare_topology
-from messaging.worker_intake import DeadLetteringIntake, NodeDelayedDelivery
+from messaging.worker_intake import DeadLetteringIntake
 
 pytestmark = pytest.mark.broker
 
@@ -49,7 +51,7 @@ def other_node() -> Iterator[CountingListener]:
 def test_the_consumer_runs_node_delayed_delivery_instead_of_celerys():
     steps = DeadLetteringIntake.Blueprint.default_steps
 
-    assert "messaging.worker_intake:NodeDelayedDelivery" in steps
+    assert "messaging.delayed_delivery:NodeDelayedDelivery" in steps
     assert "celery.worker.consumer.delayed_delivery:DelayedDelivery" not in steps
 
 
