@@ -72,6 +72,7 @@ PROCESS_SIGNATURES: dict[str, tuple[str, ...]] = {
     "worker": ("-Q", "analytics"),
     "relay": ("run_relay",),
     "notifier": ("-Q", "notifications"),
+    "notifier_vip": ("-Q", "notifications_vip"),
     "dlq_archiver": ("run_dlq_archiver",),
     "monitor": ("-Q", "monitoring"),
     "beat": ("chatproject", "beat"),
@@ -140,7 +141,7 @@ def connection_bound(name: str, cmdline: list[str]) -> int:
     a Celery worker its --concurrency + 1 (1 with --pool solo)."""
     if name == "web":
         return settings.WEB_HTTP_THREADS + WRITE_THREADS + 1
-    if name in ("worker", "notifier", "monitor"):
+    if name in ("worker", "notifier", "notifier_vip", "monitor"):
         if _option_value(cmdline, "-P", "--pool") == "solo":
             return 1
         concurrency = _option_value(cmdline, "-c", "--concurrency")

@@ -1,21 +1,28 @@
-"""Mention notifications: queued in the message's transaction, delivered once by the notifier.
+"""Mention notifications: queued in the message's transaction, delivered once by a notifier.
 
 Flow: `message_create` calls `mention_notifications_enqueue`, which writes one outbox event per
-mentioned user (priority high when the author is VIP, with an expiry time). The relay publishes
-each as a task message on the `notifications` priority queue with a per-message TTL, and the
-notifier worker (chat/tasks.py) calls `mention_notifications_deliver`.
+mentioned user, with an expiry time: a `chat.mention.vip` event when the author is VIP, else a
+`chat.mention` one (messaging.events). The relay publishes each as a task message with a
+per-message TTL; the topology's bindings put VIP mentions on the `notifications_vip` queue, which
+a notifier process of its own drains (Procfile `notifier_vip`), and the rest on `notifications`
+(Procfile `notifier`). So a backlog of normal mentions never stands in front of a VIP's, on
+classic and quorum queues alike. Both notifiers' tasks (chat/tasks.py) call
+`mention_notifications_deliver`; a notification that expires in its queue is dead-lettered by
+RabbitMQ (reason "expired"), not delivered late.
 
-What "once" means here. RabbitMQ delivers at least once, so every notification id goes into a
-ledger (NotificationDelivery) whose unique index stops a redelivery: a redelivery after the commit
-finds the row and does nothing; a concurrent one blocks on the index until the first commits.
+What "once" means here. RabbitMQ delivers at least once (a notifier whose connection or, on a
+cluster, whose RabbitMQ node is lost has its unacked messages delivered again), so every
+notification id goes into a ledger (NotificationDelivery) whose unique index stops a redelivery:
+a redelivery after the commit finds the row and does nothing; a concurrent one blocks on the index
+until the first commits.
 
 What "delivered" means. A user with an open socket gets a push, but a push reaches nobody when the
 socket's web process died after the presence check (presence forgets a dead process's sockets only
 after PRESENCE_TTL_SECONDS). So the push only records "pushed, awaiting acknowledgement" with a
 deadline, and the page answers with a `notification_ack` frame (`notification_acknowledge`
 records the delivery). Pushes that no page acknowledged by their deadline are emailed by
-`notification_fallback_emails_send`, which a beat task runs every few seconds, so the notifier
-(one process, prefetch 1, for VIP priority) never waits for a page.
+`notification_fallback_emails_send`, which a beat task runs every few seconds on the normal
+notifier, so neither notifier ever waits for a page.
 
 Order of effects and commits:
 - A push happens after its row committed: a page's acknowledgement must find the row. A crash (or
@@ -49,7 +56,7 @@ from chat import protocol
 from chat.models import Message, NotificationDelivery
 from chat.presence import user_open_sockets
 from chat.selectors import user_can_read_room
-from messaging.events import MENTION, MENTION_KIND, Mention, mention_fields, mention_priority
+from messaging.events import MENTION, MENTION_KIND, Mention, mention_event, mention_fields, mention_priority
 from messaging.outbox import outbox_events_add
 
 logger = logging.getLogger(__name__)
@@ -73,22 +80,24 @@ class FallbackResult:
     unsent: int = 0  # no address, the user or their access gone, or past the notification's expiry
 
 
-# Fallback emails per sweep: the sweep runs on the notifier, so a batch that waits on SMTP for
-# long would hold up VIP mentions; the rest waits for the next sweep, seconds later.
+# Fallback emails per sweep: the sweep takes a process of the normal notifier, so a batch that
+# waits on SMTP for long holds up that process's mentions; the rest waits for the next sweep,
+# seconds later.
 FALLBACK_EMAILS_PER_SWEEP = 20
 
 
 def mention_notifications_enqueue(
     *, message: Message, recipients: list[AbstractBaseUser], author_is_vip: bool
 ) -> None:
-    """Inside the message's transaction: one outbox event per mentioned user."""
+    """Inside the message's transaction: one outbox event per mentioned user, of the VIP event
+    type when the author is VIP (its own queue and notifier)."""
     if not recipients:
         return
     queued_at = timezone.now()
     expires_at = queued_at + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS)
     priority = mention_priority(author_is_vip=author_is_vip)
     outbox_events_add(
-        routing_key=MENTION.routing_key,
+        routing_key=mention_event(author_is_vip=author_is_vip).routing_key,
         payloads=[
             mention_fields(
                 user_id=user.pk,
@@ -101,7 +110,6 @@ def mention_notifications_enqueue(
             )
             for user in recipients
         ],
-        priority=priority,
     )
 
 
@@ -111,7 +119,7 @@ def mention_notifications_deliver(*, events: Any) -> DeliveryResult:
     Raises messaging.events.InvalidEvent (nothing delivered) when any event is malformed; lets
     database, Redis and SMTP errors propagate after rolling back that event's ledger row (retry).
     """
-    parsed = MENTION.parse_batch(events)
+    parsed = MENTION.parse_batch(events)  # VIP_MENTION's payload is the same
     counts = {"delivered": 0, "pushed": 0, "duplicates": 0, "expired": 0, "skipped": 0}
     for event in parsed:
         counts[_deliver_one(event)] += 1

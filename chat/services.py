@@ -148,7 +148,7 @@ def message_create(
     # query per message to catch the rare resend was half the write's CPU under load.
     # Reads first: the insert below holds the room's row lock until commit, and every round
     # trip inside that window makes the room's other writers wait.
-    author_is_vip = user_is_vip(user=author)  # the frame's badge, and the notifications' priority
+    author_is_vip = user_is_vip(user=author)  # the frame's badge, and the notifications' queue
     recipients = mention_recipients(text=text, room=room, author=author)
     try:
         with transaction.atomic():
@@ -159,7 +159,7 @@ def message_create(
             # - live delivery to the room's sockets (at-most-once; clients repair gaps by seq);
             # - the outbox row written above is published to RabbitMQ by the relay;
             # - one outbox row per mentioned user becomes a notification task (chat/notifications.py),
-            #   high priority when the author is VIP;
+            #   on the VIP notifications queue when the author is VIP;
             # - the chat_messages_stored_total metric counts it.
             if broadcast:
                 transaction.on_commit(lambda: async_to_sync(message_broadcast)(message))
@@ -209,10 +209,10 @@ WITH seq AS (
     SELECT %(room_id)s, %(author_id)s, %(text)s, %(client_id)s, clock_timestamp(), last_seq FROM seq
     RETURNING id, seq, created_at
 ), event AS (
-    INSERT INTO {OutboxEvent._meta.db_table} (event_id, routing_key, payload, priority, created_at)
+    INSERT INTO {OutboxEvent._meta.db_table} (event_id, routing_key, payload, created_at)
     SELECT %(event_id)s, %(routing_key)s,
            %(payload)s::jsonb || {_EVENT_INSERT_FIELDS_SQL},
-           0, created_at
+           created_at
     FROM message
 )
 SELECT id, seq, created_at FROM message

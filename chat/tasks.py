@@ -1,8 +1,9 @@
-"""Celery tasks of the notifications queue: thin wrappers over chat.notifications.
+"""Celery tasks of the notifications queues: thin wrappers over chat.notifications.
 
-They run on the `notifier` worker (Procfile), which consumes only this priority queue with one
-process and a prefetch of one (see the Procfile's comment on why). Beat queues the fallback
-email sweep there every NOTIFICATION_ACK_SWEEP_SECONDS.
+`deliver_mention_notifications` runs on the `notifier` worker (Procfile, queue `notifications`),
+`deliver_vip_mention_notifications` on `notifier_vip` (queue `notifications_vip`): the same
+service, on capacity of its own for VIP mentions. Beat queues the fallback email sweep on the
+normal queue every NOTIFICATION_ACK_SWEEP_SECONDS.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from django.db import InterfaceError, OperationalError
 
 from chat.notifications import mention_notifications_deliver, notification_fallback_emails_send
 from chat.task_logging import FALLBACK_SWEEP_TASK
-from messaging.events import MENTION, InvalidEvent
+from messaging.events import MENTION, VIP_MENTION, InvalidEvent
 from messaging.retrying import DeadLetteringTask
 
 logger = logging.getLogger(__name__)
@@ -26,16 +27,19 @@ logger = logging.getLogger(__name__)
 TRANSIENT_ERRORS = (OperationalError, InterfaceError, redis.RedisError, smtplib.SMTPException, OSError)
 
 
-@shared_task(
-    base=DeadLetteringTask,
-    name=MENTION.task_name,
-    retry_for=TRANSIENT_ERRORS,
-    reject_for=(InvalidEvent,),
-    max_retries=5,
+# Both mention tasks fail the same way.
+MENTION_TASK_OPTIONS: dict[str, Any] = {
+    "base": DeadLetteringTask,
+    "retry_for": TRANSIENT_ERRORS,
+    "reject_for": (InvalidEvent,),
+    "max_retries": 5,
     # Delays drawn from [0, 2], [0, 4] ... [0, 32] s: the events' expiry still applies to a retry.
-    retry_backoff=2,
-    retry_backoff_max=60,
-)
+    "retry_backoff": 2,
+    "retry_backoff_max": 60,
+}
+
+
+@shared_task(name=MENTION.task_name, **MENTION_TASK_OPTIONS)
 def deliver_mention_notifications(events: Any) -> dict[str, int]:
     """Deliver one relay message's mention events (usually one); safe under redelivery.
 
@@ -44,6 +48,18 @@ def deliver_mention_notifications(events: Any) -> dict[str, int]:
     retry drops the events past their expiry), then dead-lettered; anything else is a bug and
     raises (also dead-lettered, never acked as done).
     """
+    return _delivery_counts(events)
+
+
+@shared_task(name=VIP_MENTION.task_name, **MENTION_TASK_OPTIONS)
+def deliver_vip_mention_notifications(events: Any) -> dict[str, int]:
+    """deliver_mention_notifications for a VIP author's mentions, on the VIP notifier; the same
+    outcomes. A retry goes back to the VIP queue (Celery republishes to the message's exchange
+    and routing key)."""
+    return _delivery_counts(events)
+
+
+def _delivery_counts(events: Any) -> dict[str, int]:
     result = mention_notifications_deliver(events=events)
     return {
         "delivered": result.delivered,

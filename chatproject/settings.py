@@ -9,7 +9,7 @@ from csp.constants import NONE, SELF
 from django.core.exceptions import ImproperlyConfigured
 
 from messaging.events import task_routes
-from messaging.topology import notifications_queue, work_queues
+from messaging.topology import notifications_queues, work_queues
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -198,16 +198,13 @@ CELERY_WORKER_CANCEL_LONG_RUNNING_TASKS_ON_CONNECTION_LOSS = True
 # Stock Celery acks (drops) a message it cannot decode; ours rejects it, so it is dead-lettered.
 CELERY_WORKER_CONSUMER = "messaging.worker_intake:DeadLetteringIntake"
 # One module owns the topology; Celery declares and consumes exactly those queues.
-# The notifications priority queue: classic, since priorities need classic queues before RabbitMQ
-# 4.0 (messaging/topology.py `notifications_queue` says what changes with "quorum").
-NOTIFICATIONS_QUEUE_TYPE = env.str("NOTIFICATIONS_QUEUE_TYPE", default="classic")
-# The analytics, monitoring and dead-letter queues: classic on one node (a quorum queue there
-# replicates to nobody and only costs throughput); quorum on a cluster, so losing a node loses no
-# event or dead letter (docs/scaling.md).
+# Every queue (analytics, monitoring, notifications, VIP notifications, dead letters): classic on
+# one node (a quorum queue there replicates to nobody and only costs throughput); quorum on a
+# cluster, so losing a node loses no event, notification or dead letter (docs/scaling.md).
 BROKER_QUEUE_TYPE = env.str("BROKER_QUEUE_TYPE", default="classic")
 CELERY_TASK_QUEUES = (
     *work_queues(queue_type=BROKER_QUEUE_TYPE),
-    notifications_queue(queue_type=NOTIFICATIONS_QUEUE_TYPE),
+    *notifications_queues(queue_type=BROKER_QUEUE_TYPE),
 )
 # Each event's task to its event's queue, each beat task to its worker's (messaging/events.py).
 CELERY_TASK_ROUTES = task_routes()
@@ -496,9 +493,10 @@ CELERY_BEAT_SCHEDULE = {
         # Same reasoning: after an analytics outage one prune catches up on everything.
         "options": {"expires": 3600.0},
     },
-    # On the notifier's queue, behind VIP mentions and in turn with the others; each run emails a
-    # bounded batch, so it never holds a VIP mention up for long. A stopped notifier does not come
-    # back to a pile of sweeps (expired ones are acked): one catches up on every due push.
+    # On the normal notifications queue, in turn with normal mentions (never on the VIP notifier,
+    # whose capacity is the VIP mentions'); each run emails a bounded batch. A stopped notifier
+    # does not come back to a pile of sweeps (expired ones are not run): one catches up on every
+    # due push.
     "chat-send-notification-fallback-emails": {
         "task": "chat.send_notification_fallback_emails",
         "schedule": NOTIFICATION_ACK_SWEEP_SECONDS,

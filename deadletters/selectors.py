@@ -116,7 +116,7 @@ class ManagementApi:
             return json.load(response)
 
 
-def _management_apis(broker_url: str) -> list[ManagementApi]:
+def management_apis(broker_url: str) -> list[ManagementApi]:
     """The management APIs of RABBITMQ_MANAGEMENT_URL (empty: none), in its order.
 
     On a cluster it lists one per node, matched to CELERY_BROKER_URL's nodes by position (each node
@@ -142,7 +142,7 @@ def _management_api(url: str, broker_node_url: str) -> ManagementApi:
 def _management_queues(broker_url: str) -> tuple[ManagementApi, dict[str, dict[str, Any]]] | None:
     """Every queue of the vhost from the first management API that answers, by name; None when
     none does (or one refuses: the others would too, users being cluster-wide)."""
-    for api in _management_apis(broker_url):
+    for api in management_apis(broker_url):
         try:
             rows = api.get(f"queues/{urllib.parse.quote(api.vhost, safe='')}")
         except urllib.error.HTTPError as error:
@@ -296,7 +296,7 @@ def broker_node_statuses(*, broker_url: str | None = None) -> list[BrokerNodeSta
     """
     broker_url = broker_url or settings.CELERY_BROKER_URL
     nodes = broker_nodes(broker_url)
-    apis = _management_apis(broker_url)
+    apis = management_apis(broker_url)
     apis_by_node: list[ManagementApi | None] = apis if len(apis) == len(nodes) else [None] * len(nodes)
     with ThreadPoolExecutor(max_workers=len(nodes) + 1, thread_name_prefix="broker-status") as pool:
         checked = pool.submit(check_broker_nodes, broker_url)

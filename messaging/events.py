@@ -20,7 +20,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Generic, TypedDict, TypeVar
 
-from messaging.topology import ANALYTICS_QUEUE, MONITORING_QUEUE, NOTIFICATIONS_QUEUE_NAME
+from messaging.topology import (
+    ANALYTICS_QUEUE,
+    MONITORING_QUEUE,
+    NOTIFICATIONS_QUEUE_NAME,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
+)
 
 EventT = TypeVar("EventT")
 
@@ -181,11 +186,12 @@ MESSAGE_CREATED: EventType[MessageCreated] = EventType(
 )
 
 
-# chat.mention: one per mentioned user, written in the message's transaction (chat.notifications).
+# chat.mention and chat.mention.vip: one per mentioned user, written in the message's transaction
+# (chat.notifications). A VIP's mentions have a routing key, queue and notifier of their own
+# (VIP_MENTION below, messaging.topology), which is what puts them ahead of everyone else's.
 
-# A VIP's mentions jump the notifications queue. Two levels in use; 9 rather than 1 because
-# RabbitMQ 4 quorum queues know only "normal" (0-4) and "high" (5 and up), so the same values keep
-# working there (messaging.topology's NOTIFICATIONS_MAX_PRIORITY leaves room above them).
+# Whether a mention was a VIP's, as the delivery ledger records it (chat.models.NotificationDelivery,
+# the admin's filter). Routing never looks at it: the event type decides the queue.
 PRIORITY_LOW = 0
 PRIORITY_HIGH = 9
 MENTION_KIND = "mention"
@@ -273,10 +279,23 @@ MENTION: EventType[Mention] = EventType(
     queue_name=NOTIFICATIONS_QUEUE_NAME,
     parse=mention_parse,
 )
+# The same payload and delivery service as MENTION; its own task name, so the VIP notifier's
+# task counters and a VIP mention's dead letter say which path it took.
+VIP_MENTION: EventType[Mention] = EventType(
+    routing_key="chat.mention.vip",
+    task_name="chat.deliver_vip_mention_notifications",
+    queue_name=VIP_NOTIFICATIONS_QUEUE_NAME,
+    parse=mention_parse,
+)
+
+
+def mention_event(*, author_is_vip: bool) -> EventType[Mention]:
+    """The event type a mention is queued as: a VIP author's mentions go to the VIP queue."""
+    return VIP_MENTION if author_is_vip else MENTION
 
 
 # The relay publishes only these; an outbox event with any other routing key stays pending.
-RELAYED_EVENTS: tuple[EventType[Any], ...] = (MESSAGE_CREATED, MENTION)
+RELAYED_EVENTS: tuple[EventType[Any], ...] = (MESSAGE_CREATED, MENTION, VIP_MENTION)
 EVENT_TASKS: dict[str, str] = {event.routing_key: event.task_name for event in RELAYED_EVENTS}
 
 # Tasks Celery beat sends, by the queue of the worker that owns their data.

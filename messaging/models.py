@@ -13,7 +13,6 @@ class OutboxEvent(models.Model):
     event_id = models.UUIDField(unique=True)
     routing_key = models.CharField(max_length=100)
     payload = models.JSONField()
-    priority = models.PositiveSmallIntegerField(default=0)
     created_at = models.DateTimeField(auto_now_add=True)
     sent_at = models.DateTimeField(null=True, blank=True)
 

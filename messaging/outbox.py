@@ -25,19 +25,17 @@ from messaging.models import OutboxEvent
 OUTBOX_NOTIFY_CHANNEL = "chat_outbox"
 
 
-def outbox_event_add(*, routing_key: str, payload: Mapping[str, Any], priority: int = 0) -> OutboxEvent:
+def outbox_event_add(*, routing_key: str, payload: Mapping[str, Any]) -> OutboxEvent:
     """Queue an event for publication; must run inside the transaction of its cause.
 
     `payload` holds the event's own fields (from its builder in messaging.events); the stored
     payload adds the envelope (event_id, type).
     """
-    [event] = outbox_events_add(routing_key=routing_key, payloads=[payload], priority=priority)
+    [event] = outbox_events_add(routing_key=routing_key, payloads=[payload])
     return event
 
 
-def outbox_events_add(
-    *, routing_key: str, payloads: Sequence[Mapping[str, Any]], priority: int = 0
-) -> list[OutboxEvent]:
+def outbox_events_add(*, routing_key: str, payloads: Sequence[Mapping[str, Any]]) -> list[OutboxEvent]:
     """Queue one event per payload, in one INSERT; must run inside the transaction of their cause.
 
     One statement whatever the count: a message's mention events are written while its room's
@@ -53,7 +51,6 @@ def outbox_events_add(
                 event_id=event_id,
                 routing_key=routing_key,
                 payload=event_envelope(routing_key=routing_key, event_id=event_id, fields=payload),
-                priority=priority,
             )
         )
     return OutboxEvent.objects.bulk_create(events)

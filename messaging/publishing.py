@@ -133,26 +133,23 @@ def publish_pending_events(
             .order_by("id")
             # The payload as PostgreSQL's JSON text: it goes into the message body undecoded.
             .annotate(payload_json=Cast("payload", TextField()), expires_at=KT("payload__expires_at"))
-            .values_list("id", "routing_key", "payload_json", "priority", "expires_at")[
-                : batch_size * batches_per_round
-            ]
+            .values_list("id", "routing_key", "payload_json", "expires_at")[: batch_size * batches_per_round]
         )
         if not rows:
             return PublishResult(selected=0, sent=0, messages=0)
-        # Events share a message only with the same routing key, priority and expiry: a message
-        # has one AMQP priority and one TTL, and a VIP's event must not ride in a normal batch.
-        by_key: dict[tuple[str, int, str | None], list[tuple[int, str]]] = {}
-        for row_id, routing_key, payload_json, priority, expires_at in rows:
-            by_key.setdefault((routing_key, priority, expires_at), []).append((row_id, payload_json))
+        # Events share a message only with the same routing key (so a VIP's mention never rides in
+        # a normal batch: the key picks the queue) and expiry (a message has one TTL).
+        by_key: dict[tuple[str, str | None], list[tuple[int, str]]] = {}
+        for row_id, routing_key, payload_json, expires_at in rows:
+            by_key.setdefault((routing_key, expires_at), []).append((row_id, payload_json))
         messages = [
             task_message_from_json(
                 routing_key=routing_key,
                 row_ids=[row_id for row_id, _ in chunk],
                 events_json=[payload_json for _, payload_json in chunk],
-                priority=priority,
                 expiries=[expires_at] if expires_at else [],
             )
-            for (routing_key, priority, expires_at), key_rows in by_key.items()
+            for (routing_key, expires_at), key_rows in by_key.items()
             for start in range(0, len(key_rows), batch_size)
             if (chunk := key_rows[start : start + batch_size])
         ]

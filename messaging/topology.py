@@ -16,14 +16,19 @@ import copy
 import logging
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Connection, Exchange, Queue
+
+from infrastructure.health import broker_nodes
+
+if TYPE_CHECKING:
+    from messaging.events import EventType
 
 T = TypeVar("T")
 
@@ -115,52 +120,47 @@ WORK_QUEUES: tuple[Queue, ...] = (ANALYTICS_QUEUE, MONITORING_QUEUE)
 EXCHANGES: tuple[Exchange, ...] = (CHAT_EVENTS_EXCHANGE, DEAD_LETTER_EXCHANGE, MONITORING_EXCHANGE)
 QUEUES: tuple[Queue, ...] = (*WORK_QUEUES, DEAD_LETTER_QUEUE)
 
-# Mention notifications (chat/notifications.py) caused by a VIP's message jump this queue, at the
-# priorities messaging.events declares. Small on purpose: a classic queue keeps one internal queue
-# per level. Changing it later means deleting the queue (PRECONDITION_FAILED otherwise), hence
-# some room above the two levels used.
-NOTIFICATIONS_MAX_PRIORITY = 10
-NOTIFICATIONS_QUEUE_TYPES = ("classic", "quorum")
+# Mention notifications (chat/notifications.py) wait in two queues, one per event type in
+# messaging.events: a VIP's mentions have a queue and a notifier process of their own (Procfile
+# `notifier_vip`), so however many normal mentions are queued, none stands in front of a VIP's.
+# Priorities would do it on one queue, but only on classic queues before RabbitMQ 4.0 (4.0's
+# quorum queues serve two levels about 2:1, not strictly); two queues work on either type, so
+# the notifications follow BROKER_QUEUE_TYPE like every other work queue.
 NOTIFICATIONS_QUEUE_NAME = "notifications"
+VIP_NOTIFICATIONS_QUEUE_NAME = "notifications_vip"
 
 
-def notifications_queue(*, queue_type: str) -> Queue:
-    """The notifications queue as the setting NOTIFICATIONS_QUEUE_TYPE wants it.
-
-    classic (default, RabbitMQ 3.x): strict priorities via `x-max-priority`; the worker always
-    gets the highest-priority ready message. quorum: replicated, but RabbitMQ before 4.0 ignores
-    priorities on it (plain FIFO: VIP work waits behind the backlog), and from 4.0 it has two
-    levels (5 and up is high) served about 2:1 high:normal, not strictly; no `x-max-priority`.
-    """
+def notifications_queues(*, queue_type: str) -> tuple[Queue, Queue]:
+    """The normal and the VIP notifications queues as BROKER_QUEUE_TYPE wants them: work queues
+    like analytics (dead-letter exchange; on quorum the delivery limit and at-least-once
+    dead-lettering), each bound to its event's routing key. Expired notifications (the relay's
+    per-message TTL) are dead-lettered with reason "expired" on either type."""
     # messaging.events names this module's queues, so it is imported here, not at the top.
-    from messaging.events import MENTION
+    from messaging.events import MENTION, VIP_MENTION
 
-    if queue_type == "classic":
-        arguments = {**WORK_QUEUE_ARGUMENTS, "x-max-priority": NOTIFICATIONS_MAX_PRIORITY}
-    elif queue_type == "quorum":
-        arguments = {**WORK_QUEUE_ARGUMENTS, "x-queue-type": "quorum"}
-    else:
-        raise ValueError(
-            f"NOTIFICATIONS_QUEUE_TYPE must be one of {NOTIFICATIONS_QUEUE_TYPES}, not {queue_type!r}"
+    arguments = work_queue_arguments(queue_type=queue_type)
+
+    def bound_to(event: EventType[Any]) -> Queue:
+        return Queue(
+            event.queue_name,
+            exchange=CHAT_EVENTS_EXCHANGE,
+            routing_key=event.routing_key,
+            durable=True,
+            queue_arguments=arguments,
         )
-    return Queue(
-        NOTIFICATIONS_QUEUE_NAME,
-        exchange=CHAT_EVENTS_EXCHANGE,
-        routing_key=MENTION.routing_key,
-        durable=True,
-        queue_arguments=arguments,
-    )
+
+    return bound_to(MENTION), bound_to(VIP_MENTION)
 
 
 def declared_queues() -> tuple[Queue, ...]:
-    """Every queue as the settings BROKER_QUEUE_TYPE and NOTIFICATIONS_QUEUE_TYPE want it (read
-    late, so a test's override counts): the work queues, the dead letters, the notifications."""
+    """Every queue as the setting BROKER_QUEUE_TYPE wants it (read late, so a test's override
+    counts): the work queues, the dead letters, the notifications."""
     from django.conf import settings
 
     return (
         *work_queues(queue_type=settings.BROKER_QUEUE_TYPE),
         dead_letter_queue(queue_type=settings.BROKER_QUEUE_TYPE),
-        notifications_queue(queue_type=settings.NOTIFICATIONS_QUEUE_TYPE),
+        *notifications_queues(queue_type=settings.BROKER_QUEUE_TYPE),
     )
 
 
@@ -340,30 +340,59 @@ class ScratchVhostError(Exception):
 
 
 @contextmanager
-def scratch_vhost(prefix: str, *, broker_url: str) -> Iterator[str]:
+def scratch_vhost(prefix: str, *, broker_url: str, rabbitmq_nodes: Sequence[str] = ()) -> Iterator[str]:
     """A RabbitMQ vhost of the caller's own, with this topology, deleted on exit; yields its URL.
 
     Benchmarks and test sessions use one each, so their queues never mix with the product's or
-    with each other's on a shared broker. Needs `rabbitmqctl` on this machine.
+    with each other's on a shared broker. Needs `rabbitmqctl` on this machine. `broker_url` may
+    name several nodes (`amqp://a;amqp://b`): each gets the vhost. `rabbitmq_nodes` are the
+    names of a cluster's nodes for rabbitmqctl, each tried in turn (so the vhost is still deleted
+    after one of them was lost); without them, rabbitmqctl's default node.
     """
     vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    parts = urlsplit(broker_url)
-    url = parts._replace(path="/" + quote(vhost, safe="")).geturl()
-    _rabbitmqctl("add_vhost", vhost)
+    url = broker_url_with_vhost(broker_url, vhost)
+    username = urlsplit(broker_nodes(broker_url)[0]).username or "guest"
+    _rabbitmqctl("add_vhost", vhost, nodes=rabbitmq_nodes)
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+        _rabbitmqctl("set_permissions", "-p", vhost, username, ".*", ".*", ".*", nodes=rabbitmq_nodes)
         with Connection(url) as connection:
             declare_topology(connection)
         yield url
     finally:
-        _rabbitmqctl("delete_vhost", vhost)
+        _rabbitmqctl("delete_vhost", vhost, nodes=rabbitmq_nodes)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    try:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
-    except FileNotFoundError as error:
-        raise ScratchVhostError("rabbitmqctl is not on this machine (needed to create a vhost)") from error
-    except subprocess.CalledProcessError as error:
-        detail = error.stderr.decode(errors="replace").strip().splitlines()
-        raise ScratchVhostError(f"rabbitmqctl {args[0]} failed: {detail[-1] if detail else error}") from error
+def broker_url_with_vhost(broker_url: str, vhost: str) -> str:
+    """`broker_url` (one node, or several separated by `;`) with every node's vhost set to `vhost`."""
+    return ";".join(
+        urlsplit(node_url)._replace(path="/" + quote(vhost, safe="")).geturl()
+        for node_url in broker_nodes(broker_url)
+    )
+
+
+# Deleting a vhost deletes its quorum queues one by one; with a cluster node down, RabbitMQ tries
+# each for seconds before it force-deletes it, minutes for the 30-odd a Celery worker declares.
+RABBITMQCTL_TIMEOUT_SECONDS = 600
+
+
+def _rabbitmqctl(*args: str, nodes: Sequence[str]) -> None:
+    error_text = ""
+    for node in nodes or [None]:
+        try:
+            subprocess.run(
+                ["rabbitmqctl", "-q", *(["-n", node] if node else []), *args],
+                check=True,
+                capture_output=True,
+                timeout=RABBITMQCTL_TIMEOUT_SECONDS,
+            )
+            return
+        except FileNotFoundError as error:
+            raise ScratchVhostError(
+                "rabbitmqctl is not on this machine (needed to create a vhost)"
+            ) from error
+        except subprocess.CalledProcessError as error:
+            detail = error.stderr.decode(errors="replace").strip().splitlines()
+            error_text = detail[-1] if detail else str(error)
+        except subprocess.TimeoutExpired:
+            error_text = f"no answer from {node or 'the default node'} in {RABBITMQCTL_TIMEOUT_SECONDS}s"
+    raise ScratchVhostError(f"rabbitmqctl {args[0]} failed: {error_text}")

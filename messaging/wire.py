@@ -27,23 +27,22 @@ class TaskMessage:
     message: amqp.Message
 
 
-def task_message_build(*, routing_key: str, rows: list[tuple[int, dict[str, Any], int]]) -> TaskMessage:
+def task_message_build(*, routing_key: str, rows: list[tuple[int, dict[str, Any]]]) -> TaskMessage:
     """One Celery protocol-2 message for EVENT_TASKS[routing_key] with args `[events]`.
 
     Built with Celery's own `as_task_v2`, so a stock worker consumes it; `rows` are
-    (outbox id, payload, priority) in id order.
+    (outbox id, payload) in id order.
     """
     return task_message_from_json(
         routing_key=routing_key,
-        row_ids=[row_id for row_id, _, _ in rows],
-        events_json=[json.dumps(payload, separators=(",", ":")) for _, payload, _ in rows],
-        priority=max(priority for _, _, priority in rows),
-        expiries=[payload["expires_at"] for _, payload, _ in rows if payload.get("expires_at")],
+        row_ids=[row_id for row_id, _ in rows],
+        events_json=[json.dumps(payload, separators=(",", ":")) for _, payload in rows],
+        expiries=[payload["expires_at"] for _, payload in rows if payload.get("expires_at")],
     )
 
 
 def task_message_from_json(
-    *, routing_key: str, row_ids: list[int], events_json: list[str], priority: int, expiries: list[str]
+    *, routing_key: str, row_ids: list[int], events_json: list[str], expiries: list[str]
 ) -> TaskMessage:
     """task_message_build for events that are JSON text already (as PostgreSQL returns them)."""
     task_id = str(uuid.uuid4())
@@ -79,8 +78,6 @@ def task_message_from_json(
         content_type="application/json",
         content_encoding="utf-8",
         delivery_mode=2,  # persistent: survives a broker restart once confirmed
-        # publish_pending_events never mixes priorities in one message: one priority per message.
-        priority=priority,
         application_headers=headers,
         **properties,
     )

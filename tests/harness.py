@@ -30,7 +30,13 @@ from bench.procfile import (
     procfile_argv,
     queue_consumers,
 )
-from messaging.topology import ANALYTICS_QUEUE, DEAD_LETTER_QUEUE, declare_topology
+from messaging.topology import (
+    ANALYTICS_QUEUE,
+    DEAD_LETTER_QUEUE,
+    NOTIFICATIONS_QUEUE_NAME,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
+    declare_topology,
+)
 
 T = TypeVar("T")
 
@@ -176,7 +182,17 @@ def start_notifier(processes) -> Callable[..., ProcfileProcess]:
     """`start_notifier(**env)`: the Procfile's notifier, consuming the notifications queue."""
 
     def start(**env: str) -> ProcfileProcess:
-        return processes.start_consumer("notifier", "notifications", QUIET_WORKER, env=env)
+        return processes.start_consumer("notifier", NOTIFICATIONS_QUEUE_NAME, QUIET_WORKER, env=env)
+
+    return start
+
+
+@pytest.fixture
+def start_vip_notifier(processes) -> Callable[..., ProcfileProcess]:
+    """`start_vip_notifier(**env)`: the Procfile's notifier_vip, consuming the VIP notifications queue."""
+
+    def start(**env: str) -> ProcfileProcess:
+        return processes.start_consumer("notifier_vip", VIP_NOTIFICATIONS_QUEUE_NAME, QUIET_WORKER, env=env)
 
     return start
 

@@ -53,7 +53,7 @@ def test_every_relayed_event_reaches_its_queue_through_the_bindings(scratch_brok
         declare_topology(conn)
         channel = conn.default_channel
         for event in RELAYED_EVENTS:
-            message = task_message_build(routing_key=event.routing_key, rows=[(1, {}, 0)]).message
+            message = task_message_build(routing_key=event.routing_key, rows=[(1, {})]).message
             channel.basic_publish_confirm(
                 message, exchange=CHAT_EVENTS_EXCHANGE.name, routing_key=event.routing_key, mandatory=True
             )

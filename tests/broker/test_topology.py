@@ -14,6 +14,8 @@ from messaging.topology import (
     ANALYTICS_QUEUE,
     CHAT_EVENTS_EXCHANGE,
     DEAD_LETTER_EXCHANGE,
+    NOTIFICATIONS_QUEUE_NAME,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
     declare_topology,
     topology_differences,
 )
@@ -95,6 +97,28 @@ def test_setup_broker_reports_a_mismatched_queue_and_leaves_it_alone(scratch_bro
     with Connection(scratch_broker_url) as conn:
         mismatched = [d.name for d in topology_differences(conn) if d.problem != "is missing"]
     assert mismatched == [ANALYTICS_QUEUE.name]
+
+
+def test_check_names_the_notifications_priority_queue_of_an_older_installation(scratch_broker_url):
+    # Before the VIP queue, VIP mentions jumped one classic priority queue.
+    with Connection(scratch_broker_url) as conn:
+        declare_topology(conn)
+        channel = conn.default_channel
+        channel.queue_delete(NOTIFICATIONS_QUEUE_NAME)
+        channel.queue_delete(VIP_NOTIFICATIONS_QUEUE_NAME)
+        Queue(
+            NOTIFICATIONS_QUEUE_NAME,
+            exchange=CHAT_EVENTS_EXCHANGE,
+            routing_key="chat.mention",
+            durable=True,
+            queue_arguments={"x-dead-letter-exchange": DEAD_LETTER_EXCHANGE.name, "x-max-priority": 10},
+        ).bind(channel).declare()
+
+        differences = {d.name: d.problem for d in topology_differences(conn)}
+
+    assert set(differences) == {NOTIFICATIONS_QUEUE_NAME, VIP_NOTIFICATIONS_QUEUE_NAME}
+    assert "x-max-priority" in differences[NOTIFICATIONS_QUEUE_NAME]
+    assert differences[VIP_NOTIFICATIONS_QUEUE_NAME] == "is missing"
 
 
 def test_setup_broker_with_rabbitmq_down_says_so_in_one_line():

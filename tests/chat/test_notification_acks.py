@@ -34,7 +34,7 @@ from chat.notifications import (
 from messaging.events import MENTION
 from messaging.models import OutboxEvent
 from messaging.publishing import EventPublisher, publish_pending_events
-from messaging.topology import declare_topology, notifications_queue
+from messaging.topology import NOTIFICATIONS_QUEUE_NAME, declare_topology
 from tests.chat.test_consumer import connect, message, reply_to
 from tests.conftest import session_cookie
 from tests.harness import wait_until
@@ -215,7 +215,7 @@ def notifier_and_beat(broker_url, processes, start_notifier, tmp_path) -> Path:
     """The Procfile's notifier and beat, with a 2 s acknowledgement deadline; returns the mail directory."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
-        notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
+        conn.default_channel.queue_purge(NOTIFICATIONS_QUEUE_NAME)
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
     start_notifier(**file_email_env(mail_dir), NOTIFICATION_ACK_SECONDS="2")

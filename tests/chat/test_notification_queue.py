@@ -1,7 +1,8 @@
-"""Mention notifications through the real RabbitMQ: priority order and the per-message TTL.
+"""Mention notifications through the real RabbitMQ: VIP mentions on a queue and notifier of their
+own, and the per-message TTL.
 
-The relay's publishing function runs in this process (on this session's vhost); the notifier is
-the Procfile's own `notifier` worker process.
+The relay's publishing function runs in this process (on this session's vhost); the notifiers are
+the Procfile's own `notifier` and `notifier_vip` worker processes.
 """
 
 from __future__ import annotations
@@ -16,25 +17,35 @@ from django.conf import settings
 from django.contrib.auth.models import Group
 from django.db import connection
 from django.test import override_settings
-from kombu import Connection
+from kombu import Connection, Queue
 
 from chat import selectors, services
 from chat.models import NotificationDelivery
-from messaging.events import PRIORITY_HIGH, PRIORITY_LOW
+from messaging.events import MENTION, PRIORITY_HIGH, VIP_MENTION
 from messaging.models import OutboxEvent
 from messaging.publishing import EventPublisher, publish_pending_events
-from messaging.topology import DEAD_LETTER_QUEUE, declare_topology, notifications_queue
+from messaging.topology import (
+    CHAT_EVENTS_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    NOTIFICATIONS_QUEUE_NAME,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
+    WORK_QUEUE_ARGUMENTS,
+    declare_topology,
+)
 from tests.harness import wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+NOTIFICATION_QUEUES = (NOTIFICATIONS_QUEUE_NAME, VIP_NOTIFICATIONS_QUEUE_NAME)
+
 
 @pytest.fixture
 def notifications(broker_url) -> Iterator[Connection]:
-    """A connection to this session's vhost with an empty notifications queue."""
+    """A connection to this session's vhost with both notifications queues empty."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
-        notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
+        for queue in NOTIFICATION_QUEUES:
+            conn.default_channel.queue_purge(queue)
         yield conn
 
 
@@ -63,37 +74,93 @@ def publish_all(broker_url: str) -> None:
         publisher.close()
 
 
-def queue_depth(conn: Connection) -> int:
-    return (
-        notifications_queue(queue_type="classic")
-        .bind(conn.channel())
-        .queue_declare(passive=True)
-        .message_count
-    )
+def queue_depth(conn: Connection, queue: str) -> int:
+    channel = conn.channel()
+    try:
+        return channel.queue_declare(queue, passive=True).message_count
+    finally:
+        channel.close()
 
 
-def test_vip_notifications_overtake_a_backlog_of_normal_ones(
-    notifications, users, broker_url, start_notifier
-):
+def drain(conn: Connection, queue: str) -> list[tuple[str, str, list[dict], dict]]:
+    """Every message in `queue`, acked: (routing key, task name, events, properties)."""
+    received = []
+    channel = conn.channel()
+    try:
+        while (message := channel.basic_get(queue, no_ack=True)) is not None:
+            args, _kwargs, _embed = json.loads(message.body)
+            received.append(
+                (message.delivery_info["routing_key"], message.headers["task"], args[0], message.properties)
+            )
+    finally:
+        channel.close()
+    return received
+
+
+@pytest.mark.parametrize("queue", NOTIFICATION_QUEUES)
+def test_each_notifications_queue_is_a_work_queue_without_priorities(notifications, queue):
+    # Redeclaring succeeds only when the broker's queue has exactly these arguments: the
+    # dead-letter exchange and no x-max-priority (BROKER_QUEUE_TYPE is classic in this session).
+    Queue(queue, exchange=CHAT_EVENTS_EXCHANGE, durable=True, queue_arguments=WORK_QUEUE_ARGUMENTS).bind(
+        notifications.default_channel
+    ).queue_declare()
+
+
+def test_vip_mentions_reach_the_vip_queue_and_the_others_the_normal_one(notifications, users, broker_url):
     _alice, bob, vip, room = users
-    for n in range(200):
-        mention(bob, room, f"@alice normal {n}")
-    for n in range(5):
-        mention(vip, room, f"@alice vip {n}")
+    mention(bob, room, "@alice normal")
+    mention(vip, room, "@alice from a VIP")
+    mention(bob, room, "@alice normal again")
     publish_all(broker_url)
-    assert queue_depth(notifications) == 205, "one task message per notification, all waiting"
 
-    start_notifier()
-    wait_until(
-        lambda: NotificationDelivery.objects.count() == 205,
-        timeout=180,
-        message="205 notifications delivered",
+    normal = drain(notifications, NOTIFICATIONS_QUEUE_NAME)
+    vips = drain(notifications, VIP_NOTIFICATIONS_QUEUE_NAME)
+
+    assert [(key, task, len(events)) for key, task, events, _ in normal] == [
+        (MENTION.routing_key, MENTION.task_name, 1),
+        (MENTION.routing_key, MENTION.task_name, 1),
+    ]
+    assert [(key, task, events[0]["author_id"]) for key, task, events, _ in vips] == [
+        (VIP_MENTION.routing_key, VIP_MENTION.task_name, vip.pk)
+    ]
+    assert vips[0][2][0]["priority"] == PRIORITY_HIGH  # what the ledger will record
+    assert all("priority" not in properties for *_, properties in normal + vips)
+
+
+def test_relay_never_puts_a_vip_mention_in_a_normal_message(notifications, users, broker_url, make_user):
+    _alice, bob, vip, room = users
+    make_user("carol")
+    mention(bob, room, "@alice @carol lunch?")  # two events, one routing key and expiry: one message
+    mention(vip, room, "@alice now")
+    publish_all(broker_url)
+
+    normal = drain(notifications, NOTIFICATIONS_QUEUE_NAME)
+    vips = drain(notifications, VIP_NOTIFICATIONS_QUEUE_NAME)
+
+    assert [len(events) for _, _, events, _ in normal] == [2]
+    assert [len(events) for _, _, events, _ in vips] == [1]
+    for *_, properties in normal + vips:
+        assert 0 < int(properties["expiration"]) <= settings.NOTIFICATION_TTL_SECONDS * 1000
+
+
+def test_vip_mention_is_delivered_by_the_vip_notifier_while_the_normal_notifier_is_stopped(
+    notifications, users, broker_url, start_vip_notifier
+):
+    alice, bob, vip, room = users
+    for n in range(50):
+        mention(bob, room, f"@alice normal {n}")
+    mention(vip, room, "@alice from a VIP")
+    publish_all(broker_url)
+
+    start_vip_notifier()  # the normal notifier is not running
+    (delivery,) = wait_until(
+        lambda: list(NotificationDelivery.objects.all()), timeout=60, message="the VIP mention delivered"
     )
 
-    order = list(NotificationDelivery.objects.order_by("id").values_list("priority", flat=True))
-    vip_positions = [position for position, priority in enumerate(order) if priority == PRIORITY_HIGH]
-    assert len(vip_positions) == 5
-    assert max(vip_positions) < 10, f"VIP notifications delivered at positions {vip_positions} of 205"
+    assert (delivery.user_id, delivery.message.author_id) == (alice.pk, vip.pk)
+    assert delivery.priority == PRIORITY_HIGH
+    assert queue_depth(notifications, NOTIFICATIONS_QUEUE_NAME) == 50
+    assert queue_depth(notifications, VIP_NOTIFICATIONS_QUEUE_NAME) == 0
 
 
 def test_notification_published_twice_is_delivered_once(notifications, users, broker_url, start_notifier):
@@ -103,7 +170,7 @@ def test_notification_published_twice_is_delivered_once(notifications, users, br
     # A relay that died after the broker's confirm and before marking the row sent publishes it again.
     OutboxEvent.objects.update(sent_at=None)
     publish_all(broker_url)
-    assert queue_depth(notifications) == 2
+    assert queue_depth(notifications, NOTIFICATIONS_QUEUE_NAME) == 2
 
     worker = start_notifier()
     # What the notifier reports for the copy is the behaviour: it recognised it as a duplicate.
@@ -113,47 +180,32 @@ def test_notification_published_twice_is_delivered_once(notifications, users, br
     assert "'delivered': 1" in worker.log_text()
 
 
-def test_relay_never_mixes_priorities_in_one_task_message(notifications, users, broker_url, make_user):
+@pytest.mark.parametrize(
+    ("author", "queue"), [("bob", NOTIFICATIONS_QUEUE_NAME), ("vip", VIP_NOTIFICATIONS_QUEUE_NAME)]
+)
+def test_expired_notification_is_dead_lettered_with_reason_expired(
+    notifications, users, broker_url, author, queue
+):
     _alice, bob, vip, room = users
-    make_user("carol")
-    mention(bob, room, "@alice @carol lunch?")  # two events, one priority and expiry: one message
-    mention(vip, room, "@alice now")
-    publish_all(broker_url)
-
-    received = []
-    queue = notifications_queue(queue_type="classic").bind(notifications.default_channel)
-    while (message := queue.get(no_ack=True)) is not None:
-        args, _kwargs, _embed = json.loads(message.body)
-        received.append((message.properties["priority"], len(args[0]), int(message.properties["expiration"])))
-
-    assert [(priority, events) for priority, events, _ in received] == [(PRIORITY_HIGH, 1), (PRIORITY_LOW, 2)]
-    assert all(0 < expiration <= settings.NOTIFICATION_TTL_SECONDS * 1000 for _, _, expiration in received)
-
-
-def test_expired_notification_is_dead_lettered_with_reason_expired(notifications, users, broker_url):
-    _alice, bob, _, room = users
     with override_settings(NOTIFICATION_TTL_SECONDS=1):
-        mention(bob, room, "@alice this is only useful for a second")
+        mention({"bob": bob, "vip": vip}[author], room, "@alice this is only useful for a second")
     publish_all(broker_url)
     # No notifier runs: the message waits in the queue until its TTL runs out.
 
-    dead = wait_until(
-        lambda: _dead_letter_of(notifications, "chat.mention"), timeout=30, message="dead letter"
-    )
+    dead = wait_until(lambda: _dead_letter_from(notifications, queue), timeout=30, message="dead letter")
 
-    (death,) = [d for d in dead.headers["x-death"] if d["queue"] == "notifications"]
+    (death,) = [d for d in dead.headers["x-death"] if d["queue"] == queue]
     assert death["reason"] == "expired"
-    assert dead.delivery_info["routing_key"] == "chat.mention"
     assert not NotificationDelivery.objects.exists()
 
 
-def _dead_letter_of(conn: Connection, routing_key: str):
-    """The first message in `dead_letters` with this routing key, acked; the others stay queued."""
+def _dead_letter_from(conn: Connection, queue: str):
+    """The first message in `dead_letters` that died in `queue`, acked; the others stay queued."""
     channel = conn.channel()
     try:
-        queue = DEAD_LETTER_QUEUE.bind(channel)
-        while (message := queue.get(no_ack=False)) is not None:
-            if message.delivery_info["routing_key"] == routing_key:
+        dead_letters = DEAD_LETTER_QUEUE.bind(channel)
+        while (message := dead_letters.get(no_ack=False)) is not None:
+            if any(death["queue"] == queue for death in message.headers.get("x-death", [])):
                 message.ack()
                 return message
         return None

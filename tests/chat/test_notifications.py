@@ -23,7 +23,7 @@ from django.utils import timezone
 from chat import presence, protocol, selectors, services
 from chat.models import Message, NotificationDelivery
 from chat.notifications import mention_notifications_deliver
-from messaging.events import MENTION, PRIORITY_HIGH, PRIORITY_LOW
+from messaging.events import MENTION, PRIORITY_HIGH, PRIORITY_LOW, VIP_MENTION
 from messaging.models import OutboxEvent
 from tests.chat.test_consumer import connect
 
@@ -42,7 +42,9 @@ def send(author, room, text: str) -> Message:
 
 
 def mention_events(message: Message) -> list[OutboxEvent]:
-    events = OutboxEvent.objects.filter(routing_key=MENTION.routing_key, payload__message_id=message.pk)
+    events = OutboxEvent.objects.filter(
+        routing_key__in=[MENTION.routing_key, VIP_MENTION.routing_key], payload__message_id=message.pk
+    )
     return list(events.order_by("id"))
 
 
@@ -68,17 +70,23 @@ def test_each_mention_is_queued_in_the_message_transaction_with_an_expiry(make_u
     assert expires_at >= before + timedelta(seconds=settings.NOTIFICATION_TTL_SECONDS)
 
 
-def test_mentions_by_a_vip_are_queued_with_high_priority(make_user, make_room):
+def test_mentions_by_a_vip_are_queued_as_vip_mentions(make_user, make_room):
     _alice, bob = make_user("alice"), make_user("bob")
     make_vip(bob)
     message = send(bob, make_room("general"), "@alice now please")
-    assert [event.priority for event in mention_events(message)] == [PRIORITY_HIGH]
+    events = mention_events(message)
+    assert [(event.routing_key, event.payload["priority"]) for event in events] == [
+        (VIP_MENTION.routing_key, PRIORITY_HIGH)
+    ]
 
 
-def test_mentions_by_others_are_queued_with_low_priority(make_user, make_room):
+def test_mentions_by_others_are_queued_as_normal_mentions(make_user, make_room):
     _alice, bob = make_user("alice"), make_user("bob")
     message = send(bob, make_room("general"), "@alice whenever")
-    assert [event.priority for event in mention_events(message)] == [PRIORITY_LOW]
+    events = mention_events(message)
+    assert [(event.routing_key, event.payload["priority"]) for event in events] == [
+        (MENTION.routing_key, PRIORITY_LOW)
+    ]
 
 
 def test_message_frames_carry_the_vip_badge_without_a_query_per_message(make_user, make_room):

@@ -12,7 +12,12 @@ from django.core.management import CommandError, call_command
 
 from bench.procfile import ROOT, procfile_command
 from bench.soak import PROCESS_SIGNATURES, Series, _has_words, connection_bound
-from messaging.topology import ANALYTICS_QUEUE, DEAD_LETTER_QUEUE
+from messaging.topology import (
+    ANALYTICS_QUEUE,
+    DEAD_LETTER_QUEUE,
+    NOTIFICATIONS_QUEUE_NAME,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
+)
 from tests.harness import QUIET_WORKER
 
 
@@ -96,7 +101,8 @@ def test_a_one_minute_soak_of_the_running_processes_finds_nothing_growing(
     # No metrics endpoints: their fixed ports belong to whichever run's monitoring tests.
     started = {
         "worker": processes.start_consumer("worker", ANALYTICS_QUEUE.name, QUIET_WORKER),
-        "notifier": processes.start_consumer("notifier", "notifications", QUIET_WORKER),
+        "notifier": processes.start_consumer("notifier", NOTIFICATIONS_QUEUE_NAME, QUIET_WORKER),
+        "notifier_vip": processes.start_consumer("notifier_vip", VIP_NOTIFICATIONS_QUEUE_NAME, QUIET_WORKER),
         "dlq_archiver": processes.start_consumer("dlq_archiver", DEAD_LETTER_QUEUE.name),
         "relay": relay_process,
     }

@@ -14,7 +14,7 @@ from chat import services
 from chat.models import NotificationDelivery
 from chat.task_logging import FALLBACK_SWEEP_TASK, IdleFallbackSweepFilter
 from chat.tasks import send_notification_fallback_emails
-from messaging.topology import declare_topology, notifications_queue
+from messaging.topology import NOTIFICATIONS_QUEUE_NAME, declare_topology
 from tests.harness import QUIET_WORKER, wait_until
 from tests.mail import file_email_env
 
@@ -44,11 +44,11 @@ def test_idle_sweeps_add_no_log_lines_and_a_sweep_that_emails_logs_its_result(
     alice, bob, room = make_user("alice", email="alice@example.com"), make_user("bob"), make_room("general")
     with Connection(broker_url) as conn:
         declare_topology(conn)
-        notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
+        conn.default_channel.queue_purge(NOTIFICATIONS_QUEUE_NAME)
     mail_dir = tmp_path / "mail"
     mail_dir.mkdir()
     notifier = processes.start_consumer(
-        "notifier", "notifications", QUIET_WORKER, env=file_email_env(mail_dir)
+        "notifier", NOTIFICATIONS_QUEUE_NAME, QUIET_WORKER, env=file_email_env(mail_dir)
     )
     log = Path(notifier.log_path)
     # The lines counted start after Celery's " ready.", the end of its start-up output, which can
@@ -58,8 +58,8 @@ def test_idle_sweeps_add_no_log_lines_and_a_sweep_that_emails_logs_its_result(
 
     for _ in range(3):
         send_notification_fallback_emails.delay()  # nothing is due: idle
-    # Then one with work: a push no page acknowledged, due at once. With one process and a
-    # prefetch of one, the notifier runs it after the idle ones.
+    # Then one with work: a push no page acknowledged, due at once; whichever of the notifier's
+    # processes runs it, its result is the one line logged.
     push_awaiting_acknowledgement(
         user=alice,
         message=services.message_create(

@@ -52,6 +52,8 @@ class ClusterNode:
 @dataclass(frozen=True)
 class RabbitCluster:
     nodes: tuple[ClusterNode, ...]
+    prefix: str
+    directory: str
 
     def ctl(self, *args: str, node: int = 0) -> str:
         """rabbitmqctl against one node (Debian's rabbitmqctl runs as the nodes' user, with their cookie)."""
@@ -101,6 +103,37 @@ class RabbitCluster:
                 timeout=120,
                 message=f"{self.nodes[index].name} did not rejoin the cluster",
             )
+
+    def start_node(self, node: int) -> subprocess.Popen:
+        """Start a stopped or killed node again (cluster.sh start-node), in the background: it keeps
+        its data and rejoins the cluster. `wait()` for it; 0 means it has booted."""
+        return subprocess.Popen(
+            [
+                str(CLUSTER_SCRIPT),
+                "start-node",
+                str(node + 1),
+                *("--prefix", self.prefix, "--dir", self.directory),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+
+    def restore(self) -> None:
+        """Three running nodes again, whatever a test left: start a killed or stopped node, and wait
+        for a paused or restarting one."""
+        for node in range(len(self.nodes)):
+            if (
+                subprocess.run(
+                    ["rabbitmqctl", "-q", "-n", self.nodes[node].name, "ping"],
+                    capture_output=True,
+                    timeout=60,
+                ).returncode
+                != 0
+            ):
+                self.start_node(node).wait(timeout=300)
+        for node in range(len(self.nodes)):
+            self.ctl("await_startup", "--timeout", "120", node=node)
 
     def management_get(self, path: str, *, node: int = 0) -> object:
         """GET /api/<path> from one node's management plugin, as guest."""
@@ -163,7 +196,9 @@ def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitC
         yield RabbitCluster(
             tuple(
                 ClusterNode(f"{prefix}{i + 1}@localhost", base + i, base + 10 + i) for i in range(NODE_COUNT)
-            )
+            ),
+            prefix=prefix,
+            directory=cluster_dir,
         )
     finally:
         subprocess.run([str(CLUSTER_SCRIPT), "stop", *options], capture_output=True, timeout=300)

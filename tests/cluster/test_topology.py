@@ -12,7 +12,16 @@ from messaging.topology import (
     ANALYTICS_QUEUE_NAME,
     DEAD_LETTER_QUEUE_NAME,
     MONITORING_QUEUE_NAME,
+    NOTIFICATIONS_QUEUE_NAME,
     QUORUM_DELIVERY_LIMIT,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
+)
+
+WORK_QUEUE_NAMES = (
+    ANALYTICS_QUEUE_NAME,
+    MONITORING_QUEUE_NAME,
+    NOTIFICATIONS_QUEUE_NAME,
+    VIP_NOTIFICATIONS_QUEUE_NAME,
 )
 
 
@@ -34,7 +43,7 @@ def test_setup_broker_with_quorum_declares_quorum_work_and_dead_letter_queues(
     call_command("setup_broker")
 
     queues = _queues(rabbit_cluster, cluster_vhost)
-    for name in (ANALYTICS_QUEUE_NAME, MONITORING_QUEUE_NAME):
+    for name in WORK_QUEUE_NAMES:
         assert queues[name]["type"] == "quorum"
         assert queues[name]["arguments"] == {
             "x-dead-letter-exchange": "dead_letter",
@@ -55,11 +64,11 @@ def test_setup_broker_check_names_classic_queues_when_quorum_is_configured(
     capsys.readouterr()
 
     settings.BROKER_QUEUE_TYPE = "quorum"
-    with pytest.raises(CommandError, match="3 difference"):
+    with pytest.raises(CommandError, match="5 difference"):
         call_command("setup_broker", "--check", "--json")
 
     differences = {d["name"]: d for d in json.loads(capsys.readouterr().out)}
-    assert set(differences) == {ANALYTICS_QUEUE_NAME, MONITORING_QUEUE_NAME, DEAD_LETTER_QUEUE_NAME}
+    assert set(differences) == {*WORK_QUEUE_NAMES, DEAD_LETTER_QUEUE_NAME}
     for difference in differences.values():
         assert difference["problem"].startswith("exists with other arguments")
     # Nothing was changed: the queues are still classic.

@@ -70,9 +70,7 @@ def publish(
 
 
 def analytics_task_message(events: list[Any], *, expiration_ms: int | None = None) -> amqp.Message:
-    message = task_message_build(
-        routing_key=ROUTING_KEY, rows=[(1, e, 0) for e in events] or [(1, {}, 0)]
-    ).message
+    message = task_message_build(routing_key=ROUTING_KEY, rows=[(1, e) for e in events] or [(1, {})]).message
     if expiration_ms is not None:
         message.properties["expiration"] = str(expiration_ms)
     return message

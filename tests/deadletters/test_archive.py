@@ -134,7 +134,7 @@ def test_expired_mention_notification_is_archived_with_reason_expired(broker_url
         "queued_at": now.isoformat(),
         "expires_at": now.isoformat(),
     }
-    message = task_message_build(routing_key="chat.mention", rows=[(1, notification, 0)]).message
+    message = task_message_build(routing_key="chat.mention", rows=[(1, notification)]).message
     publish(broker_url, message, routing_key="chat.mention")
 
     letter = wait_until(

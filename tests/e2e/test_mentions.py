@@ -12,7 +12,7 @@ from playwright.sync_api import expect
 
 from chat import selectors
 from chat.models import NotificationDelivery
-from messaging.topology import declare_topology, notifications_queue
+from messaging.topology import NOTIFICATIONS_QUEUE_NAME, declare_topology
 from tests.e2e.conftest import store_message
 from tests.harness import wait_until
 
@@ -24,7 +24,7 @@ def pipeline(broker_url, relay_process, start_notifier) -> None:
     """The relay and the Procfile's notifier worker, on this session's vhost."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
-        notifications_queue(queue_type="classic").bind(conn.default_channel).purge()
+        conn.default_channel.queue_purge(NOTIFICATIONS_QUEUE_NAME)
     start_notifier()
 
 

@@ -228,22 +228,22 @@ def poison_messages(secret: Callable[[str], str]) -> list[tuple[str, amqp.Messag
         "queued_at": now.isoformat(),
         "expires_at": (now + timedelta(minutes=5)).isoformat(),
     }
-    undecodable = task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {}, 0)]).message
+    undecodable = task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {})]).message
     undecodable.body = b"\xff" + secret("undecodable body").encode()
     undecodable.properties["application_headers"]["argsrepr"] = secret("undecodable argsrepr")
     unregistered = task_message_build(
-        routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {"text": secret("unregistered body")}, 0)]
+        routing_key=MESSAGE_CREATED.routing_key, rows=[(1, {"text": secret("unregistered body")})]
     ).message
     unregistered.properties["application_headers"]["task"] = "analytics.no_such_task"
     unregistered.properties["application_headers"]["argsrepr"] = secret("unregistered argsrepr")
     return [
         (
             MESSAGE_CREATED.routing_key,
-            task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, invalid_event, 0)]).message,
+            task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, invalid_event)]).message,
         ),
         (
             MENTION.routing_key,
-            task_message_build(routing_key=MENTION.routing_key, rows=[(1, invalid_mention, 0)]).message,
+            task_message_build(routing_key=MENTION.routing_key, rows=[(1, invalid_mention)]).message,
         ),
         (MESSAGE_CREATED.routing_key, undecodable),
         (MESSAGE_CREATED.routing_key, unregistered),
