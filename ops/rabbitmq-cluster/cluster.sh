@@ -4,13 +4,16 @@
 #   cluster.sh start  [--base-port N] [--prefix P] [--dir D]
 #   cluster.sh status [--prefix P] [--dir D]
 #   cluster.sh stop   [--prefix P] [--dir D]
+#   cluster.sh start-node I [--prefix P] [--dir D]
 #
 # Node i (1..3) is P<i>@localhost with AMQP on N+i-1, management on N+10+i-1 and Erlang
 # distribution on N+20+i-1 (epmd on 4369 is shared with any other node; that is how the nodes
 # and rabbitmqctl find each other). Everything of a cluster lives in D (default
 # /tmp/rabbitmq-cluster-P): each node's config, database, logs and pid file, and cluster.env,
-# which `status` and `stop` read. A different prefix gives a cluster of its own, so concurrent
-# runs do not clash. `stop` stops the nodes, kills what is left of them and removes D.
+# which `status`, `stop` and `start-node` read. A different prefix gives a cluster of its own, so
+# concurrent runs do not clash. `stop` stops the nodes, kills what is left of them and removes D.
+# `start-node I` starts node I again after it was stopped or killed (a rolling restart, a crash):
+# it keeps its data directory, so it rejoins the cluster by itself.
 #
 # Run as root: the nodes run as the `rabbitmq` user, so they share its Erlang cookie
 # (/var/lib/rabbitmq/.erlang.cookie) with Debian's rabbitmqctl, which switches to that user
@@ -21,6 +24,8 @@ SERVER=/usr/lib/rabbitmq/bin/rabbitmq-server
 NODES="1 2 3"
 command=${1:-}
 [ $# -gt 0 ] && shift
+node_index=
+if [ "$command" = start-node ]; then node_index=${1:-}; [ $# -gt 0 ] && shift; fi
 base_port=5680
 prefix=chat
 dir=
@@ -64,6 +69,11 @@ start_node() {
 listeners.tcp.default = 127.0.0.1:$(amqp_port "$i")
 management.tcp.ip = 127.0.0.1
 management.tcp.port = $(management_port "$i")
+# A node cut off from the others stops serving until it sees a majority again, then rejoins:
+# with three nodes at most one side of a partition has two, so there is never a second cluster
+# accepting writes. The default (ignore) keeps both sides running and leaves the cluster split
+# after the partition heals, until an operator restarts the nodes of one side.
+cluster_partition_handling = pause_minority
 EOF
     echo "[rabbitmq_management]." > "$node_dir/enabled_plugins"
     chown -R rabbitmq:rabbitmq "$node_dir"
@@ -112,6 +122,15 @@ cmd_start() {
     cmd_status
 }
 
+cmd_start_node() {
+    [ "$(id -u)" = 0 ] || fail "run as root (the nodes run as the rabbitmq user through su)"
+    load_state
+    case $node_index in 1|2|3) ;; *) fail "start-node takes a node number, 1 to 3" ;; esac
+    if node_running "$node_index"; then fail "$(node_name "$node_index") is running already"; fi
+    start_node "$node_index"
+    wait_for_node "$node_index"
+}
+
 cmd_status() {
     load_state
     printf '%-28s %-6s %-11s %-6s %s\n' node amqp management dist state
@@ -139,5 +158,6 @@ case $command in
     start) cmd_start ;;
     status) cmd_status ;;
     stop) cmd_stop ;;
-    *) echo "usage: cluster.sh start|status|stop [--base-port N] [--prefix P] [--dir D]" >&2; exit 2 ;;
+    start-node) cmd_start_node ;;
+    *) echo "usage: cluster.sh start|status|stop|start-node I [--base-port N] [--prefix P] [--dir D]" >&2; exit 2 ;;
 esac
