@@ -10,6 +10,7 @@ so a later queue can bind to a subset; the `dead_letters` queue binds `#` to kee
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -19,6 +20,8 @@ from urllib.parse import quote, urlsplit
 
 from amqp.exceptions import NotFound, PreconditionFailed
 from kombu import Connection, Exchange, Queue
+
+logger = logging.getLogger(__name__)
 
 CHAT_EVENTS_EXCHANGE = Exchange("chat_events", type="topic", durable=True)
 DEAD_LETTER_EXCHANGE = Exchange("dead_letter", type="topic", durable=True)
@@ -155,21 +158,32 @@ def declared_queues() -> tuple[Queue, ...]:
     )
 
 
-def declare_topology(connection: Connection) -> None:
+def declare_topology(connection: Connection) -> list[str]:
     """Declare every exchange, queue and binding; idempotent, safe to run on every start-up.
 
-    Raises amqp's PreconditionFailed when an entity exists with other arguments (see
-    `topology_differences` for a readable report).
+    On a cluster, a classic queue lives on one node: while that node is down RabbitMQ answers its
+    declaration with NOT_FOUND (it exists, but cannot be reached). Such a queue is skipped, logged,
+    and its name returned, so that a process failing over to another node (the relay, the
+    archiver, every worker run this on each connect) still declares and uses the rest; the
+    queue's own consumers wait for its node. Raises amqp's PreconditionFailed when an entity
+    exists with other arguments (see `topology_differences` for a readable report).
     """
+    unreachable: list[str] = []
     channel = connection.channel()
     try:
         for exchange in EXCHANGES:
             exchange.bind(channel).declare()
         for queue in declared_queues():
-            # Declares the queue's exchange, the queue and the binding.
-            queue.bind(channel).declare()
+            try:
+                # Declares the queue's exchange, the queue and the binding.
+                queue.bind(channel).declare()
+            except NotFound as error:
+                logger.warning("queue %s is unreachable, not declared: %s", queue.name, _reply_text(error))
+                unreachable.append(queue.name)
+                channel = connection.channel()  # the error closed the channel
     finally:
         channel.close()
+    return unreachable
 
 
 @dataclass(frozen=True)
