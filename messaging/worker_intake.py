@@ -1,5 +1,6 @@
-"""The Celery worker's message intake (Celery's Consumer), changed in two ways: bad messages are
-dead-lettered, and no log line quotes a message's body or headers.
+"""The Celery worker's message intake (Celery's Consumer), changed in three ways: bad messages are
+dead-lettered, no log line quotes a message's body or headers, and after a failover the worker
+consumes at once.
 
 Stock Celery logs a message whose body cannot be decoded and then ACKS it, so it vanishes. Our
 work queues name a dead-letter exchange for exactly this case: rejecting it without requeue
@@ -10,6 +11,12 @@ Stock Celery also writes the body (up to 1 KiB) and headers of an unknown, unreg
 task message into its log. A message may carry chat text anywhere, and logs must never hold it; the
 dead letter keeps the whole message for a person with access to the admin, so the log names only
 the task, its id and the body's size.
+
+With quorum queues, Celery sets up its native delayed delivery (the exchanges and queues that carry
+retries with a countdown) each time the worker connects, before it consumes, and it does so through
+every URL of a failover list, retrying an unreachable one for about 17 s. On a cluster those
+exchanges, queues and bindings belong to the whole cluster, so once a node died every reconnecting
+worker would stand idle that long for nothing; they are set up through the node it connected to.
 """
 
 from __future__ import annotations
@@ -18,11 +25,40 @@ import logging
 
 from celery.worker.consumer import Consumer
 from celery.worker.consumer import consumer as celery_consumer
+from celery.worker.consumer.delayed_delivery import DelayedDelivery
 
 logger = logging.getLogger(__name__)
 
+CELERY_DELAYED_DELIVERY_STEP = "celery.worker.consumer.delayed_delivery:DelayedDelivery"
+
+
+class ConnectedNodeDelayedDelivery(DelayedDelivery):
+    """Celery's DelayedDelivery step, through the node the worker has just connected to only."""
+
+    def start(self, c: Consumer) -> None:
+        self._validate_configuration(c.app)
+        node = c.connection.as_uri(include_password=True)
+        try:
+            self._setup_delayed_delivery(c, node)
+        # Celery's own step only logs as well: without it a retry with a countdown fails to
+        # publish (and is dead-lettered), while everything else keeps working.
+        except Exception as error:
+            logger.warning(
+                "setting up native delayed delivery through %s failed: %s",
+                c.connection.as_uri(),
+                error,
+            )
+
 
 class DeadLetteringIntake(Consumer):
+    class Blueprint(Consumer.Blueprint):
+        default_steps = [
+            "messaging.worker_intake:ConnectedNodeDelayedDelivery"
+            if step == CELERY_DELAYED_DELIVERY_STEP
+            else step
+            for step in Consumer.Blueprint.default_steps
+        ]
+
     def on_decode_error(self, message, exc: Exception) -> None:
         headers = message.headers or {}
         logger.critical(
