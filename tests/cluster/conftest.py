@@ -72,14 +72,25 @@ def _ports_free(base: int) -> bool:
     return True
 
 
+def _ephemeral_ports_start() -> int:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as ports:
+        return int(ports.read().split()[0])
+
+
 def _free_base_port() -> int:
     """A base port whose nine cluster ports are free now (a race with another process stays
-    possible; cluster.sh then fails with the node's log named)."""
+    possible; cluster.sh then fails with the node's log named).
+
+    Below the kernel's ephemeral range: a killed node's port would otherwise be free for any
+    outgoing connection on the machine to take as its local port (and keep, in TIME_WAIT, for a
+    minute), and the node could not listen on it again when it restarts.
+    """
+    highest = min(_ephemeral_ports_start(), 60000) - max(PORT_OFFSETS) - NODE_COUNT
     for _ in range(100):
-        base = random.randrange(20000, 60000, 100)
+        base = random.randrange(20000, highest, 100)
         if _ports_free(base):
             return base
-    raise RuntimeError("no free block of ports for a RabbitMQ cluster between 20000 and 60000")
+    raise RuntimeError(f"no free block of ports for a RabbitMQ cluster between 20000 and {highest}")
 
 
 @pytest.fixture(scope="session")
