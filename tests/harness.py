@@ -1,6 +1,7 @@
 """The one harness for tests that start real processes: the Procfile's commands as children of a test.
 
-Children run on the test database and this session's RabbitMQ vhost, each in its own process
+Children run on the test database and this session's RabbitMQ vhost (tests/cluster/conftest.py's
+`cluster_processes`: a vhost of the three-node cluster), each in its own process
 group (a SIGKILL takes a Celery worker's pool along, like a host dying), logging to the test's
 tmp_path, and are SIGKILLed when the test ends. A start returns once the child serves, as a probe
 sees it (bench/procfile.py): a port that answers, one more consumer on its queue, its LISTEN
@@ -124,6 +125,14 @@ class Processes:
             name=name,
         )
 
+    def start_analytics_worker(self, *, env: Mapping[str, str] | None = None) -> ProcfileProcess:
+        """The Procfile's analytics worker with one pool process, once `analytics` has one more
+        consumer. One pool process makes "the batch in hand" a single message."""
+        name = f"analytics-test-{uuid.uuid4().hex[:8]}"
+        return self.start_consumer(
+            "worker", ANALYTICS_QUEUE.name, f"--concurrency 1 --hostname {name}@%h {QUIET_WORKER}", env=env
+        )
+
     def start_relay(self, extra_args: str = "", *, env: Mapping[str, str] | None = None) -> ProcfileProcess:
         """The Procfile's relay, once its LISTEN is registered (it connects the broker right after,
         and publishes whatever is pending first)."""
@@ -159,20 +168,14 @@ def start_process(processes) -> Callable[..., ProcfileProcess]:
 
 @pytest.fixture
 def start_worker(processes, broker_url) -> Callable[..., ProcfileProcess]:
-    """`start_worker(**env)`: the Procfile's analytics worker with one pool process, consuming.
-
-    One pool process makes "the batch in hand" a single message.
-    """
+    """`start_worker(**env)`: the Procfile's analytics worker with one pool process, consuming."""
     # Task messages a previous test left in the session's vhost name rows of a flushed database.
     with Connection(broker_url) as connection:
         declare_topology(connection)
         ANALYTICS_QUEUE.bind(connection.default_channel).purge()
 
     def start(**env: str) -> ProcfileProcess:
-        name = f"analytics-test-{uuid.uuid4().hex[:8]}"
-        return processes.start_consumer(
-            "worker", ANALYTICS_QUEUE.name, f"--concurrency 1 --hostname {name}@%h {QUIET_WORKER}", env=env
-        )
+        return processes.start_analytics_worker(env=env)
 
     return start
 

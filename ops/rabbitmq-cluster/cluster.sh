@@ -69,6 +69,11 @@ start_node() {
 listeners.tcp.default = 127.0.0.1:$(amqp_port "$i")
 management.tcp.ip = 127.0.0.1
 management.tcp.port = $(management_port "$i")
+# A node cut off from the others stops serving until it sees a majority again, then rejoins:
+# with three nodes at most one side of a partition has two, so there is never a second cluster
+# accepting writes. The default (ignore) keeps both sides running and leaves the cluster split
+# after the partition heals, until an operator restarts the nodes of one side.
+cluster_partition_handling = pause_minority
 EOF
     echo "[rabbitmq_management]." > "$node_dir/enabled_plugins"
     chown -R rabbitmq:rabbitmq "$node_dir"

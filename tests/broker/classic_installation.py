@@ -150,11 +150,10 @@ def queue_drain(broker_url: str, queue: str) -> list[amqp.Message]:
 
 
 def quorum_settings(settings, broker_url: str) -> None:
-    """What an installation moving to a cluster sets (the notifications queue included, so that
+    """What an installation moving to a cluster sets (the notifications queues follow it, so that
     a queue losing an argument, x-max-priority, is migrated too)."""
     settings.CELERY_BROKER_URL = broker_url
     settings.BROKER_QUEUE_TYPE = "quorum"
-    settings.NOTIFICATIONS_QUEUE_TYPE = "quorum"
 
 
 def migrate_queues_process(
@@ -169,7 +168,6 @@ def migrate_queues_process(
             **(fault_env(faults) if faults else {}),
             "CELERY_BROKER_URL": broker_url,
             "BROKER_QUEUE_TYPE": "quorum",
-            "NOTIFICATIONS_QUEUE_TYPE": "quorum",
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

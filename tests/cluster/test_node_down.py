@@ -36,7 +36,7 @@ def replicated_vhost(rabbit_cluster: RabbitCluster) -> Iterator[str]:
     """A vhost whose every queue is a quorum queue (notifications too), declared through node 1."""
     with new_vhost(rabbit_cluster) as vhost:
         with (
-            override_settings(BROKER_QUEUE_TYPE="quorum", NOTIFICATIONS_QUEUE_TYPE="quorum"),
+            override_settings(BROKER_QUEUE_TYPE="quorum"),
             broker_connection(rabbit_cluster.nodes[0].url(vhost)) as connection,
         ):
             declare_topology(connection)
@@ -53,7 +53,7 @@ def node_one_down(rabbit_cluster: RabbitCluster, replicated_vhost: str) -> Itera
 def _on_the_cluster(rabbit_cluster: RabbitCluster, replicated_vhost: str, node_one_down, settings) -> None:
     settings.CELERY_BROKER_URL = rabbit_cluster.failover_url(replicated_vhost)
     settings.RABBITMQ_MANAGEMENT_URL = rabbit_cluster.management_urls()
-    settings.BROKER_QUEUE_TYPE = settings.NOTIFICATIONS_QUEUE_TYPE = "quorum"
+    settings.BROKER_QUEUE_TYPE = "quorum"
 
 
 def node_two(rabbit_cluster: RabbitCluster) -> str:

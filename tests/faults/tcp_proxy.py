@@ -89,7 +89,13 @@ class TcpProxy:
                     # Accepted, then silence: the client's handshake times out.
                     self._links.append(_Link(client, None))
                     continue
-            upstream = socket.create_connection(self.target)
+            try:
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                # The target refuses (a RabbitMQ node still starting): the client's connection is
+                # closed, as the target's own refusal would be, and the proxy goes on accepting.
+                _close([client])
+                continue
             link = _Link(client, upstream)
             with self._lock:
                 link.partitioned = self._blackholed  # a blackhole may have begun meanwhile
