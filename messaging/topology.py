@@ -267,14 +267,16 @@ def scratch_vhost(prefix: str, *, broker_url: str) -> Iterator[str]:
     """A RabbitMQ vhost of the caller's own, with this topology, deleted on exit; yields its URL.
 
     Benchmarks and test sessions use one each, so their queues never mix with the product's or
-    with each other's on a shared broker. Needs `rabbitmqctl` on this machine.
+    with each other's on a shared broker. `broker_url` may list a cluster's nodes (kombu's
+    failover URL); the URL yielded lists them all, each with the new vhost. Needs `rabbitmqctl`
+    on this machine; it reaches the broker through the node the setting RABBITMQCTL_NODE names.
     """
     vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
-    parts = urlsplit(broker_url)
-    url = parts._replace(path="/" + quote(vhost, safe="")).geturl()
+    url = broker_url_with_vhost(broker_url, vhost)
     _rabbitmqctl("add_vhost", vhost)
     try:
-        _rabbitmqctl("set_permissions", "-p", vhost, parts.username or "guest", ".*", ".*", ".*")
+        username = urlsplit(broker_url.split(";")[0]).username or "guest"
+        _rabbitmqctl("set_permissions", "-p", vhost, username, ".*", ".*", ".*")
         with Connection(url) as connection:
             declare_topology(connection)
         yield url
@@ -282,11 +284,26 @@ def scratch_vhost(prefix: str, *, broker_url: str) -> Iterator[str]:
         _rabbitmqctl("delete_vhost", vhost)
 
 
+def broker_url_with_vhost(broker_url: str, vhost: str) -> str:
+    """`broker_url` with `vhost` as its virtual host; each node's, for a failover list (`amqp://a;amqp://b`)."""
+    path = "/" + quote(vhost, safe="")
+    return ";".join(urlsplit(node)._replace(path=path).geturl() for node in broker_url.split(";"))
+
+
 def _rabbitmqctl(*args: str) -> None:
+    # Vhosts and permissions are cluster-wide: any node of the broker's cluster can create them.
+    from django.conf import settings
+
+    node = ["-n", settings.RABBITMQCTL_NODE] if settings.RABBITMQCTL_NODE else []
+    command = f"rabbitmqctl {' '.join([*node, args[0]])}"
     try:
-        subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+        subprocess.run(["rabbitmqctl", "-q", *node, *args], check=True, capture_output=True, timeout=60)
     except FileNotFoundError as error:
         raise ScratchVhostError("rabbitmqctl is not on this machine (needed to create a vhost)") from error
+    except subprocess.TimeoutExpired as error:
+        raise ScratchVhostError(f"{command} did not answer within {error.timeout:.0f}s") from error
     except subprocess.CalledProcessError as error:
-        detail = error.stderr.decode(errors="replace").strip().splitlines()
-        raise ScratchVhostError(f"rabbitmqctl {args[0]} failed: {detail[-1] if detail else error}") from error
+        # The first line says what went wrong (an unreachable node's diagnostics follow it).
+        lines = [line.strip() for line in error.stderr.decode(errors="replace").splitlines()]
+        detail = next((line for line in lines if line and line != "Error:"), str(error))
+        raise ScratchVhostError(f"{command} failed: {detail}") from error

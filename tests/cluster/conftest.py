@@ -42,6 +42,10 @@ class ClusterNode:
 class RabbitCluster:
     nodes: tuple[ClusterNode, ...]
 
+    def url(self, vhost: str = "/") -> str:
+        """Every node's URL as kombu's failover list, as CELERY_BROKER_URL names a cluster."""
+        return ";".join(node.url(vhost) for node in self.nodes)
+
     def ctl(self, *args: str, node: int = 0) -> str:
         """rabbitmqctl against one node (Debian's rabbitmqctl runs as the nodes' user, with their cookie)."""
         result = subprocess.run(
