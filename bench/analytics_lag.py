@@ -66,7 +66,12 @@ def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator
     """
     log_dir = log_dir or Path(tempfile.mkdtemp(prefix="bench-analytics-"))
     broker_url = settings.CELERY_BROKER_URL
-    env = {**child_process_env(), "CELERY_BROKER_URL": broker_url}
+    # This process's broker and queue type (a test's overrides too): on a cluster, its quorum queues.
+    env = {
+        **child_process_env(),
+        "CELERY_BROKER_URL": broker_url,
+        "BROKER_QUEUE_TYPE": settings.BROKER_QUEUE_TYPE,
+    }
     children: list[ProcfileProcess] = []
 
     def start(name: str, argv: list[str], ready: Probe) -> None:

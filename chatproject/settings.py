@@ -208,6 +208,11 @@ CELERY_TASK_QUEUES = (
 )
 # Each event's task to its event's queue, each beat task to its worker's (messaging/events.py).
 CELERY_TASK_ROUTES = task_routes()
+# The RabbitMQ node `rabbitmqctl -n` names when the benchmarks and the test suite create their
+# scratch vhosts on CELERY_BROKER_URL's broker: on a cluster, any of its nodes (vhosts are
+# cluster-wide; e.g. chat1@localhost for ops/rabbitmq-cluster); empty for rabbitmqctl's default,
+# the node installed on this machine.
+RABBITMQCTL_NODE = env.str("RABBITMQCTL_NODE", default="")
 # A mention notification not delivered within this many seconds is no longer useful: RabbitMQ
 # dead-letters it (reason "expired") instead of delivering it late.
 NOTIFICATION_TTL_SECONDS = env.int("NOTIFICATION_TTL_SECONDS", default=600)

@@ -347,7 +347,8 @@ def scratch_vhost(prefix: str, *, broker_url: str, rabbitmq_nodes: Sequence[str]
     with each other's on a shared broker. Needs `rabbitmqctl` on this machine. `broker_url` may
     name several nodes (`amqp://a;amqp://b`): each gets the vhost. `rabbitmq_nodes` are the
     names of a cluster's nodes for rabbitmqctl, each tried in turn (so the vhost is still deleted
-    after one of them was lost); without them, rabbitmqctl's default node.
+    after one of them was lost); without them, the node the setting RABBITMQCTL_NODE names, else
+    rabbitmqctl's default node.
     """
     vhost = f"{prefix}_{uuid.uuid4().hex[:8]}"
     url = broker_url_with_vhost(broker_url, vhost)
@@ -376,8 +377,11 @@ RABBITMQCTL_TIMEOUT_SECONDS = 600
 
 
 def _rabbitmqctl(*args: str, nodes: Sequence[str]) -> None:
+    # Vhosts and permissions are cluster-wide: any node of the broker's cluster can create them.
+    from django.conf import settings
+
     error_text = ""
-    for node in nodes or [None]:
+    for node in nodes or [settings.RABBITMQCTL_NODE or None]:
         try:
             subprocess.run(
                 ["rabbitmqctl", "-q", *(["-n", node] if node else []), *args],
@@ -391,8 +395,9 @@ def _rabbitmqctl(*args: str, nodes: Sequence[str]) -> None:
                 "rabbitmqctl is not on this machine (needed to create a vhost)"
             ) from error
         except subprocess.CalledProcessError as error:
-            detail = error.stderr.decode(errors="replace").strip().splitlines()
-            error_text = detail[-1] if detail else str(error)
+            # The first line says what went wrong (an unreachable node's diagnostics follow it).
+            lines = [line.strip() for line in error.stderr.decode(errors="replace").splitlines()]
+            error_text = next((line for line in lines if line and line != "Error:"), str(error))
         except subprocess.TimeoutExpired:
             error_text = f"no answer from {node or 'the default node'} in {RABBITMQCTL_TIMEOUT_SECONDS}s"
     raise ScratchVhostError(f"rabbitmqctl {args[0]} failed: {error_text}")

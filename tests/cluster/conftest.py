@@ -95,7 +95,11 @@ class RabbitCluster:
         return result.stdout
 
     def failover_url(
-        self, vhost: str, *, order: Sequence[int] = (0, 1, 2), proxy_ports: Mapping[int, int] | None = None
+        self,
+        vhost: str = "/",
+        *,
+        order: Sequence[int] = (0, 1, 2),
+        proxy_ports: Mapping[int, int] | None = None,
     ) -> str:
         """kombu's failover URL listing every node in `order` (node 1 first by default); a node in
         `proxy_ports` (node -> port) is reached through a test's TCP proxy on that port."""

@@ -89,6 +89,7 @@ class Command(BaseCommand):
         report = {
             "mode": "burst" if options["burst"] else "events" if options["events_only"] else "chat",
             "messages": len(result.message_ids),
+            "counted": counted,
             # From the first message stored (or event written) to the last one counted.
             "counted_per_second": round(len(result.message_ids) / total_seconds, 1),
             "requested_rate": options["rate"],
