@@ -225,12 +225,14 @@ class DaphneServer:
     """The Procfile's `web` process on 127.0.0.1:`port`, sharing this process's database.
 
     With `log_path`, its stdout and stderr are appended there (across restarts), so tests can
-    read what the server logged; without, they are discarded.
+    read what the server logged; without, they are discarded. Unless `balanced` (behind a load
+    balancer that must first take it out of rotation), it closes its sockets at once on SIGTERM.
     """
 
     port: int
     extra_env: dict[str, str] = field(default_factory=dict)
     log_path: Path | None = None
+    balanced: bool = False
     child: ProcfileProcess | None = field(default=None, repr=False)
 
     @property
@@ -247,7 +249,13 @@ class DaphneServer:
 
     def start(self) -> None:
         """ProcessNotReady (a RuntimeError) when it exits or does not listen within 20 s."""
-        env = {**child_process_env(), "HOST": "127.0.0.1", "PORT": str(self.port), **self.extra_env}
+        env = {
+            **child_process_env(),
+            "HOST": "127.0.0.1",
+            "PORT": str(self.port),
+            **({} if self.balanced else {"WEB_DRAIN_SECONDS": "0"}),
+            **self.extra_env,
+        }
         self.child = ProcfileProcess(
             procfile_argv("web"), env=env, log_path=self.log_path, ready=port_open(self.port)
         )

@@ -129,6 +129,14 @@ if DB_CONN_IDLE_SECONDS <= 0:
 WEB_HTTP_THREADS = env.int("WEB_HTTP_THREADS", default=8)
 if WEB_HTTP_THREADS < 1:
     raise ImproperlyConfigured("WEB_HTTP_THREADS must be at least 1")
+# On SIGTERM a web process first fails its health check for this long, still serving
+# (chatproject/serve.py): the load balancer, which takes a server out after two failed checks
+# (ops/haproxy/haproxy.cfg.template, at most about 1.5 s), then sends it nothing new when it stops
+# listening.
+WEB_DRAIN_SECONDS = env.float("WEB_DRAIN_SECONDS", default=2.0)
+# Then it closes its sockets (1012) and gives their consumers and any request in progress this long
+# to finish before it exits.
+WEB_SHUTDOWN_SECONDS = env.float("WEB_SHUTDOWN_SECONDS", default=10.0)
 
 
 def _command_application_name(argv: list[str]) -> str:
@@ -492,6 +500,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "filters": {
         "refusal_without_traceback": {"()": "chatproject.log_filters.RefusalWithoutTraceback"},
+        "load_balancer_check_while_shutting_down": {
+            "()": "chatproject.log_filters.LoadBalancerCheckWhileShuttingDown"
+        },
         # The fallback-email sweep runs every few seconds and nearly always finds nothing: its
         # receipt, beat's sending line and an idle sweep's result are dropped (chat/task_logging.py).
         "idle_fallback_sweep": {"()": "chat.task_logging.IdleFallbackSweepFilter"},
@@ -501,7 +512,10 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         # A 403 is a user lacking a permission, not a fault: one line, without Django's traceback.
-        "django.request": {"filters": ["refusal_without_traceback"]},
+        # A web process shutting down fails the load balancer's checks on purpose: no line at all.
+        "django.request": {
+            "filters": ["refusal_without_traceback", "load_balancer_check_while_shutting_down"]
+        },
         # Axes announces itself at every start and each successful login at INFO: a line per
         # management command and per login that says nothing. Lockouts and failures stay (WARNING).
         "axes": {"level": "WARNING"},

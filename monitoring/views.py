@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonRe
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from infrastructure import health
+from infrastructure import health, shutdown
 from monitoring.collectors import web_metrics_text
 
 
@@ -48,17 +48,33 @@ def metrics_token_presented(*, authorization: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
+# What the load balancer asks each web process (ops/haproxy/haproxy.cfg.template): whether this
+# process serves, without asking PostgreSQL, Redis or RabbitMQ. Their outage is every process's at
+# once; taking them all out of rotation would turn it into an outage of everything, /healthz's own
+# answer saying what is down included. Checked every second, so it must also cost nothing.
+LOAD_BALANCER_CHECK_URI = "/healthz?only=web"
+# /healthz's "web" entry while this process shuts down (infrastructure/shutdown.py).
+WEB_SHUTTING_DOWN = "this web process is shutting down; new connections go to the others"
+
+
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Each service "ok" or "down: <what stops>"; the error, host and port only for staff and the monitoring.
+    """Each service "ok" or "down: <what stops>", and "web": whether the answering process is shutting
+    down; the error, host and port only for staff and the monitoring. `?only=web`: that entry alone.
 
     Not for the allowed metrics networks: behind a reverse proxy every request comes from one of those.
     """
-    with_details = request.user.is_staff or metrics_token_presented(
-        authorization=request.headers.get("Authorization", "")
-    )
-    states = health.check_all()
-    body = {s.name: ("ok" if s.ok else f"down: {s.consequence(with_details=with_details)}") for s in states}
-    down = [s.name for s in states if not s.ok]
+    web = "ok" if not shutdown.shutdown_began() else f"down: {WEB_SHUTTING_DOWN}"
+    body = {"web": web}
+    down = [] if web == "ok" else ["web"]
+    if request.GET.get("only") != "web":
+        with_details = request.user.is_staff or metrics_token_presented(
+            authorization=request.headers.get("Authorization", "")
+        )
+        states = health.check_all()
+        body.update(
+            {s.name: ("ok" if s.ok else f"down: {s.consequence(with_details=with_details)}") for s in states}
+        )
+        down += [s.name for s in states if not s.ok]
     body["status"] = "ok" if not down else "down: " + ", ".join(down)
     return JsonResponse(body, status=200 if not down else 503)
