@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import psutil
 from amqp.exceptions import NotFound
 from django.conf import settings
 from django.db import connection
@@ -275,6 +277,41 @@ class DaphneServer:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+# A web process in a config the Procfile's lb wrote (ops/haproxy/haproxy.cfg.template).
+_BALANCED_SERVER_LINE = re.compile(r"^\s*server\s+(\S+)\s+(\S+):(\d+)\b", re.M)
+
+
+def listening_pid(port: int) -> int | None:
+    """The local process listening on TCP `port`, None when none is (or it is not ours to see)."""
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+            return conn.pid
+    return None
+
+
+def serving_processes(port: int) -> tuple[int | None, dict[str, int]]:
+    """(load balancer pid, name -> pid of each web process) serving 127.0.0.1:`port` on this machine.
+
+    Behind the Procfile's lb, the web processes are the servers its HAProxy config lists, each
+    found by the port it listens on; a web process serving `port` itself is named "web". Empty
+    when nothing local listens there (or web processes on other hosts).
+    """
+    pid = listening_pid(port)
+    if pid is None:
+        return None, {}
+    process = psutil.Process(pid)
+    cmdline = process.cmdline()
+    if process.name() != "haproxy" or "-f" not in cmdline[:-1]:
+        return None, {"web": pid}
+    config = Path(cmdline[cmdline.index("-f") + 1]).read_text()
+    servers = {}
+    for name, _host, server_port in _BALANCED_SERVER_LINE.findall(config):
+        server_pid = listening_pid(int(server_port))
+        if server_pid is not None:
+            servers[name] = server_pid
+    return pid, servers
 
 
 @dataclass(frozen=True)
