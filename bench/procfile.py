@@ -152,7 +152,8 @@ class ProcfileProcess:
         return self.process.returncode if self.process else None
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the child and wait for its probe; ProcessNotReady if it exits or times out first."""
+        """Start the child and wait for its probe; ProcessNotReady if it exits or times out first
+        (killed then, since nobody else would stop it)."""
         env = {**self.env, "PATH": f"{Path(sys.executable).parent}:{self.env.get('PATH', '')}"}
         log = self.log_path.open("ab") if self.log_path else None
         try:
@@ -171,6 +172,7 @@ class ProcfileProcess:
             try:
                 wait_until(self._ready_or_exited, timeout=timeout, message=f"{self} was not ready")
             except TimeoutError as error:
+                self.kill()
                 raise ProcessNotReady(f"{error}{self._log_tail()}") from None
 
     def _ready_or_exited(self) -> bool:
