@@ -2,8 +2,12 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8000
+# Web processes `make run` starts behind the load balancer: one per core unless set (in the
+# environment or here, not in .env: honcho would hand .env's value to the load balancer only).
+WEB_CONCURRENCY ?= $(shell nproc)
+export WEB_CONCURRENCY
 
-.PHONY: run test install lint format browser promtool docker-compose rabbitmq-management secret-key \
+.PHONY: run test install lint format browser promtool docker-compose haproxy rabbitmq-management secret-key \
 	rabbitmq-cluster rabbitmq-cluster-stop
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
@@ -33,6 +37,13 @@ docker-compose:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends docker-compose; \
 	  else echo "docker-compose is missing: run 'sudo apt-get install -y docker-compose'" >&2; exit 1; fi; }
 
+# The load balancer in front of the web processes (the Procfile's `lb`) is Debian's HAProxy; Debian
+# installs it in /usr/sbin, which is not on every user's PATH.
+haproxy:
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy; \
+	  else echo "HAProxy is missing: run 'sudo apt-get install -y haproxy'" >&2; exit 1; fi; }
+
 # The management plugin serves the UI on :15672 and the queue rates `manage.py queues` and the
 # dead-letter admin read (docs/dead-letters.md); RabbitMQ does not enable it by default. Without
 # it the chat still works (queue depths come from passive declares), so this only warns.
@@ -60,17 +71,20 @@ secret-key:
 	  && printf 'SECRET_KEY=%s\n' "$$(python3 -c 'import secrets; print(secrets.token_urlsafe(50))')" >> .env \
 	  && echo "Wrote a new random SECRET_KEY to .env"; }
 
-run: install secret-key
+# Pages come through the load balancer on PORT; the web processes listen from PORT + 100 on, and
+# SITE_PORT tells them the port browsers see.
+run: install secret-key haproxy
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
 	$(PY) manage.py migrate --noinput
 	$(PY) manage.py setup_broker
 	$(PY) manage.py seed_demo
 	$(PY) manage.py collectstatic --noinput --verbosity 0
-	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/)"
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/honcho start --port $(PORT)
+	@echo "Chat: http://127.0.0.1:$(PORT)/  (staff: http://127.0.0.1:$(PORT)/admin/), $(WEB_CONCURRENCY) web processes"
+	SITE_PORT=$${SITE_PORT:-$(PORT)} PATH="$(CURDIR)/$(VENV)/bin:$$PATH" \
+	  $(VENV)/bin/honcho start --port $(PORT) --concurrency web=$(WEB_CONCURRENCY)
 
-test: install secret-key browser promtool docker-compose
+test: install secret-key browser promtool docker-compose haproxy
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
 	$(VENV)/bin/pytest

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psutil
 from django.conf import settings
 from django.contrib.auth import (
     BACKEND_SESSION_KEY,
@@ -107,6 +108,8 @@ class LoadReport:
     latency_ms: list[float] = field(default_factory=list, repr=False)
     ack_latency_ms: list[float] = field(default_factory=list, repr=False)
     errors: Counter[str] = field(default_factory=Counter)
+    # Each serving process's CPU while the clients sent (CpuMeter.stop), when the run measured it.
+    process_cpu: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def delivered_pct(self) -> float:
@@ -144,6 +147,7 @@ class LoadReport:
             "ack_p50_ms": _percentile(self.ack_latency_ms, 50),
             "ack_p99_ms": _percentile(self.ack_latency_ms, 99),
             "errors": dict(self.errors),
+            "process_cpu": self.process_cpu,
             **_machine(self.load_average),
         }
 
@@ -327,6 +331,45 @@ def open_files_limit_raise(*, needed: int) -> int:
     return soft
 
 
+@dataclass
+class CpuMeter:
+    """CPU time of local processes (name -> pid: the web processes, the load balancer) over a window."""
+
+    processes: dict[str, int]
+    _cpu_at_start: dict[str, float | None] = field(default_factory=dict)
+    _started_at: float = 0.0
+
+    def start(self) -> None:
+        self._started_at = time.perf_counter()
+        self._cpu_at_start = {name: process_cpu_seconds(pid) for name, pid in self.processes.items()}
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Each process's CPU seconds since `start`, and the share of one core that was."""
+        seconds = time.perf_counter() - self._started_at
+        used = []
+        for name, pid in self.processes.items():
+            before, after = self._cpu_at_start.get(name), process_cpu_seconds(pid)
+            cpu = None if before is None or after is None else after - before
+            used.append(
+                {
+                    "name": name,
+                    "pid": pid,
+                    "cpu_seconds": None if cpu is None else round(cpu, 2),
+                    "cpu_pct": None if cpu is None or not seconds else round(100 * cpu / seconds, 1),
+                }
+            )
+        return used
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User and system CPU a local process has used so far, None when it is gone or not ours to read."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return times.user + times.system
+
+
 def process_rss_bytes(pid: int) -> int | None:
     """Resident memory of a local process (Linux /proc), None when it cannot be read."""
     try:
@@ -479,12 +522,14 @@ async def load_run(
     messages: int,
     rate: float,
     progress: ProgressCallback | None = None,
+    cpu: CpuMeter | None = None,
 ) -> tuple[LoadReport, list[str]]:
     """Connect every client, let each send `messages` at `rate` per second, wait for deliveries.
 
     Returns the report (without `persisted`, which the caller counts in the database) and the
     client_ids sent. Never raises for what the server does: refusals, closes and error frames
-    are counted in `report.errors`.
+    are counted in `report.errors`. With `cpu`, the serving processes' CPU from the first send
+    to the last delivery is in `report.process_cpu`.
     """
     rooms = sorted({client.room for client in clients})
     report = LoadReport(
@@ -502,6 +547,8 @@ async def load_run(
     ]
     try:
         start = time.perf_counter() + 0.2
+        if cpu:
+            cpu.start()
         await asyncio.gather(
             *(
                 load.send(index, ws, messages, rate, start)
@@ -514,6 +561,8 @@ async def load_run(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(load.all_in.wait(), DRAIN_SECONDS)
         report.seconds = time.perf_counter() - start
+        if cpu:
+            report.process_cpu = cpu.stop()
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets if ws is not None), return_exceptions=True)
         await asyncio.gather(*readers, return_exceptions=True)

@@ -53,6 +53,7 @@ from websockets.exceptions import ConnectionClosed
 from analytics.models import ProcessedEvent
 from analytics.selectors import room_message_count
 from bench import loadtest
+from bench.procfile import serving_processes
 from chat.consumers import WRITE_THREADS
 from chat.models import Message, NotificationDelivery, Room
 from chat.protocol import TYPE_ERROR, TYPE_MESSAGE, TYPE_NOTIFICATION, TYPE_NOTIFICATION_ACK
@@ -66,7 +67,8 @@ from monitoring.selectors import (
 
 PREFIX = "soak-"
 # Words of each Procfile process's command line that tell it apart from the others
-# (tests/chat/test_soak.py checks them against the Procfile).
+# (tests/chat/test_soak.py checks them against the Procfile); all but lb's, HAProxy, which runs
+# none of this project's code and holds no database session.
 PROCESS_SIGNATURES: dict[str, tuple[str, ...]] = {
     "web": ("chatproject.serve",),
     "worker": ("-Q", "analytics"),
@@ -163,21 +165,16 @@ def _has_words(cmdline: list[str], words: tuple[str, ...]) -> bool:
     return any(tuple(cmdline[i : i + len(words)]) == words for i in range(len(cmdline)))
 
 
-def _web_port(cmdline: list[str]) -> int | None:
-    for option in ("-p", "--port"):
-        if option in cmdline[:-1]:
-            return int(cmdline[cmdline.index(option) + 1])
-    return None
-
-
 def chat_processes_find(*, web_port: int, given: dict[str, int] | None = None) -> list[ChatProcess]:
     """The Procfile's processes on this machine that use this process's database.
 
     Matched by each command line's signature (PROCESS_SIGNATURES) and the database of its
-    DATABASE_URL; the web process also by its port. `given` (name -> pid) replaces the discovery
-    of those names. Shell wrappers (honcho's `sh -c`) and pool children are not listed apart.
+    DATABASE_URL; the web processes also by serving `web_port`, themselves or behind the load
+    balancer listening there. `given` (name -> pid) replaces the discovery of those names. Shell
+    wrappers (honcho's `sh -c`) and pool children are not listed apart.
     """
     given = dict(given or {})
+    web_pids = set(serving_processes(web_port)[1].values())
     ours = _database_identity(connection.settings_dict)
     matches: dict[str, list[psutil.Process]] = {name: [] for name in PROCESS_SIGNATURES}
     for process in psutil.process_iter(["cmdline", "name"]):
@@ -188,7 +185,7 @@ def chat_processes_find(*, web_port: int, given: dict[str, int] | None = None) -
             if name in given or not _has_words(cmdline, words):
                 continue
             with contextlib.suppress(psutil.Error, ValueError, environ.ImproperlyConfigured):
-                if name == "web" and _web_port(cmdline) != web_port:
+                if name == "web" and process.pid not in web_pids:
                     continue
                 if _process_database(process) == ours:
                     matches[name].append(process)

@@ -11,6 +11,7 @@ from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
+import redis
 from autobahn.exception import Disconnected
 from channels.consumer import get_handler_name
 from channels.db import database_sync_to_async
@@ -250,7 +251,7 @@ class RoomConsumer(AsyncWebsocketConsumer):
             await self._acknowledge_notification(request)
             return
         user = self.scope["user"]
-        if not await take_message_token(user.pk):
+        if not await self._rate_limit_allows(user.pk):
             CHAT_RATE_LIMITED_FRAMES.inc()
             await self._send_json(
                 protocol.error_frame(
@@ -291,8 +292,24 @@ class RoomConsumer(AsyncWebsocketConsumer):
         # Committed by now; sent from here rather than from the write's thread (services). A
         # resend is broadcast again too: its first try may have committed just as the connection
         # died, before anyone was told. Pages ignore an id they already have.
-        await services.message_broadcast(result.message)
+        try:
+            await services.message_broadcast(result.message)
+        except (redis.RedisError, OSError) as error:
+            # Stored all the same, so the sender is told; the room's other pages fetch it when the
+            # next message they receive shows the jump in seq (docs/protocol.md).
+            logger.warning(
+                "a stored message was not broadcast, Redis is unavailable: %s", type(error).__name__
+            )
         await self._send_json(frame)
+
+    async def _rate_limit_allows(self, user_id: int) -> bool:
+        try:
+            return await take_message_token(user_id)
+        except (redis.RedisError, OSError) as error:
+            # While Redis is down or restarting, storing people's messages matters more than
+            # throttling them: PostgreSQL alone decides.
+            logger.warning("message rate limit not checked, Redis is unavailable: %s", type(error).__name__)
+            return True
 
     async def _acknowledge_notification(self, request: protocol.AcknowledgeNotification) -> None:
         notification_id = str(request.notification_id)

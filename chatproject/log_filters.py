@@ -18,3 +18,21 @@ class RefusalWithoutTraceback(logging.Filter):
             record.exc_info = None
             record.exc_text = None
         return True
+
+
+class LoadBalancerCheckWhileShuttingDown(logging.Filter):
+    """Drop django.request's line for the load balancer's health check answered 503.
+
+    A web process shutting down answers it so on purpose, for a few seconds, twice or more from
+    each balancer (chatproject/serve.py): an ERROR line each would report a restart as a fault.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from monitoring.views import LOAD_BALANCER_CHECK_URI
+
+        request = getattr(record, "request", None)
+        return not (
+            getattr(record, "status_code", None) == 503
+            and request is not None
+            and request.get_full_path() == LOAD_BALANCER_CHECK_URI
+        )

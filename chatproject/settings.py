@@ -1,6 +1,8 @@
 """Django settings. This module is the only place that reads the environment."""
 
+import os
 import sys
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 
@@ -28,12 +30,17 @@ if not SECRET_KEY:
     )
 ALLOWED_HOSTS = env.list("ALLOWED_HOSTS", default=["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+# The port this process listens on, given by the Procfile's runner (honcho numbers each process
+# type's from `--port` on: the load balancer `lb` has the public one, the web processes the ones
+# after PORT + 100; docs/scaling.md "Web tier").
+PORT = env.int("PORT", default=8000)
 # The site's scheme and port as browsers see them (behind a TLS proxy: https and 443), and the origins
 # whose pages may open sockets (chatproject/origins.py compares scheme, host and port): by default
 # each ALLOWED_HOSTS host at that scheme and port, plus CSRF_TRUSTED_ORIGINS. SITE_PORT defaults to
-# the port the web process listens on (PORT, as the Procfile's), so `make run` on any port works.
+# PORT, right for a process that browsers reach directly; web processes behind the load balancer get
+# the balancer's port from `make run` and docker-compose.yml.
 SITE_SCHEME = env.str("SITE_SCHEME", default="http")
-SITE_PORT = env.int("SITE_PORT", default=env.int("PORT", default=8000))
+SITE_PORT = env.int("SITE_PORT", default=PORT)
 _SITE_PORT_SUFFIX = "" if (SITE_SCHEME, SITE_PORT) in (("http", 80), ("https", 443)) else f":{SITE_PORT}"
 CHAT_ALLOWED_ORIGINS = env.list(
     "CHAT_ALLOWED_ORIGINS",
@@ -129,6 +136,34 @@ if DB_CONN_IDLE_SECONDS <= 0:
 WEB_HTTP_THREADS = env.int("WEB_HTTP_THREADS", default=8)
 if WEB_HTTP_THREADS < 1:
     raise ImproperlyConfigured("WEB_HTTP_THREADS must be at least 1")
+
+# The web tier (docs/scaling.md "Web tier"): WEB_CONCURRENCY web processes behind HAProxy, the
+# Procfile's `lb` (chatproject/loadbalancer.py), which listens on HOST:PORT.
+HOST = env.str("HOST", default="127.0.0.1")
+# One web process per core by default: a process runs on one event loop, so on one core.
+WEB_CONCURRENCY = env.int("WEB_CONCURRENCY", default=len(os.sched_getaffinity(0)))
+if WEB_CONCURRENCY < 1:
+    raise ImproperlyConfigured("WEB_CONCURRENCY must be at least 1")
+# Where the load balancer finds the web processes, `host:port` each. By default WEB_CONCURRENCY
+# ports on loopback from PORT + 100: where honcho puts the Procfile's `web` processes (`make run`).
+WEB_SERVERS = env.list("WEB_SERVERS", default=[f"127.0.0.1:{PORT + 100 + i}" for i in range(WEB_CONCURRENCY)])
+# Or `name:port`, a DNS name whose addresses are the web processes (docker-compose's replicas of
+# `web`): the load balancer asks /etc/resolv.conf's resolvers for up to WEB_CONCURRENCY of them,
+# again while it runs, so replicas may come and go; WEB_SERVERS is then unused.
+WEB_SERVERS_DNS = env.str("WEB_SERVERS_DNS", default="")
+# On SIGTERM a web process first fails its health check for this long, still serving
+# (chatproject/serve.py): the load balancer, which takes a server out after two failed checks
+# (ops/haproxy/haproxy.cfg.template, at most about 1.5 s), then sends it nothing new when it stops
+# listening.
+WEB_DRAIN_SECONDS = env.float("WEB_DRAIN_SECONDS", default=2.0)
+# Then it closes its sockets (1012) and gives their consumers and any request in progress this long
+# to finish before it exits.
+WEB_SHUTDOWN_SECONDS = env.float("WEB_SHUTDOWN_SECONDS", default=10.0)
+# Where the load balancer writes the HAProxy config it generates and HAProxy's admin socket
+# (`show stat`: each web process's state and connections), one directory per public port.
+LOADBALANCER_RUN_DIR = Path(
+    env.str("LOADBALANCER_RUN_DIR", default=str(Path(tempfile.gettempdir()) / f"chat-lb-{PORT}"))
+)
 
 
 def _command_application_name(argv: list[str]) -> str:
@@ -515,6 +550,9 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "filters": {
         "refusal_without_traceback": {"()": "chatproject.log_filters.RefusalWithoutTraceback"},
+        "load_balancer_check_while_shutting_down": {
+            "()": "chatproject.log_filters.LoadBalancerCheckWhileShuttingDown"
+        },
         # The fallback-email sweep runs every few seconds and nearly always finds nothing: its
         # receipt, beat's sending line and an idle sweep's result are dropped (chat/task_logging.py).
         "idle_fallback_sweep": {"()": "chat.task_logging.IdleFallbackSweepFilter"},
@@ -524,7 +562,10 @@ LOGGING = {
     "loggers": {
         "django.channels.server": {"level": "WARNING"},
         # A 403 is a user lacking a permission, not a fault: one line, without Django's traceback.
-        "django.request": {"filters": ["refusal_without_traceback"]},
+        # A web process shutting down fails the load balancer's checks on purpose: no line at all.
+        "django.request": {
+            "filters": ["refusal_without_traceback", "load_balancer_check_while_shutting_down"]
+        },
         # Axes announces itself at every start and each successful login at INFO: a line per
         # management command and per login that says nothing. Lockouts and failures stay (WARNING).
         "axes": {"level": "WARNING"},

@@ -8,7 +8,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden, JsonRe
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from infrastructure import health
+from infrastructure import health, shutdown
 from monitoring.collectors import web_metrics_text
 
 
@@ -48,10 +48,20 @@ def metrics_token_presented(*, authorization: str) -> bool:
     return scheme.lower() == "bearer" and hmac.compare_digest(credentials.strip().encode(), token.encode())
 
 
+# What the load balancer asks each web process (ops/haproxy/haproxy.cfg.template): whether this
+# process serves, without asking PostgreSQL, Redis or RabbitMQ. Their outage is every process's at
+# once; taking them all out of rotation would turn it into an outage of everything, /healthz's own
+# answer saying what is down included. Checked every second, so it must also cost nothing.
+LOAD_BALANCER_CHECK_URI = "/healthz?only=web"
+# /healthz's "web" entry while this process shuts down (infrastructure/shutdown.py).
+WEB_SHUTTING_DOWN = "this web process is shutting down; new connections go to the others"
+
+
 @require_GET
 def healthz(request: HttpRequest) -> JsonResponse:
-    """Each service "ok", "degraded: ..." or "down: <what stops>"; the error, host and port only for
-    staff and the monitoring.
+    """Each service "ok", "degraded: ..." or "down: <what stops>", and "web": whether the answering
+    process is shutting down; the error, host and port only for staff and the monitoring.
+    `?only=web`: that entry alone.
 
     Not for the allowed metrics networks: behind a reverse proxy every request comes from one of those.
     A broker that is a cluster (CELERY_BROKER_URL lists several nodes) adds `broker_nodes`, one entry
@@ -60,19 +70,24 @@ def healthz(request: HttpRequest) -> JsonResponse:
     works: "degraded", answered with 200, since taking web processes out of a load balancer would
     not help; 503 means something is down.
     """
-    with_details = request.user.is_staff or metrics_token_presented(
-        authorization=request.headers.get("Authorization", "")
-    )
-    states = health.check_all()
-    body: dict[str, object] = {s.name: _service_health(s, with_details=with_details) for s in states}
-    for state in states:
-        if state.nodes:
-            body[f"{state.name}_nodes"] = [
-                _node_health(position, node, with_details=with_details)
-                for position, node in enumerate(state.nodes, start=1)
-            ]
-    down = [s.name for s in states if not s.ok]
-    degraded = [s.name for s in states if s.degraded]
+    web = "ok" if not shutdown.shutdown_began() else f"down: {WEB_SHUTTING_DOWN}"
+    body: dict[str, object] = {"web": web}
+    down = [] if web == "ok" else ["web"]
+    degraded: list[str] = []
+    if request.GET.get("only") != "web":
+        with_details = request.user.is_staff or metrics_token_presented(
+            authorization=request.headers.get("Authorization", "")
+        )
+        states = health.check_all()
+        body.update({s.name: _service_health(s, with_details=with_details) for s in states})
+        for state in states:
+            if state.nodes:
+                body[f"{state.name}_nodes"] = [
+                    _node_health(position, node, with_details=with_details)
+                    for position, node in enumerate(state.nodes, start=1)
+                ]
+        down += [s.name for s in states if not s.ok]
+        degraded = [s.name for s in states if s.degraded]
     if down:
         body["status"] = "down: " + ", ".join(down)
     elif degraded:

@@ -13,6 +13,7 @@ Registered by tests/conftest.py (`pytest_plugins`).
 
 from __future__ import annotations
 
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
@@ -25,6 +26,7 @@ from bench import procfile
 from bench.procfile import (
     DaphneServer,
     ProcfileProcess,
+    WebTier,
     child_process_env,
     free_port,
     outbox_listeners,
@@ -238,3 +240,34 @@ def live_daphne(transactional_db, tmp_path) -> Iterator[DaphneServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def start_web_tier(transactional_db, tmp_path) -> Iterator[Callable[..., WebTier]]:
+    """`start_web_tier(**env)`: two web processes (the Procfile's `web`) behind the Procfile's `lb`
+    (HAProxy), as `make run` starts them, returned once the load balancer sends connections to
+    both; logs in the test's tmp_path."""
+    tiers: list[WebTier] = []
+    # Unix socket paths are limited to about 100 bytes; the test's tmp_path can be longer.
+    with tempfile.TemporaryDirectory(prefix="chat-lb-") as run_root:
+
+        def start(**env: str) -> WebTier:
+            tier = WebTier(size=2, log_dir=tmp_path, extra_env=env)
+            tiers.append(tier)
+            try:
+                tier.start(run_dir=Path(run_root) / str(len(tiers)))
+            except procfile.ProcessNotReady as error:
+                pytest.fail(str(error))
+            return tier
+
+        try:
+            yield start
+        finally:
+            for tier in tiers:
+                tier.stop()
+
+
+@pytest.fixture
+def web_tier(start_web_tier) -> WebTier:
+    """Two web processes behind the load balancer (`start_web_tier`)."""
+    return start_web_tier()

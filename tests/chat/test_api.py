@@ -13,6 +13,7 @@ from django.test import Client, override_settings
 from bench.procfile import free_port
 from chat import services
 from infrastructure.postgres import database_connect_autocommit
+from monitoring.views import LOAD_BALANCER_CHECK_URI
 from tests.conftest import ROOT
 
 
@@ -97,7 +98,26 @@ def test_history_refuses_anonymous_and_non_members(make_user, make_room):
 def test_healthz_reports_every_service_up():
     response = Client().get("/healthz")
     assert response.status_code == 200
-    assert response.json() == {"database": "ok", "channel_layer": "ok", "broker": "ok", "status": "ok"}
+    assert response.json() == {
+        "web": "ok",
+        "database": "ok",
+        "channel_layer": "ok",
+        "broker": "ok",
+        "status": "ok",
+    }
+
+
+@pytest.mark.django_db
+@override_settings(
+    REDIS_URL="redis://127.0.0.1:1/0",
+    CELERY_BROKER_URL="amqp://guest:guest@127.0.0.1:1//",
+)
+def test_load_balancer_check_asks_only_whether_this_process_serves():
+    # A service every web process shares being down must not take them all out of rotation.
+    response = Client().get(LOAD_BALANCER_CHECK_URI)
+
+    assert response.status_code == 200
+    assert response.json() == {"web": "ok", "status": "ok"}
 
 
 @pytest.mark.django_db

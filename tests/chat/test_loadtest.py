@@ -142,3 +142,40 @@ def test_delete_data_removes_load_test_users_rooms_and_messages(db, make_user):
     assert not get_user_model().objects.filter(username__startswith="loadtest-").exists()
     assert not Message.objects.filter(room_id=room.pk).exists()
     assert get_user_model().objects.filter(pk=bystander.pk).exists()
+
+
+def _loadtest_json(*args: str) -> dict:
+    out = io.StringIO()
+    call_command(
+        "loadtest",
+        *args,
+        "--rooms=1",
+        "--clients=2",
+        "--messages=2",
+        "--rate=4",
+        "--json",
+        stdout=out,
+        stderr=io.StringIO(),
+    )
+    return json.loads(out.getvalue())
+
+
+def test_command_through_the_load_balancer_reports_each_serving_process_cpu(web_tier):
+    summary = _loadtest_json("--url", web_tier.http_url)
+
+    assert summary["delivered_pct"] == 100.0
+    pids = {process["name"]: process["pid"] for process in summary["process_cpu"]}
+    assert pids == {
+        "lb": web_tier.balancer.child.pid,
+        "web1": web_tier.servers[0].pid,
+        "web2": web_tier.servers[1].pid,
+    }
+    assert all(process["cpu_seconds"] >= 0 for process in summary["process_cpu"])
+
+
+@pytest.mark.django_db(transaction=True)
+def test_command_starts_web_processes_behind_a_load_balancer_and_goes_through_it():
+    summary = _loadtest_json("--web-processes=2")
+
+    assert summary["delivered_pct"] == 100.0 and summary["persisted_pct"] == 100.0
+    assert [process["name"] for process in summary["process_cpu"]] == ["lb", "web1", "web2"]

@@ -82,8 +82,29 @@ def procfile_names() -> list[str]:
 
 
 def test_every_procfile_process_names_its_database_sessions():
-    for name in procfile_names():
+    # The load balancer is HAProxy: it has no database sessions.
+    for name in set(procfile_names()) - {"lb"}:
         assert shlex.split(procfile_command(name))[:2] == ["env", f"DB_APPLICATION_NAME=chat-{name}"]
+
+
+def test_procfile_and_compose_run_web_concurrency_web_processes_behind_one_load_balancer():
+    # honcho gives the first process type `--port` and the second the ports from PORT + 100 on,
+    # where the load balancer looks for the web processes by default (settings.WEB_SERVERS).
+    assert procfile_names()[:2] == ["lb", "web"]
+    assert "-p ${PORT:-8100}" in procfile_command("web")
+    services = compose_services()
+    lb, web = services["lb"], services["web"]
+    web_port = web["environment"]["PORT"]
+    assert lb["ports"] == [f"{lb['environment']['PORT']}:{lb['environment']['PORT']}"]
+    assert "ports" not in web  # reached through lb only
+    assert lb["environment"]["WEB_SERVERS_DNS"] == f"web:{web_port}"
+    app_environment = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-app"]["environment"]
+    assert web["deploy"]["replicas"] == app_environment["WEB_CONCURRENCY"] == "${WEB_CONCURRENCY:-2}"
+    assert app_environment["SITE_PORT"] == lb["environment"]["PORT"]
+    # The Makefile starts as many as the load balancer lists, and tells them the public port.
+    run = re.search(r"^run:.*?(?=^\S)", (ROOT / "Makefile").read_text(), flags=re.M | re.S).group(0)
+    assert "--concurrency web=$(WEB_CONCURRENCY)" in run and "SITE_PORT=" in run
+    assert re.search(r"^export WEB_CONCURRENCY$", (ROOT / "Makefile").read_text(), flags=re.M)
 
 
 def scraped_worker_ports() -> dict[str, int]:

@@ -76,3 +76,12 @@ def test_secret_key_is_written_once_to_a_private_env_file(tmp_path):
     assert stat.S_IMODE((tmp_path / ".env").stat().st_mode) == 0o600
     assert ".env" in (ROOT / ".gitignore").read_text().split()
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_run_and_test_install_haproxy_before_they_need_it():
+    for target, first_use in (("run", "honcho start"), ("test", "pytest")):
+        dry_run = make("-n", target)
+
+        assert dry_run.returncode == 0, dry_run.stderr
+        install = dry_run.stdout.find("apt-get install -y -qq --no-install-recommends haproxy")
+        assert -1 < install < dry_run.stdout.find(first_use), dry_run.stdout

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
@@ -14,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from bench import loadtest
-from bench.procfile import DaphneServer, free_port
+from bench.procfile import DaphneServer, ProcessNotReady, WebTier, free_port, serving_processes
 
 # The numbers issue 2 measures this project against (docs/performance.md).
 TUTORIAL = {
@@ -38,7 +42,8 @@ def _positive_int(value: str) -> int:
 class Command(BaseCommand):
     help = (
         "Open rooms x clients WebSockets that each send messages at a set rate, and report delivery, "
-        "persistence and latency; or, with --connections-only N, hold N sockets on one web process."
+        "persistence, latency and each serving process's CPU; or, with --connections-only N, hold N "
+        "sockets."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -48,8 +53,17 @@ class Command(BaseCommand):
         parser.add_argument(
             "--rate", type=float, default=2.0, help="messages per second per client (default 2)"
         )
-        parser.add_argument(
-            "--url", help="a running web process, e.g. http://127.0.0.1:8000 (default: start one)"
+        target = parser.add_mutually_exclusive_group()
+        target.add_argument(
+            "--url",
+            help="a running site: the load balancer of `make run` (http://127.0.0.1:8000) or one web process "
+            "(default: start one web process)",
+        )
+        target.add_argument(
+            "--web-processes",
+            type=_positive_int,
+            metavar="N",
+            help="start N web processes behind the load balancer (the Procfile's lb and web), go through it",
         )
         parser.add_argument("--connections-only", type=_positive_int, metavar="N")
         parser.add_argument(
@@ -72,34 +86,56 @@ class Command(BaseCommand):
         # Each socket is a file descriptor here, and in the web process if it is started from here.
         loadtest.open_files_limit_raise(needed=2 * sockets + 256)
 
-        server = None
-        if options["url"]:
-            target = loadtest.Target(options["url"].rstrip("/"))
-        else:
-            server = DaphneServer(port=free_port())
-            console.print(f"Starting the Procfile's web process on {server.http_url} ...")
-            try:
-                server.start()
-            except RuntimeError as error:
-                server.stop()
-                raise CommandError(f"The web process did not start: {error}.") from None
-            target = loadtest.Target(server.http_url)
-        try:
+        with ExitStack() as started:
+            target, serving, rss_pids = self._target(console, options, started)
             try:
                 loadtest.server_check(target=target)
             except loadtest.ServerUnreachable as error:
                 raise CommandError(str(error)) from None
             if options["connections_only"]:
                 summary = self._connections(
-                    console, target, options["connections_only"], options["hold"], server, options["json"]
+                    console, target, options["connections_only"], options["hold"], rss_pids, options["json"]
                 )
             else:
-                summary = self._messages(console, target, options)
-        finally:
-            if server:
-                server.stop()
+                summary = self._messages(console, target, options, serving)
         if options["json"]:
             self.stdout.write(json.dumps(summary, indent=2))
+
+    def _target(
+        self, console: Console, options: dict[str, Any], started: ExitStack
+    ) -> tuple[loadtest.Target, dict[str, int], list[int]]:
+        """Where the clients connect, the local processes serving it (name -> pid: the load balancer
+        and the web processes, for their CPU) and the web processes' pids (for memory).
+
+        What it starts is stopped when `started` closes.
+        """
+        if options["url"]:
+            target = loadtest.Target(options["url"].rstrip("/"))
+            parts = urlsplit(target.http_url)
+            balancer, web = (None, {})
+            if parts.hostname in ("127.0.0.1", "localhost", "::1"):
+                balancer, web = serving_processes(parts.port or 80)
+            serving = ({"lb": balancer} if balancer else {}) | web
+            return target, serving, list(web.values())
+        if options["web_processes"]:
+            tier = WebTier(size=options["web_processes"])
+            run_dir = started.enter_context(tempfile.TemporaryDirectory(prefix="chat-lb-"))
+            console.print(f"Starting {tier.size} web processes behind the load balancer ...")
+            started.callback(tier.stop)
+            try:
+                tier.start(run_dir=Path(run_dir))
+            except ProcessNotReady as error:
+                raise CommandError(f"The web tier did not start: {error}.") from None
+            web = {f"web{n}": server.pid for n, server in enumerate(tier.servers, 1)}
+            return loadtest.Target(tier.http_url), {"lb": tier.balancer.child.pid, **web}, list(web.values())
+        server = DaphneServer(port=free_port())
+        console.print(f"Starting the Procfile's web process on {server.http_url} ...")
+        started.callback(server.stop)
+        try:
+            server.start()
+        except RuntimeError as error:
+            raise CommandError(f"The web process did not start: {error}.") from None
+        return loadtest.Target(server.http_url), {"web": server.pid}, [server.pid]
 
     def _check_message_load(self, options: dict[str, Any]) -> None:
         if options["clients"] < 2:
@@ -122,7 +158,9 @@ class Command(BaseCommand):
             transient=True,
         )
 
-    def _messages(self, console: Console, target: loadtest.Target, options: dict[str, Any]) -> dict[str, Any]:
+    def _messages(
+        self, console: Console, target: loadtest.Target, options: dict[str, Any], serving: dict[str, int]
+    ) -> dict[str, Any]:
         rooms, per_room = options["rooms"], options["clients"]
         users = loadtest.loadtest_users_ensure(count=rooms * per_room)
         room_slugs = [room.slug for room in loadtest.loadtest_rooms_ensure(count=rooms)]
@@ -149,6 +187,7 @@ class Command(BaseCommand):
                         messages=options["messages"],
                         rate=options["rate"],
                         progress=advance,
+                        cpu=loadtest.CpuMeter(serving),
                     )
                 )
         finally:
@@ -195,6 +234,7 @@ class Command(BaseCommand):
         table.add_row("send-to-ack p50 / p99", f"{ms(s['ack_p50_ms'])} / {ms(s['ack_p99_ms'])}", "", "")
         table.add_row("duplicate deliveries", str(s["duplicates"]), "", "0")
         table.add_row("errors", _errors(s["errors"]), "1011 close", "none")
+        table.add_row("CPU while sending, % of one core", _process_cpu(s["process_cpu"]), "", "")
         table.add_row("machine", _machine(s), "2 cores", "")
         console.print(table)
 
@@ -204,14 +244,13 @@ class Command(BaseCommand):
         target: loadtest.Target,
         count: int,
         hold: float,
-        server: DaphneServer | None,
+        rss_pids: list[int],
         as_json: bool,
     ) -> dict[str, Any]:
         users = loadtest.loadtest_users_ensure(count=count)
         (room,) = loadtest.loadtest_rooms_ensure(count=1)
         session_keys = loadtest.loadtest_sessions_create(users=users)
         clients = [loadtest.LoadClient(room=room.slug, session_key=key) for key in session_keys]
-        pid = server.pid if server else None
         console.print(f"{count} sockets to {room.slug} on {target.http_url}, held {hold:g} s")
         try:
             with self._progress(console) as progress:
@@ -221,7 +260,7 @@ class Command(BaseCommand):
                         target=target,
                         clients=clients,
                         hold_seconds=hold,
-                        rss=(lambda: loadtest.process_rss_bytes(pid)) if pid else None,
+                        rss=(lambda: _rss_sum(rss_pids)) if rss_pids else None,
                         progress=lambda done, total: progress.update(task, completed=done),
                     )
                 )
@@ -238,7 +277,7 @@ class Command(BaseCommand):
         def mib(value: int | None) -> str:
             return "-" if value is None else f"{value / 2**20:.1f} MiB"
 
-        table = Table(title="Sockets on one web process")
+        table = Table(title="Sockets held")
         table.add_column("")
         table.add_column("this run", justify="right")
         table.add_column("target", justify="right")
@@ -253,7 +292,7 @@ class Command(BaseCommand):
             "broadcast reached all in", "-" if s["broadcast_ms"] is None else f"{s['broadcast_ms']} ms", ""
         )
         table.add_row(
-            "web process RSS before / after",
+            "web processes' RSS before / after",
             f"{mib(s['rss_before_bytes'])} / {mib(s['rss_after_bytes'])}",
             "",
         )
@@ -262,6 +301,19 @@ class Command(BaseCommand):
         table.add_row("errors", _errors(s["errors"]), "none")
         table.add_row("machine", _machine(s), "")
         console.print(table)
+
+
+def _rss_sum(pids: list[int]) -> int | None:
+    sizes = [loadtest.process_rss_bytes(pid) for pid in pids]
+    return None if None in sizes else sum(sizes)
+
+
+def _process_cpu(processes: list[dict[str, Any]]) -> str:
+    if not processes:
+        return "- (no local web process found)"
+    return ", ".join(
+        f"{p['name']} {'-' if p['cpu_pct'] is None else format(p['cpu_pct'], '.0f')}%" for p in processes
+    )
 
 
 def _machine(s: dict[str, Any]) -> str:

@@ -62,7 +62,9 @@ class Command(BaseCommand):
             help=f"how long (default 30, at least {soak.MIN_MINUTES:g})",
         )
         parser.add_argument(
-            "--url", default="http://127.0.0.1:8000", help="the web process (default http://127.0.0.1:8000)"
+            "--url",
+            default="http://127.0.0.1:8000",
+            help="the site: make run's load balancer (default http://127.0.0.1:8000) or one web process",
         )
         parser.add_argument(
             "--pid",

@@ -8,6 +8,8 @@
  * - a message typed here stays "pending" until the server acknowledges its client_id,
  *   and pending messages are resent with the same client_id after a reconnect, which
  *   the server answers with the stored message instead of a duplicate;
+ * - a restarting server's close (1012) is followed by a reconnect at once, any other
+ *   by a jittered backoff, so that a thousand pages do not come back in one instant;
  * - user text only ever reaches the DOM through textContent.
  */
 (function () {
@@ -25,6 +27,9 @@
   var NEAR_BOTTOM_PX = 80;
   var FETCH_LIMIT = 100;
 
+  // A web process that restarts closes its sockets with "service restart" (RFC 6455): another one
+  // is ready behind the load balancer, so the page reconnects at once instead of backing off.
+  var CLOSE_SERVICE_RESTART = 1012;
   var CLOSE_REASONS = {
     4401: "you are logged out. Log in again to keep chatting.",
     4403: "you do not have access to this room.",
@@ -473,6 +478,10 @@
       state.socket = null;
       if (CLOSE_REASONS[event.code]) {
         stopForGood(event.code);
+      } else if (event.code === CLOSE_SERVICE_RESTART) {
+        // No failure to count or wait out; were the next try to fail, the backoff takes over.
+        setConnection("reconnecting", "Reconnecting…");
+        connect();
       } else {
         scheduleReconnect();
       }

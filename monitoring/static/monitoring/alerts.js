@@ -41,7 +41,13 @@
     socket.onclose = (event) => {
       banner.dataset.state = "disconnected";
       if (event.code === 4403) return; // not staff (any more): stop
-      setTimeout(connect, delay);
+      // 1012: the web process restarts and another one is ready: at once. Otherwise back off, with
+      // jitter, so that every open page does not come back in the same instant.
+      if (event.code === 1012) {
+        connect();
+        return;
+      }
+      setTimeout(connect, delay / 2 + Math.random() * delay / 2);
       delay = Math.min(delay * 2, 30000);
     };
   }
