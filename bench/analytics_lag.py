@@ -17,10 +17,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from amqp.exceptions import PreconditionFailed
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connection, connections
 from django.utils import timezone
+from kombu import Connection
 
 from analytics.models import ProcessedEvent
 from analytics.selectors import LagStats, processing_lag
@@ -37,7 +39,7 @@ from chat.models import Room
 from chat.services import message_create
 from messaging.events import MESSAGE_CREATED, message_created_payload
 from messaging.models import OutboxEvent
-from messaging.topology import ANALYTICS_QUEUE
+from messaging.topology import ANALYTICS_QUEUE, declare_topology
 
 BENCH_PREFIX = "bench-lag-"
 READY_TIMEOUT_SECONDS = 60.0
@@ -59,7 +61,8 @@ class SendResult:
 
 @contextmanager
 def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator[Path]:
-    """Run the Procfile's `relay` and `workers` x `worker` on this process's database and broker.
+    """Run the Procfile's `relay` and `workers` x `worker` on this process's database and broker,
+    whose topology is declared first (as `setup_broker` does; BenchError when it differs).
 
     Each is started once a probe sees it serve (a worker: one more consumer on the analytics queue;
     the relay: its LISTEN); all are stopped (SIGTERM) on exit. Yields the log directory.
@@ -88,6 +91,10 @@ def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator
             ) from None
 
     try:
+        # What `make run`'s setup_broker does before its workers start: on quorum queues a Celery
+        # worker binds each of its app's queues to Celery's delayed-delivery exchange (countdown
+        # retries), and a queue not declared yet fails that.
+        _topology_declare(broker_url)
         # Consumers and listeners already there (`make run`'s) are counted before ours start.
         consumers = queue_consumers(broker_url, ANALYTICS_QUEUE.name)
         for i in range(workers):
@@ -109,6 +116,17 @@ def pipeline_processes(*, workers: int, log_dir: Path | None = None) -> Iterator
     finally:
         for child in children:
             child.stop()
+
+
+def _topology_declare(broker_url: str) -> None:
+    with Connection(broker_url) as connection:
+        try:
+            declare_topology(connection)
+        except PreconditionFailed as error:
+            raise BenchError(
+                f"the broker's queues differ from messaging/topology.py's ({error.reply_text}); "
+                "run `manage.py setup_broker --check`"
+            ) from None
 
 
 def bench_rooms_and_users(*, rooms: int, users: int) -> tuple[list[Room], list]:

@@ -70,7 +70,8 @@ def benchmark_publish(*, count: int, repeat: int = 3, baseline_url: str | None =
     _require_pika()
     try:
         with scratch_vhost("bench_publish", broker_url=settings.CELERY_BROKER_URL) as url:
-            seed_url = baseline_url or url
+            # One node: the seed's loop knew no failover (of a cluster's list, the first node).
+            seed_url = (baseline_url or url).split(";")[0]
             seed_queue = f"{SEED_QUEUE_PREFIX}_{uuid.uuid4().hex[:8]}"
             seed_runs, outbox_runs = [], []
             confirmed = seed_queued = outbox_queued = 0
@@ -98,7 +99,7 @@ def benchmark_publish(*, count: int, repeat: int = 3, baseline_url: str | None =
         seed_queued=seed_queued,
         seed_runs=tuple(seed_runs),
         outbox_runs=tuple(outbox_runs),
-        seed_broker=redacted_url(baseline_url or settings.CELERY_BROKER_URL),
+        seed_broker=redacted_url((baseline_url or settings.CELERY_BROKER_URL).split(";")[0]),
         outbox_broker=redacted_url(settings.CELERY_BROKER_URL),
         outbox_queue_type=settings.BROKER_QUEUE_TYPE,
     )
