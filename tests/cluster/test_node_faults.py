@@ -218,7 +218,7 @@ def test_a_poison_message_in_flight_when_its_node_dies_is_archived_once(
     traffic.wait_for_sent(5 * USERS)
     vhost = cluster_broker.vhost
     leader = rabbit_cluster.queue_leader(vhost, ANALYTICS_QUEUE_NAME)
-    poison = task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, poison_event, 0)])
+    poison = task_message_build(routing_key=MESSAGE_CREATED.routing_key, rows=[(1, poison_event)])
     with Connection(cluster_broker.url) as broker:
         broker.default_channel.basic_publish_confirm(
             poison.message,
