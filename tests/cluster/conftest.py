@@ -127,10 +127,17 @@ class RabbitCluster:
         management plugin lists them now (a consumer appears within a second, and is gone as soon
         as its channel or its node is)."""
         consumers: dict[str, list[int]] = {}
-        for consumer in self.management_get(f"consumers/{urllib.parse.quote(vhost, safe='')}", node=node):
-            consumers.setdefault(consumer["queue"]["name"], []).append(
-                self.index(consumer["channel_details"]["node"])
-            )
+        try:
+            listed = self.management_get(f"consumers/{urllib.parse.quote(vhost, safe='')}", node=node)
+        except OSError:
+            # Right after a node died the survivors' management API may time out or answer 500:
+            # callers poll, so "none seen yet" is the honest answer.
+            return consumers
+        for consumer in listed:
+            # A consumer whose channel is closing is listed without its channel's details.
+            channel_node = (consumer.get("channel_details") or {}).get("node")
+            if channel_node:
+                consumers.setdefault(consumer["queue"]["name"], []).append(self.index(channel_node))
         return consumers
 
     def connected_nodes(self, node: int) -> set[int]:
