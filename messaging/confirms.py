@@ -13,7 +13,9 @@ its connection is kept by messaging/connection.py (timeouts, heartbeats, droppin
 
 from __future__ import annotations
 
+import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +33,8 @@ from messaging.connection import (
     broker_node,
     keep_alive_interval,
 )
+
+logger = logging.getLogger(__name__)
 
 CONFIRM_TIMEOUT_SECONDS = 10.0
 
@@ -137,6 +141,21 @@ class ConfirmingPublisher:
                 failed[outgoing.key] = UNROUTABLE
             elif tag in self._nacked:
                 failed[outgoing.key] = NACKED
+        if failed:
+            # Counted by reason: a nack (a queue refusing) and a return (a missing binding) call
+            # for different fixes, and the caller only sees which messages it got back.
+            logger.warning(
+                "%s refused %d of %d messages: %s",
+                self.node,
+                len(failed),
+                len(batch),
+                "; ".join(f"{count} {reason}" for reason, count in Counter(failed.values()).items()),
+            )
+        if self._nacked:
+            # A channel keeps its per-queue enqueuer state: one that a quorum queue rejected while
+            # it had no leader (its node just died) goes on nacking every publish on that channel
+            # after a new leader is elected. The next batch goes out on a new channel.
+            self.close()
         return failed
 
     @property
