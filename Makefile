@@ -6,6 +6,9 @@ PORT ?= 8000
 # environment or here, not in .env: honcho would hand .env's value to the load balancer only).
 WEB_CONCURRENCY ?= $(shell nproc)
 export WEB_CONCURRENCY
+# pytest-xdist workers for `make test`: most tests wait on the processes and brokers they start,
+# so two workers on two cores keep CI well inside its 20 minutes.
+TEST_WORKERS ?= 2
 
 .PHONY: run test install lint format browser promtool docker-compose haproxy rabbitmq-management secret-key \
 	rabbitmq-cluster rabbitmq-cluster-stop
@@ -87,7 +90,7 @@ run: install secret-key haproxy
 test: install secret-key browser promtool docker-compose haproxy
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -18,6 +18,8 @@ from chat.models import Message
 from chatproject.asgi import application
 from tests.conftest import session_cookie, site_origin
 
+# A fixed client id in the parametrized frames: pytest-xdist workers must collect the same test ids.
+CLIENT_ID = "7a699899-c0d2-4c6f-9412-a96022ded71b"
 pytestmark = pytest.mark.django_db(transaction=True)
 
 
@@ -125,17 +127,17 @@ async def test_foreign_origin_is_refused_at_handshake(alice_bob_in_general):
     [
         ("not json", "invalid_json"),
         (json.dumps([1, 2]), "invalid_message"),
-        (json.dumps({"type": "dance", "client_id": str(uuid.uuid4())}), "invalid_message"),
-        (json.dumps({"type": "message", "text": "  ", "client_id": str(uuid.uuid4())}), "invalid_message"),
+        (json.dumps({"type": "dance", "client_id": CLIENT_ID}), "invalid_message"),
+        (json.dumps({"type": "message", "text": "  ", "client_id": CLIENT_ID}), "invalid_message"),
         (json.dumps({"type": "message", "text": "hi", "client_id": "nope"}), "invalid_message"),
-        (json.dumps({"type": "message", "client_id": str(uuid.uuid4())}), "invalid_message"),
-        (json.dumps({"type": "message", "text": "x" * 4001, "client_id": str(uuid.uuid4())}), "too_long"),
+        (json.dumps({"type": "message", "client_id": CLIENT_ID}), "invalid_message"),
+        (json.dumps({"type": "message", "text": "x" * 4001, "client_id": CLIENT_ID}), "too_long"),
         (json.dumps({"type": "message", "text": "x" * 70_000, "client_id": "a"}), "frame_too_large"),
         (
-            json.dumps({"type": "message", "text": "a\u0000b", "client_id": str(uuid.uuid4())}),
+            json.dumps({"type": "message", "text": "a\u0000b", "client_id": CLIENT_ID}),
             "invalid_message",
         ),
-        (f'{{"type": "message", "text": "\\ud800", "client_id": "{uuid.uuid4()}"}}', "invalid_message"),
+        (f'{{"type": "message", "text": "\\ud800", "client_id": "{CLIENT_ID}"}}', "invalid_message"),
         (json.dumps({"type": "notification_ack", "id": "not-a-uuid"}), "invalid_message"),
     ],
 )

@@ -33,7 +33,13 @@ from bench.procfile import DaphneServer, free_port
 from chat.models import Message, NotificationDelivery
 from deadletters.models import DeadLetter
 from messaging.events import MENTION, MESSAGE_CREATED
-from messaging.topology import ANALYTICS_QUEUE, CHAT_EVENTS_EXCHANGE, DEAD_LETTER_QUEUE, declare_topology
+from messaging.topology import (
+    ANALYTICS_QUEUE,
+    CHAT_EVENTS_EXCHANGE,
+    DEAD_LETTER_QUEUE,
+    NOTIFICATIONS_QUEUE_NAME,
+    declare_topology,
+)
 from messaging.wire import task_message_build
 from tests.conftest import session_cookie
 from tests.harness import QUIET_WORKER, wait_until
@@ -76,9 +82,13 @@ def workers(broker_url, processes, mail_env) -> None:
     """The Procfile's analytics worker, notifier and dead-letter archiver, once each consumes its queue."""
     with Connection(broker_url) as conn:
         declare_topology(conn)
+        # The vhost is the session's: an earlier test may have left a message behind, which these
+        # consumers would log and archive too.
+        for queue in (ANALYTICS_QUEUE.name, NOTIFICATIONS_QUEUE_NAME, DEAD_LETTER_QUEUE.name):
+            conn.default_channel.queue_purge(queue)
     # No metrics endpoint: the Procfile's ports belong to whichever test runs a worker meanwhile.
     processes.start_consumer("worker", ANALYTICS_QUEUE.name, QUIET_WORKER, env=mail_env)
-    processes.start_consumer("notifier", "notifications", QUIET_WORKER, env=mail_env)
+    processes.start_consumer("notifier", NOTIFICATIONS_QUEUE_NAME, QUIET_WORKER, env=mail_env)
     processes.start_consumer("dlq_archiver", DEAD_LETTER_QUEUE.name)
 
 
