@@ -90,7 +90,7 @@ run: install secret-key haproxy
 test: install secret-key browser promtool docker-compose haproxy
 	$(PY) manage.py preflight
 	@$(MAKE) --no-print-directory rabbitmq-management
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(VENV)/bin/pytest -n $(TEST_WORKERS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -21,7 +21,7 @@ from django.test import Client, override_settings
 from chat import selectors
 from chat.models import Room
 
-pytest_plugins = ["tests.harness"]
+pytest_plugins = ["tests.harness", "tests.scheduling"]
 
 ROOT = Path(__file__).resolve().parent.parent
 

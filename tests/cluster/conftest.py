@@ -295,14 +295,6 @@ def _free_base_port() -> int:
     raise RuntimeError(f"no free block of ports for a RabbitMQ cluster between 20000 and {highest}")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # Under pytest-xdist (`make test` runs two workers) every cluster test goes to one worker, so
-    # the run starts one cluster, not one per worker.
-    for item in items:
-        if item.path.is_relative_to(Path(__file__).parent):
-            item.add_marker(pytest.mark.xdist_group("rabbitmq_cluster"))
-
-
 @pytest.fixture(scope="session")
 def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
     if os.geteuid() != 0:
