@@ -118,6 +118,35 @@ def test_command_prints_a_summary_table_of_the_run(live_daphne, capsys, monkeypa
     assert table.count("100.00% (4 of 4)") == 2
 
 
+def test_a_rooms_and_clients_sweep_prints_one_line_per_load_and_a_json_list(live_daphne, capsys):
+    sweep = ("--rooms=1,2", "--clients=2,3", "--messages=1", "--rate=4")
+
+    call_command("loadtest", "--url", live_daphne.http_url, *sweep)
+    lines = [line for line in capsys.readouterr().out.splitlines() if " x 4/s: " in line]
+    out = io.StringIO()
+    call_command("loadtest", "--url", live_daphne.http_url, *sweep, "--json", stdout=out)
+
+    assert [line.split(":")[0] for line in lines] == [
+        "1 x 2 x 4/s",
+        "1 x 3 x 4/s",
+        "2 x 2 x 4/s",
+        "2 x 3 x 4/s",
+    ]
+    assert all("delivered 100.00%, stored 100.00%" in line for line in lines), lines
+    summaries = json.loads(out.getvalue())
+    assert [(load["rooms"], load["clients_per_room"], load["sent"]) for load in summaries] == [
+        (1, 2, 2),
+        (1, 3, 3),
+        (2, 2, 4),
+        (2, 3, 6),
+    ]
+
+
+def test_command_refuses_a_sweep_of_held_sockets(db):
+    with pytest.raises(CommandError, match="no --rooms/--clients sweep"):
+        call_command("loadtest", "--url", "http://127.0.0.1:1", "--connections-only=5", "--rooms=1,2")
+
+
 def test_command_fails_with_one_sentence_when_the_server_is_unreachable(db):
     url = f"http://127.0.0.1:{free_port()}"
 

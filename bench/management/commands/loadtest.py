@@ -39,6 +39,11 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_ints(value: str) -> list[int]:
+    """One number, or a comma-separated list of them for a sweep."""
+    return [_positive_int(part) for part in value.split(",")]
+
+
 class Command(BaseCommand):
     help = (
         "Open rooms x clients WebSockets that each send messages at a set rate, and report delivery, "
@@ -47,8 +52,18 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("--rooms", type=_positive_int, default=10)
-        parser.add_argument("--clients", type=_positive_int, default=10, help="clients per room (>= 2)")
+        parser.add_argument(
+            "--rooms",
+            type=_positive_ints,
+            default=[10],
+            help="rooms; a comma-separated list sweeps them, one line per load (default 10)",
+        )
+        parser.add_argument(
+            "--clients",
+            type=_positive_ints,
+            default=[10],
+            help="clients per room (>= 2); a comma-separated list sweeps them (default 10)",
+        )
         parser.add_argument("--messages", type=_positive_int, default=20, help="messages per client")
         parser.add_argument(
             "--rate", type=float, default=2.0, help="messages per second per client (default 2)"
@@ -80,9 +95,12 @@ class Command(BaseCommand):
             rooms, users = loadtest.loadtest_data_delete()
             console.print(f"Deleted {rooms} load-test rooms and {users} users (with their messages).")
             return
+        loads = [(rooms, clients) for rooms in options["rooms"] for clients in options["clients"]]
         if options["connections_only"] is None:
             self._check_message_load(options)
-        sockets = options["connections_only"] or options["rooms"] * options["clients"]
+        elif len(loads) > 1:
+            raise CommandError("--connections-only takes no --rooms/--clients sweep.")
+        sockets = options["connections_only"] or max(rooms * clients for rooms, clients in loads)
         # Each socket is a file descriptor here, and in the web process if it is started from here.
         loadtest.open_files_limit_raise(needed=2 * sockets + 256)
 
@@ -96,8 +114,16 @@ class Command(BaseCommand):
                 summary = self._connections(
                     console, target, options["connections_only"], options["hold"], rss_pids, options["json"]
                 )
+            elif len(loads) == 1:
+                summary = self._messages(console, target, *loads[0], options, serving)
+                if not options["json"]:
+                    self._print_messages(console, summary)
             else:
-                summary = self._messages(console, target, options, serving)
+                summary = []
+                for rooms, clients in loads:
+                    summary.append(self._messages(console, target, rooms, clients, options, serving))
+                    if not options["json"]:
+                        console.print(_load_line(summary[-1]), highlight=False, soft_wrap=True)
         if options["json"]:
             self.stdout.write(json.dumps(summary, indent=2))
 
@@ -138,7 +164,7 @@ class Command(BaseCommand):
         return loadtest.Target(server.http_url), {"web": server.pid}, [server.pid]
 
     def _check_message_load(self, options: dict[str, Any]) -> None:
-        if options["clients"] < 2:
+        if min(options["clients"]) < 2:
             raise CommandError("--clients must be at least 2: deliveries are counted at the other clients.")
         if options["rate"] <= 0:
             raise CommandError("--rate must be above 0.")
@@ -159,9 +185,14 @@ class Command(BaseCommand):
         )
 
     def _messages(
-        self, console: Console, target: loadtest.Target, options: dict[str, Any], serving: dict[str, int]
+        self,
+        console: Console,
+        target: loadtest.Target,
+        rooms: int,
+        per_room: int,
+        options: dict[str, Any],
+        serving: dict[str, int],
     ) -> dict[str, Any]:
-        rooms, per_room = options["rooms"], options["clients"]
         users = loadtest.loadtest_users_ensure(count=rooms * per_room)
         room_slugs = [room.slug for room in loadtest.loadtest_rooms_ensure(count=rooms)]
         session_keys = loadtest.loadtest_sessions_create(users=users)
@@ -197,10 +228,7 @@ class Command(BaseCommand):
         report.persisted = loadtest.loadtest_persisted_count(
             client_ids=client_ids, settle_seconds=PERSIST_SETTLE_SECONDS
         )
-        summary = report.summary()
-        if not options["json"]:
-            self._print_messages(console, summary)
-        return summary
+        return report.summary()
 
     def _print_messages(self, console: Console, s: dict[str, Any]) -> None:
         def ms(value: float | None) -> str:
@@ -301,6 +329,21 @@ class Command(BaseCommand):
         table.add_row("errors", _errors(s["errors"]), "none")
         table.add_row("machine", _machine(s), "")
         console.print(table)
+
+
+def _load_line(s: dict[str, Any]) -> str:
+    """One load of a sweep, in a line."""
+
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f} ms"
+
+    return (
+        f"{s['rooms']} x {s['clients_per_room']} x {s['rate_per_client']:g}/s: "
+        f"delivered {s['delivered_pct']:.2f}%, stored {s['persisted_pct']:.2f}%, "
+        f"p50 {ms(s['latency_p50_ms'])}, p99 {ms(s['latency_p99_ms'])}, "
+        f"{s['deliveries_per_second']:,.0f} deliveries/s, errors {_errors(s['errors'])}, "
+        f"CPU {_process_cpu(s['process_cpu'])}, load {s['load_average_1min']['end']:.1f}"
+    )
 
 
 def _rss_sum(pids: list[int]) -> int | None:
